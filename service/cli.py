@@ -1,0 +1,97 @@
+"""Command line: `python -m service generate "lad with a red beanie, green background" --seed 7 -o out.png`."""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from service import config
+from service.config import Settings
+from service.engine import Engine, GenerationRequest, GenerationResult
+from service.loading import WeightsError
+from service.lora import LoraError
+from service.smoke import save_smoke_model
+
+
+def write_outputs(result: GenerationResult, output: Path) -> list[Path]:
+    """out.png (upscaled), out.sprite.png (grid x grid) and out.json per image; -1, -2 ... when several."""
+    written = []
+    for index, image in enumerate(result.images, start=1):
+        stem = output.with_suffix("") if len(result.images) == 1 else output.with_name(f"{output.stem}-{index}")
+        paths = [stem.with_suffix(".png"), stem.with_suffix(".sprite.png"), stem.with_suffix(".json")]
+        image.art.image.save(paths[0])
+        image.art.sprite.save(paths[1])
+        summary = result.summary() | {"images": [result.summary()["images"][index - 1]]}
+        paths[2].write_text(json.dumps(summary, indent=2) + "\n")
+        written += paths
+    return written
+
+
+def generate(args: argparse.Namespace) -> int:
+    request = GenerationRequest(
+        prompt=args.prompt, seed=args.seed, num_images=args.num_images, steps=args.steps, guidance=args.guidance
+    )
+    request.check()
+    engine = Engine.load(Settings())
+    with tqdm(total=1, unit="step", desc="generating") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        result = engine.generate(request, progress)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    for path in write_outputs(result, args.output):
+        print(path)
+    if result.dropped_words:
+        print(f"warning: prompt too long for CLIP, dropped: {result.dropped_words!r}", file=sys.stderr)
+    for image in result.images:
+        quality = image.art.quality
+        verdict = "pixel art" if quality.is_pixel_art else "NOT pixel art"
+        print(f"seed {image.seed}: {verdict} (grid fit {quality.grid_fit:.2f}, {quality.palette_size} colours)")
+    if engine.weights.is_smoke:
+        print("warning: made with the random SMOKE model, the image is not meaningful", file=sys.stderr)
+    return 0
+
+
+def build_smoke(args: argparse.Namespace) -> int:
+    print(save_smoke_model(args.dir))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m service", description="Bespoke punks: 24x24 pixel-art portraits.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate a portrait from a short description")
+    gen.add_argument("prompt", help='e.g. "lad with a red beanie, green background"')
+    gen.add_argument("--seed", type=int, help="random when omitted; printed and saved in the JSON")
+    gen.add_argument("--num-images", type=int, default=1, help=f"1-{config.MAX_IMAGES}")
+    gen.add_argument("--steps", type=int, help=f"{config.MIN_STEPS}-{config.MAX_STEPS} (default PUNKS_STEPS)")
+    gen.add_argument("--guidance", type=float, help=f"{config.MIN_GUIDANCE}-{config.MAX_GUIDANCE} (default PUNKS_GUIDANCE)")
+    gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path (default out.png)")
+    gen.set_defaults(run=generate)
+
+    smoke = commands.add_parser("smoke-model", help="build and save the tiny random smoke model and its LoRA")
+    smoke.add_argument("--dir", type=Path, default=Settings().smoke_dir)
+    smoke.set_defaults(run=build_smoke)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as error:  # bad input (LoraError is a ValueError too, but is a weights problem)
+        if isinstance(error, LoraError):
+            print(f"error: wrong LoRA: {error}", file=sys.stderr)
+            return 1
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except WeightsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
