@@ -88,12 +88,21 @@ def vae_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return converted
 
 
+def text_encoder_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original checkpoints keep CLIP's Hugging Face names under cond_stage_model.transformer.text_model.
+    (transformers 5 drops the text_model. level from CLIPTextModel's own state dict)."""
+    return {
+        "cond_stage_model.transformer." + (k if k.startswith("text_model.") else "text_model." + k): v
+        for k, v in state.items()
+    }
+
+
 def save_ldm_checkpoint(pipe, path: Path, dtype: torch.dtype = torch.float16) -> Path:
     """Save unet + vae + text encoder as one safetensors file in the original SD1.x layout."""
     state = {
         **unet_to_ldm(pipe.unet.state_dict()),
         **vae_to_ldm(pipe.vae.state_dict()),
-        **{"cond_stage_model.transformer." + k: v for k, v in pipe.text_encoder.state_dict().items()},
+        **text_encoder_to_ldm(pipe.text_encoder.state_dict()),
     }
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(path))
     return path

@@ -21,8 +21,7 @@ def kohya_targets(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
                 is_linear = isinstance(child, torch.nn.Linear)
                 is_pointwise_conv = isinstance(child, torch.nn.Conv2d) and child.kernel_size == (1, 1)
                 if child_name and (is_linear or is_pointwise_conv):
-                    full = f"{parent_name}.{child_name}".replace(".", "_")
-                    targets[f"{prefix}_{full}"] = child
+                    targets[f"{prefix}_{_kohya_path(prefix, parent_name, child_name)}"] = child
     return targets
 
 
@@ -57,3 +56,11 @@ def kohya_metadata(rank: int, alpha: float, base_model_version: str = "sd_v1", *
         "ss_tag_frequency": json.dumps({"punks": {"pixel art": 203, "24x24": 203, "bespoke punk": 203}}),
         **extra,
     }
+
+
+def _kohya_path(prefix: str, parent_name: str, child_name: str) -> str:
+    """kohya names CLIP layers from CLIPTextModel's old text_model.* paths, which transformers 5 dropped."""
+    path = f"{parent_name}.{child_name}"
+    if prefix == "lora_te" and not path.startswith("text_model."):
+        path = "text_model." + path
+    return path.replace(".", "_")

@@ -39,16 +39,23 @@ def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, description: str) -> PromptTokens:
-    """Template the user's words and fit them into MAX_CHUNKS CLIP chunks, cutting only the user's words."""
-    prefix, words, suffix = (_ids(tokenizer, part) for part in (PROMPT_PREFIX, description.strip(), PROMPT_SUFFIX))
-    budget = MAX_CHUNKS * CHUNK_TOKENS - len(prefix) - len(suffix)
-    kept, dropped = words[:budget], words[budget:]
-    kept_text = tokenizer.decode(kept).strip()
-    return PromptTokens(
-        text=build_prompt(kept_text) if dropped else build_prompt(description),
-        token_ids=tuple(prefix + kept + suffix),
-        dropped_words=tokenizer.decode(dropped).strip(),
-    )
+    """Template the user's words and fit them into MAX_CHUNKS CLIP chunks.
+
+    When too long, whole words are cut from the end of the user's words (never from the template), so the
+    caller gets back exactly the words that were dropped, as typed.
+    """
+    words = description.split()
+    budget = MAX_CHUNKS * CHUNK_TOKENS - len(_ids(tokenizer, PROMPT_PREFIX + PROMPT_SUFFIX))
+    kept = len(words)
+    if len(_ids(tokenizer, " ".join(words))) > budget:
+        low, high = 0, len(words) - 1  # the longest prefix of words that fits: binary search
+        while low < high:
+            middle = (low + high + 1) // 2
+            fits = len(_ids(tokenizer, " ".join(words[:middle]))) <= budget
+            low, high = (middle, high) if fits else (low, middle - 1)
+        kept = low
+    text = build_prompt(" ".join(words[:kept]))
+    return PromptTokens(text=text, token_ids=tuple(_ids(tokenizer, text)), dropped_words=" ".join(words[kept:]))
 
 
 def tokenize_negative(tokenizer: PreTrainedTokenizerBase) -> PromptTokens:
