@@ -6,12 +6,12 @@ colour and edges are soft and JPEG-like. We *know* the grid size, so instead of 
 exactly `grid` cells per axis:
 
 1. edge profile: per axis, how much colour changes between adjacent columns (rows);
-2. global lattice: the (pitch, start) whose grid + 1 lines collect the most edge energy;
-3. local refinement: dynamic programming moves every line a few px onto the nearest edge while
-   keeping cell widths plausible -- so breathing cells are followed, and where a line has no
-   edge at all (flat background) it simply stays on the global lattice;
-4. one colour per cell: per-channel median of samples from the cell's interior (edges are blurred);
-5. palette cleaning: near-identical cell colours are merged so a flat area is exactly one colour.
+2. grid lines: for each candidate pitch (span 496-528 px on 512), a dynamic programme places
+   the grid + 1 lines on the strongest edges, each cell pitch +-20% wide, outer lines near where
+   a centred grid puts them; the best-scoring pitch wins. Lines follow breathing cells, and
+   where a line has no edge at all (flat background) the width cost keeps it on the lattice;
+3. one colour per cell: per-channel median of samples from the cell's interior (edges are blurred);
+4. palette cleaning: near-identical cell colours are merged so a flat area is exactly one colour.
 
 Pure numpy + Pillow (no torch, no scipy) and a few milliseconds per image.
 """
@@ -23,14 +23,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-# --- lattice search (lengths are fractions of the nominal pitch = image side / grid) ---------
-PITCH_TOLERANCE = 0.05  # spec: the 24 cells span 496-528 px of 512 (+-3.1%)
-PITCH_STEPS = 81
-START_STEPS = 41  # lattice start searched over +-half a cell around "grid centred in the image"
-LINE_SEARCH_RADIUS = 0.4  # a line may leave the global lattice by this much to follow breathing
-MAX_WIDTH_CHANGE = 0.25  # no cell is more than this much narrower/wider than the pitch
-LATTICE_PULL = 0.2  # cost (in units of a typical edge) of moving a line a full radius off-lattice
-WIDTH_STIFFNESS = 0.2  # cost of a cell at the width limit; keeps edgeless lines evenly spread
+# --- grid lines (fractions of the image side, or of the nominal pitch = side / grid) ---------
+SPAN_TOLERANCE = 0.04  # spec: the cells span 496-528 of 512 px (1 +- 0.031), plus slack
+PITCH_CANDIDATES = 9  # pitches tried across that range (0.2 px apart on 512)
+OFFSET_TOLERANCE = 0.01  # spec: the grid is shifted by up to 4 of 512 px (0.008)
+MAX_WIDTH_CHANGE = 0.2  # breathing: a cell is at most this much narrower/wider than the pitch
+WIDTH_STIFFNESS = 0.5  # cost of a cell at the width limit, in units of a line's share of edges
+BORDER_PULL = 0.05  # cost of an outer line at the edge of its window; only breaks ties
 POOL_FRACTION = 1 / 3  # differences are summed over runs this long before abs(): noise cancels
 
 # --- cell colours and palette -----------------------------------------------------------------
@@ -40,7 +39,7 @@ MERGE_DISTANCE = 24.0  # RGB distance below which two cell colours are "the same
 
 # --- verdict ------------------------------------------------------------------------------------
 MIN_GRID_FIT = 0.85  # share of variance the cell-constant image must explain
-MIN_EDGE_ALIGNMENT = 0.6  # share of edge energy that must sit on the detected grid lines
+MIN_EDGE_ALIGNMENT = 0.55  # share of edge energy that must sit on the detected grid lines
 MAX_PALETTE_SIZE = 48  # more colours than this after cleaning is a photo, not pixel art
 ALIGNMENT_RADIUS = 0.15  # "on a line" = within this fraction of a pitch
 
@@ -120,55 +119,52 @@ def _energy_at(profile: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.where(inside, profile[np.clip(positions, 0, len(profile) - 1)], 0.0)
 
 
-def _global_lattice(profile: np.ndarray, grid: int) -> tuple[float, float]:
-    """(start, pitch) of the regular lattice whose grid + 1 lines collect the most edge energy.
-    The grid is assumed roughly centred (+-half a cell); a tiny prior towards the nominal lattice
-    breaks ties on images without edges. A line outside the image or on its border shows no
-    edge and is not counted."""
+def _fit_lines(profile: np.ndarray, grid: int) -> np.ndarray:
+    """grid + 1 line positions that sit on the most edge energy (Viterbi), for the best pitch.
+
+    Every candidate pitch (the grid's span within SPAN_TOLERANCE of the image side) gets its own
+    dynamic programme, all run at once: its outer lines must lie within OFFSET_TOLERANCE of where
+    a centred grid of that pitch would put them, each cell is pitch +-MAX_WIDTH_CHANGE wide
+    (breathing) with a quadratic cost on the deviation, and every cell keeps at least one pixel
+    inside the image. The width cost is what lets flat, edgeless stretches (background) fall back
+    to the regular lattice between the edges that anchor them, and it favours the pitch that
+    explains the whole image over one that squeezes an extra cell into a flat area."""
     length = len(profile) - 1
     nominal = length / grid
-    pitches = nominal * np.linspace(1 - PITCH_TOLERANCE, 1 + PITCH_TOLERANCE, PITCH_STEPS)
-    shifts = np.linspace(-0.5, 0.5, START_STEPS)
-    starts = (length - grid * pitches[:, None]) / 2 + shifts[None, :] * pitches[:, None]
-    lines = starts[..., None] + np.arange(grid + 1) * pitches[:, None, None]
-    # a slightly widened profile tolerates lines that breathe away from the regular lattice
-    smooth = np.convolve(profile, np.ones(5) / 5, mode="same")
-    positions = np.rint(lines).astype(int)
-    visible = ((positions > 0) & (positions < length)).sum(axis=-1)
-    # mean, not sum, over visible lines: more lines inside the image must not win by number alone
-    score = _energy_at(smooth, positions).sum(axis=-1) / visible
-    prior = np.abs(shifts)[None, :] + np.abs(pitches / nominal - 1)[:, None]
-    score = score - 1e-3 * (smooth.mean() + 1.0) * prior
-    best_pitch, best_shift = np.unravel_index(np.argmax(score), score.shape)
-    return float(starts[best_pitch, best_shift]), float(pitches[best_pitch])
+    pitches = nominal * np.linspace(1 - SPAN_TOLERANCE, 1 + SPAN_TOLERANCE, PITCH_CANDIDATES)
+    window = length * OFFSET_TOLERANCE + 1  # +1: rounding, and the pitch grid's spacing
+    margin = int(np.ceil(grid * pitches[-1] / 2 - length / 2 + window))
+    positions = np.arange(-margin, length + margin + 1)
+    energy = _energy_at(profile, positions)
+    unary = energy / (energy.sum() / (grid + 1) + 1e-9)  # units: "all energy shared by the lines"
+    narrowest = max(1, int(np.ceil(pitches[0] * (1 - MAX_WIDTH_CHANGE))))
+    widths = np.arange(narrowest, int(pitches[-1] * (1 + MAX_WIDTH_CHANGE)) + 1)
+    stretch = (widths[None, ::-1] - pitches[:, None]) / (MAX_WIDTH_CHANGE * pitches[:, None])
+    width_cost = np.where(np.abs(stretch) <= 1, WIDTH_STIFFNESS * stretch**2, np.inf)  # (pitches, K)
 
+    def border_prior(sign: int) -> np.ndarray:  # (pitches, positions): outer line near a centred grid's
+        offset = (positions[None, :] - (length + sign * grid * pitches[:, None]) / 2) / window
+        return np.where(np.abs(offset) <= 1, -BORDER_PULL * offset**2, -np.inf)
 
-def _refine_lines(profile: np.ndarray, start: float, pitch: float, grid: int) -> np.ndarray:
-    """Move each lattice line onto the strongest nearby edge, jointly for all lines (Viterbi):
-    score = edge energy at the lines - pull back to the lattice - cost of uneven cell widths,
-    with every cell keeping at least one pixel inside the image."""
-    length = len(profile) - 1
-    radius = max(1, int(LINE_SEARCH_RADIUS * pitch))
-    lattice = np.rint(start + pitch * np.arange(grid + 1)).astype(int)
-    offsets = np.arange(-radius, radius + 1)
-    candidates = lattice[:, None] + offsets[None, :]  # (grid + 1, K)
-    typical_edge = _energy_at(profile, lattice).mean() + 1e-9
-    unary = _energy_at(profile, candidates) / typical_edge - LATTICE_PULL * (offsets / radius) ** 2
-    unary[1, candidates[1] < 1] = -np.inf
-    unary[grid - 1, candidates[grid - 1] > length - 1] = -np.inf
-    widths = candidates[1:, None, :] - candidates[:-1, :, None]  # (grid, K_prev, K_next)
-    stretch = (widths - pitch) / max(1.0, MAX_WIDTH_CHANGE * pitch)
-    pairwise = np.where(np.abs(stretch) <= 1, -WIDTH_STIFFNESS * stretch**2, -np.inf)
-
-    value, back = unary[0], []
-    for i in range(grid):
-        total = value[:, None] + pairwise[i]
-        back.append(np.argmax(total, axis=0))
-        value = total[back[-1], np.arange(len(offsets))] + unary[i + 1]
-    choice = [int(np.argmax(value))]
-    for pointers in reversed(back):
-        choice.append(int(pointers[choice[-1]]))
-    return candidates[np.arange(grid + 1), choice[::-1]]
+    value, back = unary + border_prior(-1), []
+    for line in range(1, grid + 1):
+        # reach[p, j, c]: best total for pitch p with the previous line at positions[j] - widths[-1 - c]
+        padded = np.concatenate([np.full((len(pitches), widths[-1]), -np.inf), value], axis=1)
+        reach = np.lib.stride_tricks.sliding_window_view(padded, len(widths), axis=1)[:, : len(positions)]
+        reach = reach - width_cost[:, None, :]
+        best = np.argmax(reach, axis=2)
+        back.append(widths[-1] - best)
+        value = np.take_along_axis(reach, best[..., None], axis=2)[..., 0] + unary
+        if line == 1:
+            value[:, positions < 1] = -np.inf
+        if line == grid - 1:
+            value[:, positions > length - 1] = -np.inf
+    value = value + border_prior(+1)
+    pitch, index = np.unravel_index(np.argmax(value), value.shape)
+    chosen = [int(index)]
+    for step in reversed(back):
+        chosen.append(chosen[-1] - int(step[pitch, chosen[-1]]))
+    return positions[chosen[::-1]]
 
 
 def find_grid_lines(rgb: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,8 +174,8 @@ def find_grid_lines(rgb: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def _lines_from_profiles(profiles: tuple[np.ndarray, np.ndarray], grid: int) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = (_refine_lines(p, *_global_lattice(p, grid), grid) for p in profiles)
-    return xs, ys
+    """(xs, ys) from already computed profiles, which the quality signals reuse."""
+    return _fit_lines(profiles[0], grid), _fit_lines(profiles[1], grid)
 
 
 # --- cells and palette ----------------------------------------------------------------------------
@@ -205,33 +201,39 @@ def cell_colors(rgb: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 def clean_palette(colors: np.ndarray, max_colors: int | None = None) -> np.ndarray:
     """Map every colour of an (N, 3) array onto a clean palette; returns (N, 3) uint8.
 
-    Seeds: the densest colour and everything within MERGE_DISTANCE/2 of it, repeatedly.
+    Seeds: the densest colour takes everything within MERGE_DISTANCE/2 of it, repeatedly.
     Then the closest pair of clusters (count-weighted centroids) is merged while closer than
     MERGE_DISTANCE, or while more than `max_colors` remain -- so one flat area becomes exactly
     one colour, and `max_colors` is met by giving up the least distinct colours first."""
-    distances = np.linalg.norm(colors[:, None] - colors[None, :], axis=-1)
-    density = (distances < MERGE_DISTANCE / 2).sum(axis=1)
+    # per-channel broadcasting, not a BLAS matmul: no thread start-up cost on a busy server
+    points = colors.astype(np.float32).T
+    squared_distances = sum(np.square(channel[:, None] - channel[None, :]) for channel in points)
+    near = squared_distances < (MERGE_DISTANCE / 2) ** 2
+    density = near.sum(axis=1)
     labels = np.full(len(colors), -1)
+    n_seeds = 0
     while (unassigned := labels < 0).any():
         seed = np.flatnonzero(unassigned)[np.argmax(density[unassigned])]
-        labels[unassigned & (distances[seed] < MERGE_DISTANCE / 2)] = seed
-    clusters = {seed: np.flatnonzero(labels == seed) for seed in np.unique(labels)}
+        labels[unassigned & near[seed]] = n_seeds
+        n_seeds += 1
+    counts = np.bincount(labels).astype(np.float64)
+    sums = np.stack([np.bincount(labels, weights=colors[:, c]) for c in range(3)], axis=1)
 
-    limit = max_colors if max_colors is not None else len(clusters)
-    while len(clusters) > 1:
-        keys = list(clusters)
-        centres = np.array([colors[clusters[k]].mean(axis=0) for k in keys])
+    alive = list(range(n_seeds))
+    limit = n_seeds if max_colors is None else max_colors
+    while len(alive) > 1:
+        centres = sums[alive] / counts[alive, None]
         gaps = np.linalg.norm(centres[:, None] - centres[None, :], axis=-1)
         np.fill_diagonal(gaps, np.inf)
         a, b = np.unravel_index(np.argmin(gaps), gaps.shape)
-        if gaps[a, b] >= MERGE_DISTANCE and len(clusters) <= limit:
+        if gaps[a, b] >= MERGE_DISTANCE and len(alive) <= limit:
             break
-        clusters[keys[a]] = np.concatenate([clusters[keys[a]], clusters.pop(keys[b])])
-
-    cleaned = np.empty((len(colors), 3), dtype=np.uint8)
-    for members in clusters.values():
-        cleaned[members] = np.clip(np.rint(colors[members].mean(axis=0)), 0, 255)
-    return cleaned
+        keep, drop = alive[a], alive.pop(b)
+        sums[keep] += sums[drop]
+        counts[keep] += counts[drop]
+        labels[labels == drop] = keep
+    palette = np.clip(np.rint(sums / counts[:, None]), 0, 255).astype(np.uint8)
+    return palette[labels]
 
 
 def _sprite(rgb: np.ndarray, xs: np.ndarray, ys: np.ndarray, max_colors: int | None) -> Image.Image:
@@ -268,13 +270,13 @@ def upscale(sprite: Image.Image, size: int = 1024, integer_scale: bool = False) 
         raise ValueError(f"size {size} is smaller than the {cols}x{rows} sprite")
     pixels = np.asarray(sprite.convert("RGB"))
 
-    def source_index(cells: int) -> np.ndarray:
+    def cell_sizes(cells: int) -> np.ndarray:
         if integer_scale:
-            return np.repeat(np.arange(cells), size // cells)
-        edges = np.floor(np.arange(cells + 1) * size / cells + 0.5)
-        return np.searchsorted(edges, np.arange(size), side="right") - 1
+            return np.full(cells, size // cells)
+        return np.diff(np.floor(np.arange(cells + 1) * size / cells + 0.5).astype(int))
 
-    return Image.fromarray(pixels[source_index(rows)][:, source_index(cols)], "RGB")
+    blocks = np.repeat(np.repeat(pixels, cell_sizes(rows), axis=0), cell_sizes(cols), axis=1)
+    return Image.fromarray(blocks, "RGB")
 
 
 def palette_hex(sprite: Image.Image) -> list[str]:
@@ -293,13 +295,14 @@ def _grid_fit(rgb: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> float:
     height, width = rgb.shape[:2]
     col_starts = np.concatenate([[0], np.clip(xs[1:-1], 1, width - 1)])
     row_starts = np.concatenate([[0], np.clip(ys[1:-1], 1, height - 1)])
-    values = rgb.astype(np.float64)
-    sums = np.add.reduceat(np.add.reduceat(values, row_starts, axis=0), col_starts, axis=1)
+    # cell sums of 8-bit pixel values are exact in float32; the rest is done in float64
+    sums = np.add.reduceat(np.add.reduceat(rgb, row_starts, axis=0), col_starts, axis=1).astype(np.float64)
     counts = np.outer(np.diff(np.append(row_starts, height)), np.diff(np.append(col_starts, width)))
-    total = values.sum(axis=(0, 1))
-    ss_total = (values**2).sum() - (total**2).sum() / values[..., 0].size
-    ss_between = (sums**2 / counts[..., None]).sum() - (total**2).sum() / values[..., 0].size
-    return 1.0 if ss_total <= 1e-9 else float(np.clip(ss_between / ss_total, 0.0, 1.0))
+    total = sums.sum(axis=(0, 1))
+    centred = (rgb - (total / (height * width)).astype(np.float32)).ravel()
+    ss_total = float(np.dot(centred, centred))
+    ss_between = float((sums**2 / counts[..., None]).sum() - (total**2).sum() / (height * width))
+    return 1.0 if ss_total <= 1e-6 * rgb.size else float(np.clip(ss_between / ss_total, 0.0, 1.0))
 
 
 def _edge_alignment(profiles: tuple[np.ndarray, np.ndarray], lines: tuple[np.ndarray, np.ndarray]) -> float:
@@ -315,7 +318,12 @@ def _edge_alignment(profiles: tuple[np.ndarray, np.ndarray], lines: tuple[np.nda
     return float(on_lines / everywhere) if everywhere > 0 else 0.0
 
 
-def _quality(rgb, profiles, lines, sprite: Image.Image) -> QualitySignals:
+def _quality(
+    rgb: np.ndarray,
+    profiles: tuple[np.ndarray, np.ndarray],
+    lines: tuple[np.ndarray, np.ndarray],
+    sprite: Image.Image,
+) -> QualitySignals:
     grid_fit = _grid_fit(rgb, *lines)
     alignment = _edge_alignment(profiles, lines)
     palette_size = len(sprite.getcolors(maxcolors=sprite.width * sprite.height))

@@ -35,7 +35,10 @@ def distinct_colors(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def _draw_roles(rng: np.random.Generator, n_colors: int) -> np.ndarray:
     """A GRID x GRID map of colour roles: background, head, hair, eyes and the admitted accessories."""
-    has = lambda role: role < n_colors  # noqa: E731 - reads better than a helper def here
+
+    def has(role: int) -> bool:
+        return role < n_colors
+
     canvas = np.full((GRID, GRID), BACKGROUND)
     top, bottom = rng.integers(5, 8), rng.integers(17, 20)
     left, right = rng.integers(6, 9), rng.integers(15, 18)

@@ -1,0 +1,61 @@
+"""End to end: `python -m service generate` in a subprocess, as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_generate_writes_png_sprite_and_json(smoke_env, tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = smoke_env | {"PYTHONPATH": str(repo)}
+    output = tmp_path / "out" / "punk.png"
+    done = run_cli(["generate", "lad with a red beanie, green background", "--seed", "7", "-o", str(output)], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "SMOKE" in done.stderr  # the fallback is loud
+    image = np.asarray(Image.open(output).convert("RGB"))
+    assert image.shape == (1024, 1024, 3)
+    sprite = np.asarray(Image.open(output.with_suffix(".sprite.png")).convert("RGB"))
+    assert sprite.shape == (24, 24, 3)
+    edges = np.round(np.arange(25) * 1024 / 24).astype(int)
+    for row in range(24):
+        for column in range(24):
+            cell = image[edges[row] : edges[row + 1], edges[column] : edges[column + 1]].reshape(-1, 3)
+            assert (cell == sprite[row, column]).all(), (row, column)
+    metadata = json.loads(output.with_suffix(".json").read_text())
+    assert metadata["images"][0]["seed"] == 7
+    assert metadata["prompt"].startswith("pixel art, 24x24, portrait of bespoke punk lad with a red beanie")
+    palette = {"#%02x%02x%02x" % tuple(c) for c in sprite.reshape(-1, 3)}
+    assert set(metadata["images"][0]["palette"]) == palette
+    assert set(metadata["images"][0]["quality"]) >= {"grid_fit", "palette_size", "is_pixel_art"}
+
+
+def test_bad_input_gives_a_message_and_nonzero_exit(smoke_env, tmp_path):
+    from pathlib import Path
+
+    env = smoke_env | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    empty = run_cli(["generate", "  "], env, tmp_path)
+    assert empty.returncode == 2 and "prompt: must not be empty" in empty.stderr
+    steps = run_cli(["generate", "lad", "--steps", "500"], env, tmp_path)
+    assert steps.returncode == 2 and "steps: must be between" in steps.stderr
+    not_a_number = run_cli(["generate", "lad", "--seed", "abc"], env, tmp_path)
+    assert not_a_number.returncode == 2 and "invalid int value" in not_a_number.stderr
+
+
+def test_missing_weights_without_fallback_fail_at_startup(smoke_env, tmp_path):
+    from pathlib import Path
+
+    env = smoke_env | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PUNKS_ALLOW_SMOKE_MODEL": "false"}
+    done = run_cli(["generate", "lad"], env, tmp_path)
+    assert done.returncode == 1
+    assert "bespoke_punks.safetensors" in done.stderr and "weights download" in done.stderr

@@ -1,0 +1,90 @@
+"""The engine on the smoke model: seeds, batching, chunked prompts, progress, post-processing."""
+
+import numpy as np
+import pytest
+
+from service.engine import MAX_SEED, GenerationRequest
+from service.pixelart import QualitySignals
+from service.prompts import PROMPT_SUFFIX
+
+PROMPT = "lad with a red beanie, green background"
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_generation_returns_sprite_upscale_palette_and_quality(engine):
+    steps_seen = []
+    result = engine.generate(GenerationRequest(PROMPT, seed=7), progress=lambda done, total: steps_seen.append((done, total)))
+    assert steps_seen == [(1, 2), (2, 2)]
+    assert result.prompt.startswith("pixel art, 24x24, portrait of bespoke punk " + PROMPT)
+    (image,) = result.images
+    assert image.seed == 7
+    assert image.raw.size == (512, 512)
+    assert image.art.sprite.size == (24, 24) and image.art.image.size == (1024, 1024)
+    assert isinstance(image.art.quality, QualitySignals)
+    sprite_colours = {"#%02x%02x%02x" % tuple(c) for c in pixels(image.art.sprite).reshape(-1, 3)}
+    assert sprite_colours == set(image.art.palette)
+    summary = result.summary()
+    assert summary["images"][0]["seed"] == 7 and summary["truncated"] is False
+
+
+def test_same_seed_same_image_and_other_seed_other_image(engine):
+    first = engine.generate(GenerationRequest(PROMPT, seed=11)).images[0]
+    again = engine.generate(GenerationRequest(PROMPT, seed=11)).images[0]
+    other = engine.generate(GenerationRequest(PROMPT, seed=12)).images[0]
+    assert np.array_equal(pixels(first.raw), pixels(again.raw))
+    assert not np.array_equal(pixels(first.raw), pixels(other.raw))
+
+
+def test_random_seed_is_chosen_and_reported(engine):
+    result = engine.generate(GenerationRequest(PROMPT, num_images=2))
+    seeds = [image.seed for image in result.images]
+    assert all(0 <= seed <= MAX_SEED for seed in seeds) and seeds[1] == (seeds[0] + 1) % (MAX_SEED + 1)
+
+
+def test_batched_requests_give_the_same_images_as_alone(engine, monkeypatch):
+    alone = engine.generate(GenerationRequest(PROMPT, seed=21)).images[0]
+    calls = []
+    run = engine._run_pipeline
+    monkeypatch.setattr(engine, "_run_pipeline", lambda group, *args: calls.append(len(group)) or run(group, *args))
+    batch = engine.generate_batch(
+        [GenerationRequest("punk with sunglasses", seed=5, num_images=2), GenerationRequest(PROMPT, seed=21)]
+    )
+    assert calls == [2]  # both requests in one pipeline call (three images)
+    assert [image.seed for image in batch[0].images] == [5, 6]
+    batched = batch[1].images[0]
+    assert np.abs(pixels(batched.raw) - pixels(alone.raw)).max() <= 2  # batched GEMMs round differently
+    same_cells = (pixels(batched.art.sprite) == pixels(alone.art.sprite)).all(axis=2).mean()
+    assert same_cells >= 0.95  # the smoke model draws noise, where a 1-level change can flip a palette merge
+
+
+def test_long_prompt_is_encoded_in_chunks_and_reported_when_cut(engine):
+    long_words = ", ".join(f"detail {i}" for i in range(40))
+    result = engine.generate(GenerationRequest(long_words, seed=1))
+    assert not result.dropped_words and "detail 39" in result.prompt
+    hex_codes = " ".join(f"#{i:02d}b2c3" for i in range(62))  # 495 characters, ~430 CLIP tokens
+    cut = engine.generate(GenerationRequest(hex_codes, seed=1))
+    assert cut.dropped_words.endswith("#61b2c3") and cut.summary()["truncated"] is True
+    assert cut.prompt.removesuffix(PROMPT_SUFFIX).endswith(hex_codes.removesuffix(" " + cut.dropped_words))
+
+
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        (GenerationRequest("   "), "prompt"),
+        (GenerationRequest("x" * 501), "prompt"),
+        (GenerationRequest(PROMPT, seed=-1), "seed"),
+        (GenerationRequest(PROMPT, seed=2**32), "seed"),
+        (GenerationRequest(PROMPT, num_images=5), "num_images"),
+        (GenerationRequest(PROMPT, num_images=0), "num_images"),
+        (GenerationRequest(PROMPT, steps=0), "steps"),
+        (GenerationRequest(PROMPT, steps=101), "steps"),
+        (GenerationRequest(PROMPT, guidance=-1), "guidance"),
+        (GenerationRequest(PROMPT, guidance=21), "guidance"),
+    ],
+)
+def test_bad_requests_name_the_field(engine, request_, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        engine.generate(request_)
