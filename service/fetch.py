@@ -1,0 +1,213 @@
+"""Optional download of the weights at startup, for containers that do not have them baked in.
+
+PUNKS_WEIGHTS_URLS lists "dest=url" pairs, separated by commas or whitespace; dest is relative to
+the weights folder (PUNKS_WEIGHTS_DIR) and may hold subfolders; "#sha256=<hex>" after the URL pins
+the file's checksum:
+
+    PUNKS_WEIGHTS_URLS="v1-5-pruned-emaonly.safetensors=https://example.com/sd15.safetensors#sha256=6ce0...
+                        bespoke_punks.safetensors=https://example.com/punks.safetensors#sha256=94b2..."
+
+Files are downloaded in parallel into "<dest>.part" and renamed into place only when complete and,
+with a checksum, verified (a mismatch removes the file and fails with both checksums). A file that is
+already there is kept when its checksum matches, or when no checksum was given. Commas and spaces
+inside a URL must be percent-encoded (%2C, %20). Query strings (signed URLs) never appear in the logs.
+
+    python -m service.fetch            # download what PUNKS_WEIGHTS_URLS lists, e.g. before `cog push`
+"""
+
+import hashlib
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "PUNKS_WEIGHTS_URLS"
+CHUNK = 1 << 20
+PROGRESS_EVERY_S = 5.0
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class FetchError(RuntimeError):
+    """A weights download failed; the message names the file, the (redacted) URL and why."""
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    dest: str  # relative POSIX path inside the weights folder
+    url: str
+    sha256: str | None = None
+
+    @property
+    def shown_url(self) -> str:
+        return redact(self.url)
+
+
+def redact(url: str) -> str:
+    """The URL without query, fragment or credentials: signed URLs carry secrets there."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def parse_spec(spec: str) -> list[WeightFile]:
+    """Parse PUNKS_WEIGHTS_URLS; ValueError naming the bad entry."""
+    files: list[WeightFile] = []
+    for entry in filter(None, re.split(r"[,\s]+", spec.strip())):
+        dest, sep, url = entry.partition("=")
+        if not sep or not dest or not url:
+            raise ValueError(f"{ENV_VAR}: expected dest=url, got {entry!r}")
+        url, _, fragment = url.partition("#")
+        sha256 = None
+        if fragment:
+            key, _, value = fragment.partition("=")
+            if key != "sha256" or not _SHA256.fullmatch(value.lower()):
+                raise ValueError(f"{ENV_VAR}: {dest}: expected #sha256=<64 hex digits> after the URL, got #{fragment}")
+            sha256 = value.lower()
+        path = PurePosixPath(dest)
+        if path.is_absolute() or ".." in path.parts or dest.startswith("~"):
+            raise ValueError(f"{ENV_VAR}: {dest}: must be a path inside the weights folder")
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError(f"{ENV_VAR}: {dest}: only http(s) URLs are supported, got {redact(url)!r}")
+        if any(f.dest == str(path) for f in files):
+            raise ValueError(f"{ENV_VAR}: {dest} is listed twice")
+        files.append(WeightFile(dest=str(path), url=url, sha256=sha256))
+    return files
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _download(file: WeightFile, target: Path, timeout: float) -> str:
+    """Stream the URL into target.part with progress logs; return the sha256 of what was written."""
+    part = target.with_name(target.name + ".part")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    request = urllib.request.Request(file.url, headers={"User-Agent": "bespoke-punks-fetch"})
+    digest, done = hashlib.sha256(), 0
+    started = last_log = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, part.open("wb") as out:  # noqa: S310 (http(s) only, checked in parse_spec)
+            total = int(response.headers.get("Content-Length") or 0)
+            while chunk := response.read(CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if time.monotonic() - last_log >= PROGRESS_EVERY_S:
+                    last_log = time.monotonic()
+                    share = f" ({100 * done / total:.0f}% of {_size(total)})" if total else ""
+                    log.info("%s: %s%s", file.dest, _size(done), share)
+        if total and done != total:
+            raise FetchError(f"{file.dest}: got {done} of {total} bytes from {file.shown_url}")
+    except urllib.error.HTTPError as error:
+        part.unlink(missing_ok=True)
+        raise FetchError(f"{file.dest}: HTTP {error.code} {error.reason} from {file.shown_url}") from None
+    except (urllib.error.URLError, OSError) as error:
+        part.unlink(missing_ok=True)
+        reason = getattr(error, "reason", error)
+        raise FetchError(f"{file.dest}: download from {file.shown_url} failed: {reason}") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    actual = digest.hexdigest()
+    if file.sha256 is not None and actual != file.sha256:
+        part.unlink(missing_ok=True)
+        raise FetchError(
+            f"{file.dest}: checksum mismatch for {file.shown_url}: expected sha256 {file.sha256}, got {actual}; "
+            "the download was removed"
+        )
+    os.replace(part, target)
+    elapsed = time.monotonic() - started
+    log.info("%s: done, %s in %.1fs (sha256 %s)", file.dest, _size(done), elapsed, actual)
+    return actual
+
+
+def fetch_one(file: WeightFile, weights_dir: Path, timeout: float = 60.0) -> Path:
+    target = weights_dir / file.dest
+    if target.is_file():
+        if file.sha256 is None:
+            log.info("%s: already present (no checksum given), kept", file.dest)
+            return target
+        if sha256_of(target) == file.sha256:
+            log.info("%s: already present, checksum matches", file.dest)
+            return target
+        log.warning("%s: present but its checksum differs from the pinned one: downloading again", file.dest)
+    log.info("%s: downloading from %s", file.dest, file.shown_url)
+    _download(file, target, timeout)
+    return target
+
+
+def fetch_weights(files: list[WeightFile], weights_dir: Path, workers: int = 4, timeout: float = 60.0) -> list[Path]:
+    """Download every file (in parallel) that is not already there and verified; FetchError lists all failures."""
+    if not files:
+        return []
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def run(file: WeightFile) -> Path | None:
+        try:
+            return fetch_one(file, weights_dir, timeout)
+        except FetchError as error:
+            with lock:
+                errors.append(str(error))
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files))), thread_name_prefix="fetch") as pool:
+        paths = list(pool.map(run, files))
+    if errors:
+        raise FetchError(f"{len(errors)} of {len(files)} weight files failed:\n  " + "\n  ".join(sorted(errors)))
+    log.info("weights ready in %s (%d files, %.1fs)", weights_dir, len(files), time.monotonic() - started)
+    return [p for p in paths if p is not None]
+
+
+def fetch_weights_from_env(weights_dir: Path, environ: dict[str, str] | None = None) -> list[Path]:
+    """What setup() calls: a no-op when PUNKS_WEIGHTS_URLS is unset or empty."""
+    spec = (os.environ if environ is None else environ).get(ENV_VAR, "")
+    return fetch_weights(parse_spec(spec), weights_dir) if spec.strip() else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    from service.config import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:] if argv is None else argv
+    spec = " ".join(args) if args else os.environ.get(ENV_VAR, "")
+    if not spec.strip():
+        print(f"usage: python -m service.fetch [dest=url[#sha256=hex] ...]  (or set {ENV_VAR})", file=sys.stderr)
+        return 2
+    try:
+        for path in fetch_weights(parse_spec(spec), Settings().weights_dir):
+            print(path)
+    except (ValueError, FetchError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""The Cog runner as Replicate calls it (the real coglet server on loopback), its schema, its packaging
+files, and the optional weights download at setup (service/fetch.py, against a local http.server)."""
+
+import base64
+import functools
+import hashlib
+import http.server
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from service import config
+from service.cog_schema import ROOT, SCHEMA_PATH, build_schema, is_current
+from service.config import Settings
+from service.engine import MAX_SEED
+from service.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec, redact
+from service.loading import WeightsError
+
+GRID = 24
+SERVER_START_S = 180
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cell_edges(size: int, cell: int | None = None) -> np.ndarray:
+    """Where service.pixelart.upscale puts the cell boundaries."""
+    if cell is not None:
+        return np.arange(GRID + 1) * cell
+    return np.floor(np.arange(GRID + 1) * size / GRID + 0.5).astype(int)
+
+
+def assert_flat_cells(image: Image.Image, edges: np.ndarray) -> np.ndarray:
+    """Every cell one flat colour; returns the 24x24 sprite those colours make."""
+    pixels = np.asarray(image.convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (edges[-1], edges[-1])
+    sprite = np.zeros((GRID, GRID, 3), dtype=int)
+    for row in range(GRID):
+        for col in range(GRID):
+            cell = pixels[edges[row] : edges[row + 1], edges[col] : edges[col + 1]]
+            assert (cell == cell[0, 0]).all(), f"cell ({row}, {col}) is not flat"
+            sprite[row, col] = cell[0, 0]
+    return sprite
+
+
+def decode_data_url(url: str) -> tuple[str, bytes]:
+    match = re.fullmatch(r"data:([\w/+.-]+);base64,(.*)", url, re.S)
+    assert match, f"not a base64 data URL: {url[:60]!r}"
+    return match[1], base64.b64decode(match[2])
+
+
+class CogServer:
+    """`python -m cog.server.http` (coglet), as `cog build` images start it, on a loopback port."""
+
+    def __init__(self, name: str, env: dict[str, str], cwd: Path, log_dir: Path, runner_ref: str = "predict.py:Runner"):
+        self.port = free_port()
+        self.log = log_dir / f"cog-{name}.log"
+        tmp = log_dir / f"tmp-{name}"
+        tmp.mkdir()
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+                cwd=cwd,
+                env=env | {"COG_PREDICT_TYPE_STUB": runner_ref, "PORT": str(self.port), "PYTHONUNBUFFERED": "1",
+                           "TMPDIR": str(tmp)},  # the runner's output files
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: coglet's worker subprocess is stopped with it
+            )
+        self._health: dict | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def wait_until_settled(self) -> dict:
+        """Poll /health-check until setup has succeeded or failed; its JSON."""
+        if self._health is not None:
+            return self._health
+        deadline = time.monotonic() + SERVER_START_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"cog server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health-check", timeout=5) as response:
+                    health = json.load(response)
+                if health["status"] in ("READY", "SETUP_FAILED"):
+                    self._health = health
+                    return health
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"cog server not settled after {SERVER_START_S}s:\n{self.log_tail()}")
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 300) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read() or b"{}")
+
+    def predict(self, **inputs) -> tuple[int, dict]:
+        """POST /predictions, synchronously. coglet answers 409 (at capacity) for a moment after a
+        prediction while its one slot is released; a client retries, as Replicate's does."""
+        deadline = time.monotonic() + 30
+        while True:
+            status, body = self.request("POST", "/predictions", {"input": inputs})
+            if status != 409 or time.monotonic() > deadline:
+                return status, body
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def cog_servers(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    """Three servers, started together (they load in parallel), each test waits for the one it uses:
+    ready: the committed schema and the smoke model, as on Replicate but without weights;
+    no_schema: same runner without .cog/openapi_schema.json, so bad input reaches run();
+    no_weights: smoke fallback disallowed (as cog.yaml sets it) and no weights: setup fails."""
+    logs = tmp_path_factory.mktemp("cog-logs")
+    bare = tmp_path_factory.mktemp("no-schema-cwd")
+    servers = {
+        "ready": CogServer("ready", smoke_env, ROOT, logs),
+        "no_schema": CogServer(
+            "no-schema", smoke_env | {"PYTHONPATH": str(ROOT)}, bare, logs, runner_ref=f"{ROOT / 'predict.py'}:Runner"
+        ),
+        "no_weights": CogServer(
+            "no-weights",
+            smoke_env | {"PUNKS_ALLOW_SMOKE_MODEL": "false", "PUNKS_WEIGHTS_DIR": str(tmp_path_factory.mktemp("empty"))},
+            ROOT,
+            logs,
+        ),
+    }
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture
+def server(cog_servers) -> CogServer:
+    server = cog_servers["ready"]
+    health = server.wait_until_settled()
+    assert health["status"] == "READY", health["setup"]["logs"]
+    return server
+
+
+# --- the schema and the packaging files -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    return build_schema()
+
+
+def test_committed_schema_is_current(schema: dict):
+    assert SCHEMA_PATH.is_file(), "missing .cog/openapi_schema.json: run `python -m service.cog_schema`"
+    committed = json.loads(SCHEMA_PATH.read_text())
+    assert is_current(committed, schema), ".cog/openapi_schema.json is stale: run `python -m service.cog_schema`"
+
+
+def test_input_bounds_are_the_shared_ones(schema: dict):
+    """predict.py spells its bounds as literals (cog build reads them statically): they must match config."""
+    inputs = schema["components"]["schemas"]["Input"]
+    props = inputs["properties"]
+    fields = Settings.model_fields
+
+    def bounds(name: str) -> tuple:
+        return props[name].get("minimum"), props[name].get("maximum")
+
+    def field_bounds(name: str) -> tuple:
+        metadata = {type(m).__name__: m for m in fields[name].metadata}
+        return metadata["Ge"].ge, metadata["Le"].le
+
+    assert inputs["required"] == ["prompt"]
+    assert (props["prompt"]["minLength"], props["prompt"]["maxLength"]) == (1, config.MAX_PROMPT_CHARS)
+    assert bounds("seed") == (0, MAX_SEED) and props["seed"]["nullable"] is True
+    assert bounds("num_outputs") == (1, config.MAX_IMAGES)
+    assert bounds("steps") == (config.MIN_STEPS, config.MAX_STEPS)
+    assert bounds("guidance") == (config.MIN_GUIDANCE, config.MAX_GUIDANCE)
+    assert bounds("output_size") == field_bounds("output_size")
+    for name, setting in [("steps", "steps"), ("guidance", "guidance"), ("output_size", "output_size"),
+                          ("integer_scale", "integer_scale")]:
+        assert props[name]["default"] == fields[setting].default, name
+    assert schema["components"]["schemas"]["output_format"]["enum"] == ["png", "webp"]
+    assert "lora_scale" not in props  # fused once at setup: PUNKS_LORA_SCALE, not an input
+    assert all(prop.get("description") for prop in props.values())
+    assert schema["components"]["schemas"]["Output"] == {
+        "title": "Output", "type": "array", "items": {"type": "string", "format": "uri"}
+    }
+
+
+def requirement_lines(path: Path) -> list[str]:
+    return [line.split("#")[0].strip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
+
+
+def test_gpu_requirements_are_one_self_contained_pinned_file():
+    gpu = requirement_lines(ROOT / "requirements-gpu.txt")
+    assert not [line for line in gpu if line.startswith("-")], "cog rejects -r/-c of local files: inline the pins"
+    assert all("==" in line for line in gpu), "every GPU requirement must be pinned"
+    missing = [line for line in requirement_lines(ROOT / "requirements.txt") if line not in gpu]
+    assert not missing, f"requirements-gpu.txt lacks {missing} from requirements.txt: copy those lines into it"
+    cpu_torch = next(line for line in requirement_lines(ROOT / "requirements-cpu.txt") if line.startswith("torch=="))
+    assert "torch==" + cpu_torch.split("==")[1].split("+")[0] in gpu, "CPU and GPU torch versions differ"
+
+
+def test_cog_yaml():
+    import cog
+
+    cog_yaml = yaml.safe_load((ROOT / "cog.yaml").read_text())
+    build = cog_yaml["build"]
+    assert build["gpu"] is True and build["cuda"] == "13.0"
+    assert build["python_version"] in ("3.10", "3.11", "3.12", "3.13")
+    assert (ROOT / build["python_requirements"]).is_file()
+    assert build["sdk_version"] == cog.__version__
+    assert cog_yaml["run"] == "predict.py:Runner" and "predict" not in cog_yaml
+    assert "PUNKS_ALLOW_SMOKE_MODEL=false" in cog_yaml["environment"]
+
+
+def test_dockerfile():
+    text = (ROOT / "Dockerfile").read_text()
+    instructions = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert instructions[0].startswith("FROM nvidia/cuda:13.0")
+    assert "RUN pip install -r requirements-gpu.txt" in text
+    users = [line.split()[1] for line in instructions if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", text, re.M)
+    assert 'CMD ["uvicorn", "service.api:app", "--host", "0.0.0.0", "--port", "8000"]' in instructions[-1]
+    assert "PUNKS_WEIGHTS_DIR=/app/weights" in text
+    assert "weights" in (ROOT / "Dockerfile.dockerignore").read_text().split()
+
+
+# --- through the real cog server -----------------------------------------------------------------------
+
+
+def test_serves_the_committed_schema(server: CogServer):
+    status, served = server.request("GET", "/openapi.json")
+    assert status == 200
+    assert served["components"]["schemas"]["Input"] == json.loads(SCHEMA_PATH.read_text())["components"]["schemas"]["Input"]
+
+
+def test_prediction_returns_1024_images_of_flat_cells_then_sprites(server: CogServer):
+    status, body = server.predict(prompt="lad with a red beanie, green background", seed=7, num_outputs=2,
+                                  steps=2, return_sprites=True)
+    assert status == 200 and body["status"] == "succeeded", body.get("error") or body
+    assert len(body["output"]) == 4  # two images, then their two sprites
+    decoded = [decode_data_url(url) for url in body["output"]]
+    assert [mime for mime, _ in decoded] == ["image/png"] * 4
+    images = [Image.open(io.BytesIO(data)) for _, data in decoded]
+    assert [im.size for im in images] == [(1024, 1024)] * 2 + [(GRID, GRID)] * 2
+    for image, sprite in zip(images[:2], images[2:]):
+        cells = assert_flat_cells(image, cell_edges(1024))
+        assert (cells == np.asarray(sprite.convert("RGB"))).all(), "the sprite is not the image's cells"
+    # one log line per image, with its seed and quality signals; the seeds are metrics too
+    lines = [line for line in body["logs"].splitlines() if line.startswith("image ")]
+    assert len(lines) == 2
+    assert lines[0].startswith("image 1: seed 7: ") and lines[1].startswith("image 2: seed 8: ")
+    assert all("grid fit" in line and "colours" in line for line in lines)
+    assert body["metrics"]["seeds"] == [7, 8] and len(body["metrics"]["pixel_art"]) == 2
+    assert "SMOKE MODEL" in body["logs"]
+
+
+def test_webp_and_integer_scale(server: CogServer):
+    status, body = server.predict(prompt="a punk", seed=3, steps=1, output_format="webp", output_size=512,
+                                  integer_scale=True, return_sprites=True)
+    assert status == 200 and body["status"] == "succeeded", body.get("error") or body
+    (mime, image_data), (sprite_mime, sprite_data) = [decode_data_url(url) for url in body["output"]]
+    assert mime == sprite_mime == "image/webp"
+    image, sprite = Image.open(io.BytesIO(image_data)), Image.open(io.BytesIO(sprite_data))
+    assert image.format == "WEBP" and image.size == (504, 504)  # 21 px cells: floor(512 / 24)
+    cells = assert_flat_cells(image, cell_edges(504, cell=21))
+    assert (cells == np.asarray(sprite.convert("RGB"))).all(), "WebP output must be lossless"
+
+
+def test_same_seed_same_image_and_unknown_inputs_are_dropped(server: CogServer):
+    """coglet strips input fields the schema does not know (with a warning in its log) instead of
+    answering 422: a stray lora_scale is ignored, and the result is byte-identical."""
+    inputs = {"prompt": "lass with a pink mohawk", "seed": 123, "steps": 1}
+    first = server.predict(**inputs)
+    second = server.predict(**inputs, lora_scale=0.3)
+    assert first[0] == second[0] == 200
+    assert first[1]["status"] == second[1]["status"] == "succeeded"
+    assert first[1]["output"] == second[1]["output"]
+    assert "Stripped unknown input fields" in server.log_tail(100_000)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": " \n\t "}, "prompt"),
+        ({"prompt": "x" * (config.MAX_PROMPT_CHARS + 1)}, "prompt"),
+        ({"steps": 2}, "prompt"),  # missing
+        ({"prompt": "a punk", "steps": 0}, "steps"),
+        ({"prompt": "a punk", "steps": config.MAX_STEPS + 1}, "steps"),
+        ({"prompt": "a punk", "steps": "many"}, "steps"),
+        ({"prompt": "a punk", "steps": 2.5}, "steps"),
+        ({"prompt": "a punk", "num_outputs": 5}, "num_outputs"),
+        ({"prompt": "a punk", "num_outputs": 0}, "num_outputs"),
+        ({"prompt": "a punk", "guidance": 20.5}, "guidance"),
+        ({"prompt": "a punk", "seed": -1}, "seed"),
+        ({"prompt": "a punk", "seed": MAX_SEED + 1}, "seed"),
+        ({"prompt": "a punk", "output_size": 10}, "output_size"),
+        ({"prompt": "a punk", "output_format": "gif"}, "output_format"),
+        ({"prompt": "a punk", "return_sprites": "yes"}, "return_sprites"),
+    ],
+)
+def test_invalid_input_is_a_422_naming_the_field(server: CogServer, inputs: dict, field: str):
+    status, body = server.predict(**inputs)
+    assert status == 422, body
+    assert {tuple(error["loc"]) for error in body["detail"]} == {("body", "input", field)}
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"prompt": "   "}, "prompt: must not be empty"),
+        ({"prompt": "a punk", "num_outputs": 5}, "num_outputs: must be between 1 and 4"),
+        ({"prompt": "a punk", "steps": 1, "output_size": 10}, "output_size: must be between 24 and 4096"),
+    ],
+)
+def test_without_schema_bad_input_is_a_failed_prediction(cog_servers, inputs: dict, message: str):
+    """Belt and braces: what the schema would stop still fails cleanly inside run()."""
+    server = cog_servers["no_schema"]
+    assert server.wait_until_settled()["status"] == "READY"
+    status, body = server.predict(**inputs)
+    assert status == 200 and body["status"] == "failed"
+    assert message in body["error"]
+    assert server.wait_until_settled()["status"] == "READY" and server.process.poll() is None
+
+
+def test_setup_without_weights_fails_naming_the_missing_files(cog_servers):
+    server = cog_servers["no_weights"]
+    health = server.wait_until_settled()
+    assert health["status"] == "SETUP_FAILED"
+    logs = health["setup"]["logs"]
+    assert "missing weights" in logs
+    assert "v1-5-pruned-emaonly.safetensors" in logs and "bespoke_punks.safetensors" in logs
+    status, body = server.predict(prompt="a punk")
+    assert status == 503 and body["status"] == "failed"
+
+
+# --- weights download (service/fetch.py) against a local http.server --------------------------------------
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    requests: list[str] = []
+
+    def do_GET(self):
+        type(self).requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_files(tmp_path_factory: pytest.TempPathFactory, smoke_dir: Path):
+    """(base URL, served folder, request log): a loopback server over a folder holding the smoke model."""
+    folder = tmp_path_factory.mktemp("served")
+    (folder / "a.bin").write_bytes(os.urandom(3 * (1 << 20) + 17))  # a few chunks
+    (folder / "b.bin").write_bytes(b"the LoRA, say")
+    (folder / "smoke").symlink_to(smoke_dir, target_is_directory=True)
+    requests: list[str] = []
+    handler = type("Handler", (_Handler,), {"requests": requests})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", folder, requests
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_parse_spec():
+    digest = "ab" * 32
+    files = parse_spec(
+        f" a.safetensors=https://h/a.safetensors#sha256={digest.upper()},sub/b.bin=http://h:8080/b?x=1\n c=https://h/c "
+    )
+    assert files == [
+        WeightFile("a.safetensors", "https://h/a.safetensors", digest),
+        WeightFile("sub/b.bin", "http://h:8080/b?x=1", None),
+        WeightFile("c", "https://h/c", None),
+    ]
+    for bad, message in [
+        ("nourl", "expected dest=url"),
+        ("a=https://h/a#sha256=123", "64 hex digits"),
+        ("a=https://h/a#md5=" + digest, "64 hex digits"),
+        ("/etc/a=https://h/a", "inside the weights folder"),
+        ("../a=https://h/a", "inside the weights folder"),
+        ("a=ftp://h/a", "only http(s)"),
+        ("a=https://h/1 a=https://h/2", "listed twice"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_spec(bad)
+    assert redact("https://user:pw@h:8443/a/b.bin?X-Amz-Signature=secret#frag") == "https://h:8443/a/b.bin"
+
+
+def test_download_in_parallel_with_checksums_then_skip_what_is_there(http_files, tmp_path: Path):
+    base, folder, requests = http_files
+    weights = tmp_path / "weights"
+    files = [
+        WeightFile("big/a.bin", f"{base}/a.bin", sha256(folder / "a.bin")),
+        WeightFile("b.bin", f"{base}/b.bin", sha256(folder / "b.bin")),
+        WeightFile("unchecked.bin", f"{base}/b.bin"),
+    ]
+    paths = fetch_weights(files, weights, workers=3)
+    assert paths == [weights / "big/a.bin", weights / "b.bin", weights / "unchecked.bin"]
+    assert (weights / "big/a.bin").read_bytes() == (folder / "a.bin").read_bytes()
+    assert (weights / "unchecked.bin").read_bytes() == b"the LoRA, say"
+    assert not list(weights.rglob("*.part"))
+    # again: everything is there (checksums match, or none given): nothing is downloaded
+    before = len(requests)
+    fetch_weights(files, weights)
+    assert len(requests) == before
+    # a corrupted file with a pinned checksum is downloaded again
+    (weights / "b.bin").write_bytes(b"corrupt")
+    fetch_weights(files, weights)
+    assert requests[before:] == ["/b.bin"]
+    assert (weights / "b.bin").read_bytes() == b"the LoRA, say"
+
+
+def test_checksum_mismatch_removes_the_file_and_names_both_checksums(http_files, tmp_path: Path):
+    base, folder, _ = http_files
+    wrong = "0" * 64
+    files = [WeightFile("a.bin", f"{base}/a.bin?token=secret", wrong), WeightFile("b.bin", f"{base}/b.bin")]
+    with pytest.raises(FetchError) as raised:
+        fetch_weights(files, tmp_path)
+    message = str(raised.value)
+    assert "1 of 2 weight files failed" in message and "a.bin: checksum mismatch" in message
+    assert wrong in message and sha256(folder / "a.bin") in message and "removed" in message
+    assert "secret" not in message
+    assert not (tmp_path / "a.bin").exists() and not (tmp_path / "a.bin.part").exists()
+    assert (tmp_path / "b.bin").is_file()  # the others still complete
+
+
+def test_http_error_is_named(http_files, tmp_path: Path):
+    base, _, _ = http_files
+    with pytest.raises(FetchError, match=r"missing\.bin: HTTP 404 .* from http://127\.0\.0\.1:\d+/nothing-here$"):
+        fetch_weights([WeightFile("missing.bin", f"{base}/nothing-here?sig=secret")], tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_nothing_to_fetch_without_the_variable(tmp_path: Path):
+    assert fetch_weights_from_env(tmp_path / "w", environ={}) == []
+    assert fetch_weights_from_env(tmp_path / "w", environ={"PUNKS_WEIGHTS_URLS": "  "}) == []
+    assert not (tmp_path / "w").exists()
+
+
+# --- the runner in-process: setup downloads, run() writes the files -------------------------------
+
+
+def runner_env(monkeypatch: pytest.MonkeyPatch, weights: Path, urls: str) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(weights.parent))  # the runner's output files
+    for name in [n for n in os.environ if n.startswith("PUNKS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PUNKS_WEIGHTS_DIR", str(weights))
+    monkeypatch.setenv("PUNKS_ALLOW_SMOKE_MODEL", "false")
+    monkeypatch.setenv("PUNKS_DEVICE", "cpu")
+    monkeypatch.setenv("PUNKS_WEIGHTS_URLS", urls)
+
+
+def test_setup_downloads_the_weights_then_run_writes_images_then_sprites(
+    http_files, smoke_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from predict import Runner
+
+    base, _, _ = http_files
+    sources = [p for p in smoke_dir.rglob("*") if p.is_file() and p.relative_to(smoke_dir).parts[0] != "v1-5-smoke.safetensors"]
+    urls = ",".join(f"{p.relative_to(smoke_dir)}={base}/smoke/{p.relative_to(smoke_dir)}#sha256={sha256(p)}" for p in sources)
+    runner_env(monkeypatch, tmp_path / "weights", urls)
+    runner = Runner()
+    runner.setup()
+    assert not runner.engine.weights.is_smoke  # loaded the downloaded files as real weights
+    assert runner.engine.weights.base_model == tmp_path / "weights" / "stable-diffusion-v1-5"
+
+    outputs = runner.run(prompt="a punk", seed=5, num_outputs=2, steps=1, guidance=7.5, output_size=1024,
+                         integer_scale=False, return_sprites=True, output_format="png")
+    assert [Path(p).name for p in outputs] == ["punk-1.png", "punk-2.png", "punk-1.sprite.png", "punk-2.sprite.png"]
+    assert [Image.open(p).size for p in outputs] == [(1024, 1024)] * 2 + [(GRID, GRID)] * 2
+    # the next prediction removes the previous one's files (already sent by then)
+    again = runner.run(prompt="a punk", seed=5, num_outputs=1, steps=1, guidance=7.5, output_size=48,
+                       integer_scale=False, return_sprites=False, output_format="png")
+    assert not any(Path(p).exists() for p in outputs) and Image.open(again[0]).size == (48, 48)
+
+
+def test_setup_fails_on_a_bad_checksum_before_loading(http_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from predict import Runner
+
+    base, _, _ = http_files
+    runner_env(monkeypatch, tmp_path / "weights", f"bespoke_punks.safetensors={base}/b.bin#sha256={'1' * 64}")
+    with pytest.raises(FetchError, match="bespoke_punks.safetensors: checksum mismatch"):
+        Runner().setup()
+    assert not (tmp_path / "weights" / "bespoke_punks.safetensors").exists()
+
+
+def test_setup_without_weights_names_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from predict import Runner
+
+    runner_env(monkeypatch, tmp_path / "weights", "")
+    with pytest.raises(WeightsError, match=r"missing weights: .*stable-diffusion-v1-5.*bespoke_punks\.safetensors"):
+        Runner().setup()
