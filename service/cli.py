@@ -14,6 +14,7 @@ from service.engine import Engine, GenerationRequest, GenerationResult
 from service.loading import WeightsError
 from service.lora import LoraError
 from service.smoke import save_smoke_model
+from service import evaluate, lora_report
 
 
 def write_outputs(result: GenerationResult, output: Path) -> list[Path]:
@@ -78,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
     smoke = commands.add_parser("smoke-model", help="build and save the tiny random smoke model and its LoRA")
     smoke.add_argument("--dir", type=Path, default=Settings().smoke_dir)
     smoke.set_defaults(run=build_smoke)
+
+    lora_report.add_commands(commands)
+    evaluate.add_command(commands)
     return root
 
 

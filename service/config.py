@@ -5,7 +5,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SCHEDULERS = ("dpm++", "euler_a", "euler", "ddim", "pndm")
@@ -29,6 +29,9 @@ class Settings(BaseSettings):
         "Default: weights_dir/stable-diffusion-v1-5 (folder) or weights_dir/v1-5-pruned-emaonly.safetensors.",
     )
     lora: Path | None = Field(None, description="Kohya LoRA file. Default: weights_dir/bespoke_punks.safetensors.")
+    loras_dir: Path | None = Field(
+        None, description="Folder of further LoRAs a request may pick by file stem (`lora`). Default: weights_dir/loras."
+    )
     lora_scale: float = Field(1.0, ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE, description="Strength the LoRA is fused at.")
     expected_lora_rank: int = Field(32, description="The rank that worked (dim 32 / alpha 16); others only warn.")
     allow_smoke_model: bool = Field(
@@ -49,6 +52,34 @@ class Settings(BaseSettings):
         False, description="Deliver floor(output_size/grid) px cells (1008 for 1024) instead of 42/43 px cells."
     )
     max_colors: int | None = Field(None, ge=2, le=256, description="Optional cap on the sprite's palette.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet and VAE decoder with CUDA graphs (mode reduce-overhead). CUDA only. "
+        "Start-up compiles once per batch-size bucket; the compile cache is kept on disk (compile_cache_dir).",
+    )
+    compile_cache_dir: Path = Field(
+        Path(".cache/torch-compile"), description="Inductor/Triton cache, reused by the next start (and cog image)."
+    )
+    batch_buckets: tuple[int, ...] = Field(
+        (1, 2, 4, 8),
+        description="With compile: image counts warmed up at start; a batch is padded up to the next bucket so "
+        "that no request ever waits for a new compile.",
+    )
+    warmup: bool = Field(True, description="Run one tiny generation at start so the first request is not slow.")
+
+    # HTTP service (service/api.py)
+    max_batch_size: int = Field(8, ge=1, description="Most images one pipeline call generates for grouped requests.")
+    max_batch_wait_ms: float = Field(
+        10.0, ge=0, description="How long the first queued request waits for others to share its pipeline call."
+    )
+    max_queue: int = Field(64, ge=1, description="Requests allowed to wait for the GPU; beyond it the API answers 429.")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="A request not answered by then gets 504 (and leaves the queue if still waiting)."
+    )
+    max_body_bytes: int = Field(16 * 1024, ge=1, description="Larger request bodies get 413.")
+    api_token: SecretStr | None = Field(
+        None, description="When set, generation requires `Authorization: Bearer <token>`; health endpoints stay open."
+    )
 
     @cached_property
     def torch_device(self) -> str:
@@ -74,3 +105,6 @@ class Settings(BaseSettings):
 
     def lora_path(self) -> Path:
         return self.lora if self.lora is not None else self.weights_dir / "bespoke_punks.safetensors"
+
+    def loras_path(self) -> Path:
+        return self.loras_dir if self.loras_dir is not None else self.weights_dir / "loras"

@@ -11,15 +11,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
+from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from service import config
+from service.acceleration import accelerate, bucket_size
 from service.config import Settings
 from service.loading import WeightsSource, fuse_lora, load_base_pipeline, resolve_weights, set_scheduler
 from service.lora import LoraInfo
+from service.lora_switch import LoraSwitcher, check_loras, find_loras
 from service.pixelart import PixelArt, to_pixel_art
 from service.prompts import PromptTokens, chunk_input_ids, tokenize_negative, tokenize_prompt
 
@@ -36,6 +39,7 @@ class GenerationRequest:
     num_images: int = 1
     steps: int | None = None  # None: the configured default
     guidance: float | None = None
+    lora: str | None = None  # a name from Engine.lora_names (a LoRA in loras_dir); None: the default LoRA
 
     def check(self) -> None:
         """Raise ValueError naming the field, for surfaces that do not validate on their own (the CLI)."""
@@ -51,6 +55,8 @@ class GenerationRequest:
             raise ValueError(f"steps: must be between {config.MIN_STEPS} and {config.MAX_STEPS}")
         if self.guidance is not None and not config.MIN_GUIDANCE <= self.guidance <= config.MAX_GUIDANCE:
             raise ValueError(f"guidance: must be between {config.MIN_GUIDANCE} and {config.MAX_GUIDANCE}")
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora.strip() or len(self.lora) > 200):
+            raise ValueError("lora: must be a LoRA name (a file stem in the LoRA folder)")
 
 
 @dataclass
@@ -96,38 +102,76 @@ class _Job:
     seeds: tuple[int, ...]
     steps: int
     guidance: float
+    lora: str | None = None
 
     @property
     def batch_key(self) -> tuple:
         return (self.steps, self.guidance, self.tokens.chunk_count)
 
+    @property
+    def group_key(self) -> tuple:
+        """Jobs sharing it share a pipeline call: same LoRA fused, same settings."""
+        return (self.lora or "", *self.batch_key)
+
 
 class Engine:
-    def __init__(self, pipe: StableDiffusionPipeline, settings: Settings, weights: WeightsSource, lora: LoraInfo):
+    def __init__(self, pipe: StableDiffusionPipeline, settings: Settings, weights: WeightsSource, lora: LoraInfo,
+                 loras: dict[str, Path] | None = None, switcher: LoraSwitcher | None = None):
         self.pipe = pipe
         self.settings = settings
         self.weights = weights
         self.lora = lora
+        self.loras = dict(loras or {})  # the allow-list: name -> file; requests name a LoRA, never a path
+        self.switcher = switcher
         self.device = torch.device(settings.torch_device)
-        self._negative_embeddings: dict[int, torch.Tensor] = {}
+        self._negative_embeddings: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def lora_names(self) -> list[str]:
+        return sorted(self.loras)
 
     @classmethod
-    def load(cls, settings: Settings | None = None) -> "Engine":
+    def load(cls, settings: Settings | None = None, loras: dict[str, Path] | None = None) -> "Engine":
+        """`loras`: the selectable LoRAs (name -> file); default: every *.safetensors in settings.loras_path()."""
         settings = settings or Settings()
         started = time.perf_counter()
         weights = resolve_weights(settings)
         dtype = getattr(torch, settings.torch_dtype_name)
         pipe = load_base_pipeline(weights.base_model, weights.config_dir, dtype)
         set_scheduler(pipe, settings.scheduler)
-        lora = fuse_lora(pipe, weights.lora, settings.lora_scale, settings.expected_lora_rank)
+        loras = find_loras(settings.loras_path()) if loras is None else loras
+        switcher = None
+        if loras:
+            if settings.compile:
+                raise ValueError("compile: switching LoRAs (loras_dir) is not supported with torch.compile yet")
+            check_loras(pipe, loras, settings.expected_lora_rank)
+            switcher = LoraSwitcher(pipe, settings.lora_scale, settings.expected_lora_rank)
+            log.info("selectable LoRAs: %s (base copy of %.0f MB kept for switching)",
+                     ", ".join(sorted(loras)), switcher.base_bytes / 1e6)
+            lora = switcher.fuse(weights.lora)
+        else:
+            lora = fuse_lora(pipe, weights.lora, settings.lora_scale, settings.expected_lora_rank)
         pipe.to(settings.torch_device)
+        accelerate(pipe, settings)
         pipe.set_progress_bar_config(disable=True)
         log.info(
             "loaded %s + %s (%s) on %s/%s in %.1fs%s",
             weights.base_model, weights.lora, lora.describe(), settings.torch_device, settings.torch_dtype_name,
             time.perf_counter() - started, " [SMOKE MODEL: images are not meaningful]" if weights.is_smoke else "",
         )
-        return cls(pipe, settings, weights, lora)
+        engine = cls(pipe, settings, weights, lora, loras, switcher)
+        if settings.warmup:
+            engine.warm_up()
+        return engine
+
+    def warm_up(self) -> None:
+        """Generate once per batch bucket (compile: record each CUDA graph) so no user request pays for it."""
+        started = time.perf_counter()
+        sizes = self.settings.batch_buckets if self.settings.compile else (1,)
+        for size in sizes:
+            job = _Job(0, tokenize_prompt(self.pipe.tokenizer, "warm-up"), tuple(range(size)), 2, self.settings.guidance)
+            self._run_pipeline([job], None, 0, 2)
+        log.info("warm-up (batch sizes %s) took %.1fs", sizes, time.perf_counter() - started)
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         return self.generate_batch([request], progress)[0]
@@ -136,13 +180,17 @@ class Engine:
         """Generate several requests with as few pipeline calls as their settings allow."""
         for request in requests:
             request.check()
+            self._lora_file(request.lora)
         jobs = [self._resolve(index, request) for index, request in enumerate(requests)]
         images: dict[int, list[GeneratedImage]] = {job.request_index: [] for job in jobs}
         timings = {"pipeline_s": 0.0, "postprocess_s": 0.0}
-        total_steps = sum(job.steps for job in {job.batch_key: job for job in jobs}.values())
+        total_steps = sum(job.steps for job in {job.group_key: job for job in jobs}.values())
         done_steps = 0
-        for _, group in groupby(sorted(jobs, key=lambda j: j.batch_key), key=lambda j: j.batch_key):
+        active_first = lambda j: (self._lora_file(j.lora) != self._active_lora(), j.group_key)  # noqa: E731
+        for _, group in groupby(sorted(jobs, key=active_first), key=lambda j: j.group_key):
             group = list(group)
+            if switched := self._use_lora(group[0].lora):
+                timings["lora_switch_s"] = timings.get("lora_switch_s", 0.0) + switched
             started = time.perf_counter()
             raws = self._run_pipeline(group, progress, done_steps, total_steps)
             timings["pipeline_s"] += time.perf_counter() - started
@@ -178,6 +226,7 @@ class Engine:
             seeds=tuple((first_seed + offset) % (MAX_SEED + 1) for offset in range(request.num_images)),
             steps=request.steps if request.steps is not None else self.settings.steps,
             guidance=request.guidance if request.guidance is not None else self.settings.guidance,
+            lora=request.lora,
         )
 
     @torch.inference_mode()
@@ -189,14 +238,39 @@ class Engine:
 
     def _negative(self, chunks: int) -> torch.Tensor:
         """The fixed negative prompt never changes: encode it once per chunk count."""
-        if chunks not in self._negative_embeddings:
-            self._negative_embeddings[chunks] = self._encode([tokenize_negative(self.pipe.tokenizer).token_ids], chunks)
-        return self._negative_embeddings[chunks]
+        key = (self._active_lora(), chunks)  # the text encoder changes with the fused LoRA
+        if key not in self._negative_embeddings:
+            self._negative_embeddings[key] = self._encode([tokenize_negative(self.pipe.tokenizer).token_ids], chunks)
+        return self._negative_embeddings[key]
+
+    def _lora_file(self, name: str | None) -> Path:
+        """The file behind a request's LoRA name; only names in the allow-list resolve."""
+        if name is None:
+            return self.weights.lora
+        if name not in self.loras:
+            allowed = ", ".join(self.lora_names) or f"none (no LoRAs in {self.settings.loras_path()})"
+            raise ValueError(f"lora: unknown LoRA {name[:80]!r}; allowed: {allowed}")
+        return self.loras[name]
+
+    def _active_lora(self) -> Path:
+        return self.switcher.active if self.switcher is not None else self.weights.lora
+
+    def _use_lora(self, name: str | None) -> float:
+        """Fuse the LoRA a group needs (a no-op when it already is); returns the seconds it took."""
+        path = self._lora_file(name)
+        if path == self._active_lora():
+            return 0.0
+        return self.switcher.switch(path)
 
     def _run_pipeline(self, group: list[_Job], progress: Progress | None, done: int, total: int) -> list[Image.Image]:
         steps, guidance, chunks = group[0].batch_key
         token_rows = [job.tokens.token_ids for job in group for _ in job.seeds]
         seeds = [seed for job in group for seed in job.seeds]
+        wanted = len(seeds)
+        if self.settings.compile:  # pad to a compiled batch size; the extra rows are dropped below
+            padding = bucket_size(wanted, self.settings.batch_buckets) - wanted
+            token_rows += token_rows[-1:] * padding
+            seeds += [0] * padding
         prompt_embeds = self._encode(token_rows, chunks)
         negative_embeds = self._negative(chunks).expand(len(seeds), -1, -1)
 
@@ -216,7 +290,7 @@ class Engine:
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             callback_on_step_end=on_step_end,
         )
-        return output.images
+        return output.images[:wanted]
 
     def _postprocess(self, raw: Image.Image) -> PixelArt:
         s = self.settings

@@ -12,8 +12,25 @@ from pathlib import Path
 
 # Width of the text features the UNet cross-attends to, per base model family.
 CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+TEXT_WIDTH = {768: "sd1", 1024: "sd2"}
 FAMILY_NAMES = {"sd1": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "unknown"}
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+# (down, up, format) key suffixes of the LoRA layouts we can read: kohya, PEFT, diffusers (new and old attn processors).
+PAIR_SUFFIXES = (
+    (".lora_down.weight", ".lora_up.weight", "kohya"),
+    (".lora_A.weight", ".lora_B.weight", "peft"),
+    (".lora_A.default.weight", ".lora_B.default.weight", "peft"),
+    (".lora.down.weight", ".lora.up.weight", "diffusers"),
+    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight", "diffusers"),
+    ("_lora.down.weight", "_lora.up.weight", "diffusers"),
+)
+# Which model a module belongs to, by name prefix: kohya and diffusers/PEFT spellings.
+TARGET_PREFIXES = (
+    ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te"),
+    ("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te"), ("te1.", "te1"), ("te2.", "te2"),
+)
+LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "oft_blocks", "oft_diag")
+SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "bf16"}
 
 
 class LoraError(ValueError):
@@ -27,6 +44,17 @@ class LoraModule:
     alpha: float | None
     down_shape: tuple[int, ...]
     up_shape: tuple[int, ...]
+    target: str = ""  # unet, te, te1, te2 or unknown; "" = read it from the kohya name
+    dtype: str = ""  # safetensors dtype of the down weight
+
+    @property
+    def scale(self) -> float | None:
+        """alpha / rank, what the delta is multiplied by; None when the file stores no alpha."""
+        return None if self.alpha is None else self.alpha / self.rank
+
+    @property
+    def kind(self) -> str:
+        return _target(self.name) if not self.target else self.target
 
     @property
     def is_conv(self) -> bool:
@@ -48,6 +76,8 @@ class LoraInfo:
     modules: dict[str, LoraModule]
     dtypes: frozenset[str]
     metadata: dict[str, str] = field(default_factory=dict)
+    format: str = "kohya"  # kohya, peft or diffusers (key layout)
+    tensor_bytes: int = 0  # bytes of tensor data (the file minus its header)
 
     @property
     def ranks(self) -> list[int]:
@@ -65,21 +95,35 @@ class LoraInfo:
     @property
     def module_counts(self) -> dict[str, int]:
         """Modules per target: unet, te (SD1/SD2 text encoder), te1/te2 (SDXL's two text encoders)."""
-        return dict(Counter(name.split("_")[1] for name in self.modules))
+        counts = Counter(module.kind for module in self.modules.values())
+        if "te2" in counts and "te" in counts:  # diffusers SDXL: text_encoder is SDXL's first encoder
+            counts["te1"] += counts.pop("te")
+        return dict(counts)
+
+    @property
+    def conv_modules(self) -> list[str]:
+        """LoCon layers: a 3x3 (or larger) kernel in lora_down."""
+        return sorted(name for name, module in self.modules.items() if module.is_conv)
 
     @property
     def family_from_keys(self) -> str:
         """Base model family read from module names and the cross-attention width."""
         counts = self.module_counts
-        if "te1" in counts or "te2" in counts or any("_input_blocks_" in n for n in self.modules):
+        normalized = {_normalized(n): m for n, m in self.modules.items()}
+        if "te1" in counts or "te2" in counts or any("input_blocks_" in n for n in normalized):
             return "sdxl"
-        widths = {m.in_features for n, m in self.modules.items() if n.endswith(("attn2_to_k", "attn2_to_v"))}
+        widths = {m.in_features for n, m in normalized.items() if n.endswith(("attn2_to_k", "attn2_to_v"))}
         families = {CROSS_ATTENTION_WIDTH.get(w, "unknown") for w in widths}
+        if not widths:  # text-encoder-only LoRA: CLIP ViT-L (768) is SD1, OpenCLIP ViT-H (1024) is SD2
+            widths = {m.in_features for n, m in normalized.items() if n.endswith("self_attn_q_proj")}
+            families = {TEXT_WIDTH.get(w, "unknown") for w in widths}
         return families.pop() if len(families) == 1 else "unknown"
 
     @property
     def family_from_metadata(self) -> str:
         version = self.metadata.get("ss_base_model_version", "").lower()
+        if not version:  # sd-scripts also writes the SAI model spec, e.g. stable-diffusion-v1/lora
+            version = self.metadata.get("modelspec.architecture", "").lower().replace("stable-diffusion-", "sd_")
         if not version:
             return "unknown"
         if "xl" in version:
@@ -111,9 +155,25 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             (header_size,) = struct.unpack("<Q", size_bytes)
             if header_size > 100_000_000 or header_size > path.stat().st_size - 8:
                 raise LoraError(f"{path}: not a safetensors file (bad header length)")
-            return json.loads(handle.read(header_size)), 8 + header_size
+            header = json.loads(handle.read(header_size))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise LoraError(f"{path}: not a safetensors file (unreadable header: {error})") from None
+    if not isinstance(header, dict) or not all(_valid_entry(k, v) for k, v in header.items()):
+        raise LoraError(f"{path}: not a safetensors file (malformed header)")
+    return header, 8 + header_size
+
+
+def _valid_entry(key: str, entry) -> bool:
+    if key == "__metadata__":
+        return entry is None or (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values()))
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("dtype"), str)
+        and isinstance(entry.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+        and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+        and all(isinstance(o, int) and o >= 0 for o in entry["data_offsets"])
+        and entry["data_offsets"][0] <= entry["data_offsets"][1]
+    )
 
 
 def inspect_lora(path: Path) -> LoraInfo:
@@ -125,45 +185,79 @@ def inspect_lora(path: Path) -> LoraInfo:
     data_end = data_start + max((entry["data_offsets"][1] for entry in header.values()), default=0)
     if data_end > path.stat().st_size:
         raise LoraError(f"{path}: truncated file ({path.stat().st_size} bytes, header promises more)")
-    modules = {}
-    for key in header:
-        if not key.endswith(".lora_down.weight"):
-            continue
-        name = key.removesuffix(".lora_down.weight")
-        up = header.get(f"{name}.lora_up.weight")
-        if up is None:
-            raise LoraError(f"{path}: {name} has lora_down but no lora_up weight")
-        down_shape = tuple(header[key]["shape"])
-        alpha_entry = header.get(f"{name}.alpha")
-        modules[name] = LoraModule(
-            name=name,
-            rank=down_shape[0],
-            alpha=_read_scalar(path, header, f"{name}.alpha") if alpha_entry else None,
-            down_shape=down_shape,
-            up_shape=tuple(up["shape"]),
-        )
+    if any(marker in key for key in header for marker in LYCORIS_MARKERS):
+        raise LoraError(f"{path}: a LyCORIS LoHa/LoKr/OFT network; only LoRA/LoCon (lora_down/lora_up) files are supported")
+    modules, formats = {}, set()
+    with path.open("rb") as handle:
+        for key in header:
+            pair = next((p for p in PAIR_SUFFIXES if key.endswith(p[0])), None)
+            if pair is None:
+                continue
+            down_suffix, up_suffix, layout = pair
+            name = key.removesuffix(down_suffix)
+            up = header.get(name + up_suffix)
+            if up is None:
+                raise LoraError(f"{path}: {name} has a {down_suffix} but no {up_suffix} weight")
+            down_shape = tuple(header[key]["shape"])
+            if len(down_shape) < 2:
+                raise LoraError(f"{path}: {key} has shape {list(down_shape)}, expected (rank, in_features, ...)")
+            alpha_key = next((k for k in (f"{name}.alpha", f"{name.removesuffix('_lora')}.alpha") if k in header), None)
+            modules[name] = LoraModule(
+                name=name,
+                rank=down_shape[0],
+                alpha=_read_scalar(handle, data_start, header, alpha_key) if alpha_key else None,
+                down_shape=down_shape,
+                up_shape=tuple(up["shape"]),
+                target=_target(name),
+                dtype=header[key]["dtype"],
+            )
+            formats.add(layout)
     if not modules:
-        kinds = "no tensors" if not header else "no kohya lora_down/lora_up pairs"
-        raise LoraError(f"{path}: not a kohya LoRA ({kinds}); expected keys like lora_unet_*.lora_down.weight")
+        kinds = "no tensors" if not header else "no lora_down/lora_up (or lora_A/lora_B) pairs"
+        raise LoraError(f"{path}: not a LoRA ({kinds}); expected keys like lora_unet_*.lora_down.weight")
     dtypes = frozenset(entry["dtype"] for entry in header.values())
-    return LoraInfo(path=path, file_size=path.stat().st_size, modules=modules, dtypes=dtypes, metadata=metadata)
+    return LoraInfo(
+        path=path, file_size=path.stat().st_size, modules=modules, dtypes=dtypes, metadata=metadata,
+        format="+".join(sorted(formats)), tensor_bytes=data_end - data_start,
+    )
 
 
-def _read_scalar(path: Path, header: dict, key: str) -> float:
-    """kohya stores alpha as a 0-d tensor; read its few bytes straight from the file."""
-    from safetensors import safe_open
+def _target(name: str) -> str:
+    for prefix, target in TARGET_PREFIXES:
+        if name.startswith(prefix):
+            return target
+    return "unet" if any(part in name for part in ("down_blocks", "up_blocks", "mid_block")) else "unknown"
+
+
+def _normalized(name: str) -> str:
+    """kohya-style spelling of any layout's module name: attn2.processor.to_k_lora -> attn2_to_k."""
+    return name.replace(".", "_").replace("_processor_", "_").removesuffix("_lora")
+
+
+def _read_scalar(handle, data_start: int, header: dict, key: str) -> float:
+    """kohya stores alpha as a 0-d tensor; read its few bytes straight from the file (no torch)."""
+    import numpy as np
 
     entry = header[key]
-    if entry["dtype"] == "BF16":
-        with safe_open(path, framework="pt") as handle:  # numpy has no bfloat16
-            return float(handle.get_tensor(key))
-    with safe_open(path, framework="numpy") as handle:
-        return float(handle.get_tensor(key))
+    begin, end = entry["data_offsets"]
+    handle.seek(data_start + begin)
+    raw = handle.read(end - begin)
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None or len(raw) != end - begin or not raw:
+        raise LoraError(f"{handle.name}: {key} is a {entry['dtype']} tensor of {len(raw)} bytes, expected one float")
+    if dtype == "bf16":  # numpy has no bfloat16: it is the top half of a float32
+        return float(np.frombuffer(b"\x00\x00" + raw[:2], "<f4")[0])
+    return float(np.frombuffer(raw, dtype)[0])
 
 
 def check_sd15_lora(info: LoraInfo, expected_rank: int) -> list[str]:
     """Refuse a LoRA for another base model; return warnings for what is allowed but unusual."""
     family = info.family
+    if info.format != "kohya":
+        raise LoraError(
+            f"{info.path} is a {info.format}-format LoRA ({info.describe()}); this service loads kohya files "
+            "(keys lora_unet_*/lora_te_*.lora_down.weight)"
+        )
     if family != "sd1":
         raise LoraError(
             f"{info.path} is a {info.describe()}; this service needs an SD1.5 kohya LoRA "

@@ -6,7 +6,6 @@ Same block structure as SD1.5 (4 down/up blocks, 2 layers each, cross-attention 
 CLIP text encoder with the real 49,408-token vocabulary), so kohya key names are the real ones.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -24,29 +23,11 @@ SMOKE_LORA = "bespoke_punks.safetensors"
 LORA_RANK, LORA_ALPHA = 32, 16.0
 TEXT_WIDTH = 32
 
-def build_smoke_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    torch.manual_seed(seed)
-    base_unet = json.loads((SD15_CONFIG_DIR / "unet" / "config.json").read_text())
-    unet = UNet2DConditionModel(
-        **{k: v for k, v in base_unet.items() if not k.startswith("_")}
-        | {"block_out_channels": (32, 32, 64, 64), "norm_num_groups": 8, "cross_attention_dim": TEXT_WIDTH, "attention_head_dim": 1}
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        norm_num_groups=8,
-        sample_size=512,
-    )
-    text_config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=TEXT_WIDTH,
-    )
+
+def _pipeline(unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel) -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(text_config),
+        text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer"),
         unet=unet,
         scheduler=PNDMScheduler.from_pretrained(SD15_CONFIG_DIR / "scheduler"),
@@ -56,14 +37,48 @@ def build_smoke_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
 
 
-def save_smoke_model(folder: Path) -> Path:
-    """Build and save: a diffusers folder, the same weights as one LDM single file, and a rank-32 LoRA."""
+def build_smoke_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """SD1.5's layout at a tiny width (one attention head, so 64x64-token attention stays cheap on a CPU)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(
+        UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet"),
+        block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=TEXT_WIDTH, attention_head_dim=1,
+    )
+    vae = AutoencoderKL.from_config(
+        AutoencoderKL.load_config(SD15_CONFIG_DIR / "vae"), block_out_channels=(16, 16, 32, 32), norm_num_groups=8
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=TEXT_WIDTH,
+    )
+    return _pipeline(unet, vae, CLIPTextModel(text_config))
+
+
+def build_full_size_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """SD1.5's real architecture and sizes (UNet 860M, CLIP ViT-L/14 text encoder, SD VAE), random weights.
+
+    For GPU benchmarks: speed and memory do not depend on the weights' values.
+    """
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 1B parameters is slow on CPU
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG_DIR / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG_DIR / "text_encoder"))
+    return _pipeline(unet, vae, text_encoder).to("cpu")
+
+
+def save_random_model(folder: Path, pipe: StableDiffusionPipeline, single_file: bool = True) -> Path:
+    """Save in weights/ layout: a diffusers folder, the same weights as one LDM single file, a rank-32 LoRA."""
     folder.mkdir(parents=True, exist_ok=True)
-    pipe = build_smoke_pipeline()
     pipe.save_pretrained(folder / SMOKE_FOLDER, safe_serialization=True)
-    save_ldm_checkpoint(pipe, folder / SMOKE_SINGLE_FILE, dtype=torch.float32)
+    if single_file:
+        save_ldm_checkpoint(pipe, folder / SMOKE_SINGLE_FILE, dtype=pipe.unet.dtype)
     save_file(random_kohya_lora(pipe), str(folder / SMOKE_LORA), metadata=kohya_metadata(LORA_RANK, LORA_ALPHA))
     return folder
+
+
+def save_smoke_model(folder: Path) -> Path:
+    return save_random_model(folder, build_smoke_pipeline())
 
 
 def ensure_smoke_model(folder: Path) -> Path:

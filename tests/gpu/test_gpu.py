@@ -1,0 +1,83 @@
+"""GPU checks, run on the device (skipped without CUDA):
+
+    python -m pytest tests/gpu -q                           # smoke model + full-size random SD1.5
+    PUNKS_GPU_COMPILE=1 python -m pytest tests/gpu -q       # also torch.compile vs eager
+
+The full-size model is SD1.5's real architecture with random weights (speed and numerics of the
+code paths do not depend on the weights' values).
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.config import Settings
+from service.engine import Engine, GenerationRequest
+from service.loading import count_lora_layers
+from service.smoke import build_full_size_pipeline, save_random_model, save_smoke_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+PROMPT = "lad with a red beanie, green background"
+
+
+@pytest.fixture(scope="module", params=["smoke", "full-size"])
+def weights(request, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp(request.param)
+    if request.param == "smoke":
+        return save_smoke_model(folder)
+    return save_random_model(folder, build_full_size_pipeline().to(torch.float16), single_file=False)
+
+
+def settings_for(weights: Path, **overrides) -> Settings:
+    return Settings(weights_dir=weights, base_model=weights / "stable-diffusion-v1-5", steps=8, **overrides)
+
+
+@pytest.fixture(scope="module")
+def engine(weights) -> Engine:
+    return Engine.load(settings_for(weights))
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_fp16_on_cuda_with_lora_fused_and_no_wrappers(engine):
+    assert engine.pipe.unet.dtype == torch.float16 and engine.pipe.device.type == "cuda"
+    assert count_lora_layers(engine.pipe) == 0
+    assert engine.lora.rank == 32
+
+
+def test_output_has_no_nan_and_snaps(engine):
+    result = engine.generate(GenerationRequest(PROMPT, seed=3))
+    image = result.images[0]
+    raw = pixels(image.raw)
+    assert raw.std() > 0  # an all-black image is what NaN latents decode to
+    assert image.art.sprite.size == (24, 24) and image.art.image.size == (1024, 1024)
+    latents = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16)
+    text = engine._encode([tuple(engine.pipe.tokenizer(PROMPT, add_special_tokens=False).input_ids)], 1)
+    assert torch.isfinite(text).all()
+    with torch.no_grad():
+        out = engine.pipe.unet(latents, torch.tensor(500, device="cuda"), text).sample
+    assert torch.isfinite(out).all()
+
+
+def test_batch_matches_single_per_seed(engine):
+    alone = engine.generate(GenerationRequest(PROMPT, seed=42)).images[0]
+    batch = engine.generate_batch([GenerationRequest("punk with a cap", seed=7, num_images=3), GenerationRequest(PROMPT, seed=42)])
+    batched = batch[1].images[0]
+    difference = np.abs(pixels(batched.raw) - pixels(alone.raw))
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8  # fp16 batched GEMMs round differently
+
+
+@pytest.mark.skipif(os.environ.get("PUNKS_GPU_COMPILE") != "1", reason="set PUNKS_GPU_COMPILE=1 (compiles for minutes)")
+def test_compiled_engine_matches_eager_within_fp16_tolerance(engine, weights, tmp_path):
+    eager = engine.generate(GenerationRequest(PROMPT, seed=5)).images[0]
+    compiled_engine = Engine.load(settings_for(weights, compile=True, batch_buckets=(1, 2), compile_cache_dir=tmp_path))
+    compiled = compiled_engine.generate(GenerationRequest(PROMPT, seed=5)).images[0]
+    difference = np.abs(pixels(compiled.raw) - pixels(eager.raw))
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8
+    two = compiled_engine.generate(GenerationRequest(PROMPT, seed=5, num_images=2)).images  # padded bucket path
+    assert np.abs(pixels(two[0].raw) - pixels(compiled.raw)).mean() < 1.0
