@@ -1,0 +1,148 @@
+"""Group concurrent generation requests into one engine call on one worker thread.
+
+The GPU does one thing at a time, so a single thread owns it and the event loop never blocks.
+Requests that arrive while it is busy, or within `max_wait_s` of each other, share the next
+engine call (up to `max_images` images): one pipeline call of 8 images costs far less than 8 calls.
+"""
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from service.engine import GenerationRequest, GenerationResult
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+RunBatch = Callable[[Sequence[GenerationRequest]], list[GenerationResult]]
+
+
+class QueueFull(Exception):
+    """The queue holds max_queue requests already: the client should retry later."""
+
+
+class ShuttingDown(Exception):
+    """The service is stopping and takes no new work."""
+
+
+class GenerationFailed(Exception):
+    """The engine raised on this request (alone, after its batch failed)."""
+
+
+@dataclass(frozen=True)
+class Done:
+    result: GenerationResult
+    queue_wait_s: float
+
+
+@dataclass(eq=False)  # identity, so a request can be removed from the queue by itself
+class _Pending:
+    request: GenerationRequest
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Create inside the running event loop; `close()` finishes the queued work, then stops."""
+
+    def __init__(self, run_batch: RunBatch, metrics: Metrics, *, max_images: int, max_wait_s: float, max_queue: int):
+        self._run_batch = run_batch
+        self._metrics = metrics
+        self.max_images = max_images
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._pending: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="punks-gpu")
+        metrics.queue_depth.set_function(lambda: len(self._pending))
+        self._task = asyncio.get_running_loop().create_task(self._serve(), name="punks-batcher")
+
+    async def submit(self, request: GenerationRequest) -> Done:
+        """Wait for the request's result. Cancelling (a timeout) while queued drops it from the queue."""
+        if self._closing:
+            raise ShuttingDown
+        if len(self._pending) >= self.max_queue:
+            raise QueueFull
+        item = _Pending(request, asyncio.get_running_loop().create_future())
+        self._pending.append(item)
+        self._wake.set()
+        try:
+            return await item.future
+        finally:
+            if item in self._pending:
+                self._pending.remove(item)
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        await self._task
+        self._executor.shutdown(wait=True)
+
+    async def _serve(self) -> None:
+        while self._pending or not self._closing:
+            if self._pending:
+                await self._gather()
+                if batch := self._take():  # empty when every waiting request timed out meanwhile
+                    await self._execute(batch)
+            else:
+                self._wake.clear()
+                await self._wake.wait()
+
+    async def _gather(self) -> None:
+        """Give other requests up to max_wait_s to join, unless the batch is already full."""
+        deadline = time.perf_counter() + self.max_wait_s
+        while self._queued_images() < self.max_images and not self._closing:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _queued_images(self) -> int:
+        return sum(item.request.num_images for item in self._pending)
+
+    def _take(self) -> list[_Pending]:
+        """The oldest requests that fit in max_images images (at least one, whatever its size)."""
+        batch, images = [], 0
+        while self._pending and (not batch or images + self._pending[0].request.num_images <= self.max_images):
+            item = self._pending.popleft()
+            batch.append(item)
+            images += item.request.num_images
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        requests = [item.request for item in batch]
+        self._metrics.batch_images.observe(sum(request.num_images for request in requests))
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, requests)
+        except Exception as error:
+            self._metrics.failures.inc()
+            if len(batch) > 1:
+                # One bad request (or a batch too big for memory) must not fail its neighbours: retry each alone.
+                log.warning("batch of %d requests failed (%r); retrying each alone", len(batch), error)
+                for item in batch:
+                    await self._execute([item])
+                return
+            log.error("generation failed", exc_info=error)
+            _settle(batch[0].future, exception=GenerationFailed(type(error).__name__))
+            return
+        for item, result in zip(batch, results, strict=True):
+            _settle(item.future, result=Done(result, queue_wait_s=started - item.queued_at))
+
+
+def _settle(future: asyncio.Future, *, result: Done | None = None, exception: Exception | None = None) -> None:
+    if future.done():  # its request timed out meanwhile
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        future.set_result(result)

@@ -1,0 +1,89 @@
+"""Request and response bodies of the HTTP API. The bounds are config's, shared with the CLI and Cog."""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from service import config
+from service.engine import MAX_SEED, GenerationRequest, GenerationResult
+
+OutputFormat = Literal["png", "webp"]
+
+
+class GenerateRequest(BaseModel):
+    # strict: "7" is not a seed and "yes" is not a bool -- a client bug is answered, not guessed at.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=config.MAX_PROMPT_CHARS)
+    ] = Field(description="Short description, e.g. 'lad with a red beanie, green background'.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when omitted; image i uses seed + i.")
+    num_outputs: int = Field(1, ge=1, le=config.MAX_IMAGES, description="Images to generate.")
+    steps: int | None = Field(
+        None, ge=config.MIN_STEPS, le=config.MAX_STEPS, description="Denoising steps (default: PUNKS_STEPS)."
+    )
+    guidance: float | None = Field(
+        None,
+        ge=config.MIN_GUIDANCE,
+        le=config.MAX_GUIDANCE,
+        allow_inf_nan=False,
+        description="Classifier-free guidance (default: PUNKS_GUIDANCE).",
+    )
+    output_format: OutputFormat = Field("png", description="Encoding of the returned images (WebP is lossless).")
+    return_sprites: bool = Field(False, description="Also return each grid x grid sprite.")
+
+    def to_engine(self) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=self.prompt, seed=self.seed, num_images=self.num_outputs, steps=self.steps, guidance=self.guidance
+        )
+
+
+class Quality(BaseModel):
+    grid_fit: float = Field(description="0..1: share of the image's variance explained by flat cells.")
+    palette_size: int = Field(description="Colours in the cleaned sprite.")
+    is_pixel_art: bool = Field(description="The verdict combining the signals.")
+    edge_alignment: float = Field(description="0..1: share of edge energy on the grid lines.")
+
+
+class ImageOut(BaseModel):
+    seed: int
+    image: str = Field(description="Base64 of the upscaled image.")
+    sprite: str | None = Field(None, description="Base64 of the grid x grid sprite, when return_sprites.")
+    palette: list[str] = Field(description="'#rrggbb', most frequent first.")
+    quality: Quality
+
+
+class Timings(BaseModel):
+    queue_wait_s: float = Field(description="Time waiting for the GPU.")
+    pipeline_s: float = Field(description="Diffusion time of the batch this request was part of.")
+    postprocess_s: float = Field(description="Snapping time of that batch.")
+    encode_s: float = Field(description="Encoding this response's images.")
+    total_s: float = Field(description="From the request arriving to the response being ready.")
+
+
+class GenerateResponse(BaseModel):
+    prompt: str = Field(description="The templated prompt actually encoded.")
+    negative_prompt: str
+    truncated: bool = Field(description="Whether the prompt was too long for CLIP.")
+    dropped_words: str = Field(description="The end of the prompt that did not fit ('' if none).")
+    steps: int
+    guidance: float
+    media_type: str = Field(description="Of the images (and sprites), e.g. 'image/png'.")
+    images: list[ImageOut]
+    timings: Timings
+
+    @classmethod
+    def build(
+        cls, result: GenerationResult, media_type: str, images: list[ImageOut], timings: Timings
+    ) -> "GenerateResponse":
+        return cls(
+            prompt=result.prompt,
+            negative_prompt=result.negative_prompt,
+            truncated=bool(result.dropped_words),
+            dropped_words=result.dropped_words,
+            steps=result.steps,
+            guidance=result.guidance,
+            media_type=media_type,
+            images=images,
+            timings=timings,
+        )

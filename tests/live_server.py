@@ -1,0 +1,120 @@
+"""Real uvicorn servers on loopback for the API tests: in a thread (to inject an engine) or as a subprocess."""
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from service.engine import Engine, GenerationRequest, GenerationResult
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 120
+
+
+def _loopback_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class ThreadServer:
+    """uvicorn.Server in a thread, on a socket bound up front (no free-port race)."""
+
+    def __init__(self, app: FastAPI):
+        self.sock = _loopback_socket()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def start(self) -> "ThreadServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+        self.sock.close()
+        assert not self.thread.is_alive(), "uvicorn did not stop"
+
+
+@contextmanager
+def thread_server(app: FastAPI, ready: bool = True) -> Iterator[str]:
+    server = ThreadServer(app).start()
+    try:
+        if ready:
+            wait_ready(server.url)
+        yield server.url
+    finally:
+        server.stop()
+
+
+@contextmanager
+def subprocess_server(env: dict[str, str]) -> Iterator[str]:
+    """`python -m uvicorn service.api:app`, exactly as deployed."""
+    with _loopback_socket() as sock:
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "uvicorn", "service.api:app", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, env=env | {"PYTHONPATH": str(ROOT)})
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def wait_ready(url: str, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert process is None or process.poll() is None, f"server exited with {process.returncode}"
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} not ready after {READY_TIMEOUT_S}s")
+
+
+class SpyEngine:
+    """The real engine, plus what tests need: counts engine calls, can hold them at a gate, fails
+    (simulated CUDA OOM) on a prompt containing 'boom', and can cap steps/images to keep fuzzing fast."""
+
+    def __init__(self, engine: Engine, cap: bool = False):
+        self.engine = engine
+        self.cap = cap
+        self.calls: list[list[str]] = []  # the prompts of each generate_batch call
+        self.finished = 0  # calls that returned or raised
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def generate_batch(self, requests: Sequence[GenerationRequest], progress=None) -> list[GenerationResult]:
+        self.calls.append([request.prompt for request in requests])
+        self.entered.set()
+        try:
+            assert self.gate.wait(timeout=60)
+            if any("boom" in request.prompt for request in requests):
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            if self.cap:
+                requests = [GenerationRequest(r.prompt, r.seed, 1, 1, r.guidance) for r in requests]
+            return self.engine.generate_batch(requests, progress)
+        finally:
+            self.finished += 1

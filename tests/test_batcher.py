@@ -1,0 +1,114 @@
+"""The batcher's scheduling with a fake engine call (no model): grouping, leftovers, isolation, shutdown."""
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from service.batcher import Batcher, GenerationFailed, QueueFull, ShuttingDown
+from service.engine import GenerationRequest
+from service.metrics import Metrics
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        self.calls.append([request.prompt for request in requests])
+        assert self.gate.wait(timeout=10)
+        if any(request.prompt == "boom" for request in requests):
+            raise RuntimeError("boom")
+        return [f"result of {request.prompt}" for request in requests]
+
+
+def run(scenario, **limits):
+    """Run scenario(batcher, engine) in a fresh event loop; return the fake engine's calls."""
+    engine = FakeEngine()
+
+    async def main():
+        options = {"max_images": 4, "max_wait_s": 0.01, "max_queue": 16} | limits
+        batcher = Batcher(engine.generate_batch, Metrics(), **options)
+        try:
+            async with asyncio.timeout(10):  # a request left behind in the queue would hang here
+                await scenario(batcher, engine)
+        finally:
+            engine.gate.set()
+            await batcher.close()
+
+    asyncio.run(main())
+    return engine.calls
+
+
+async def held(batcher: Batcher, engine: FakeEngine, requests: list[GenerationRequest]) -> list:
+    """Keep the worker busy with a first request while `requests` queue up, then let everything run."""
+    engine.gate.clear()
+    first = asyncio.ensure_future(batcher.submit(GenerationRequest("first")))
+    while not engine.calls:
+        await asyncio.sleep(0.005)
+    queued = [asyncio.ensure_future(batcher.submit(request)) for request in requests]
+    await asyncio.sleep(0.05)
+    engine.gate.set()
+    await first
+    return await asyncio.gather(*queued, return_exceptions=True)
+
+
+def test_queued_requests_fill_batches_up_to_max_images_and_none_is_left_behind():
+    requests = [GenerationRequest(f"p{i}", num_images=n) for i, n in enumerate([3, 1, 2, 2, 4, 1])]
+
+    async def scenario(batcher, engine):
+        results = await held(batcher, engine, requests)
+        assert [done.result for done in results] == [f"result of p{i}" for i in range(6)]
+        assert all(done.queue_wait_s > 0 for done in results)
+
+    calls = run(scenario)
+    assert calls == [["first"], ["p0", "p1"], ["p2", "p3"], ["p4"], ["p5"]]  # in order, at most 4 images
+
+
+def test_a_failing_batch_is_retried_one_by_one():
+    requests = [GenerationRequest("ok"), GenerationRequest("boom"), GenerationRequest("fine")]
+
+    async def scenario(batcher, engine):
+        ok, boom, fine = await held(batcher, engine, requests)
+        assert ok.result == "result of ok" and fine.result == "result of fine"
+        assert isinstance(boom, GenerationFailed) and str(boom) == "RuntimeError"
+
+    assert run(scenario)[1:] == [["ok", "boom", "fine"], ["ok"], ["boom"], ["fine"]]
+
+
+def test_full_queue_and_timeouts():
+    async def scenario(batcher, engine):
+        engine.gate.clear()
+        running = asyncio.ensure_future(batcher.submit(GenerationRequest("running")))
+        while not engine.calls:
+            await asyncio.sleep(0.005)
+        waiting = asyncio.ensure_future(batcher.submit(GenerationRequest("waiting")))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await batcher.submit(GenerationRequest("rejected"))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.01):
+                await waiting
+        engine.gate.set()
+        assert (await running).result == "result of running"
+
+    assert run(scenario, max_queue=1) == [["running"]]  # the timed-out request left the queue
+
+
+def test_close_finishes_queued_work_and_refuses_new_work():
+    async def scenario(batcher, engine):
+        engine.gate.clear()
+        submitted = [asyncio.ensure_future(batcher.submit(GenerationRequest(f"p{i}", num_images=4))) for i in range(3)]
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.01)
+        with pytest.raises(ShuttingDown):
+            await batcher.submit(GenerationRequest("late"))
+        engine.gate.set()
+        await closing
+        assert [(await future).result for future in submitted] == ["result of p0", "result of p1", "result of p2"]
+
+    assert run(scenario) == [["p0"], ["p1"], ["p2"]]
