@@ -171,10 +171,13 @@ def throughput(args: argparse.Namespace, env: dict[str, str], clients: int = 8) 
     finally:
         server.terminate()
         server.wait(timeout=60)
-    batch_lines = [line for line in metrics.splitlines() if line.startswith("punks_batch_size") and "_sum" in line or "_count" in line and line.startswith("punks_batch_size")]
+    batch = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+             if line.startswith(("punks_batch_images_sum", "punks_batch_images_count"))}
     return {"clients": clients, "images": images, "seconds": round(elapsed, 2),
             "images_per_s": round(images / elapsed, 2), "server_cold_start_s": round(cold_start, 2),
-            "batch_size_metrics": batch_lines}
+            "engine_calls": batch.get("punks_batch_images_count"),
+            "mean_images_per_call": round(batch["punks_batch_images_sum"] / batch["punks_batch_images_count"], 2)
+            if batch.get("punks_batch_images_count") else None}
 
 
 def prepare_weights(args: argparse.Namespace) -> None:
@@ -235,6 +238,11 @@ def main() -> None:
         "engine-compile-again": base_env | {"PUNKS_COMPILE": "true"},  # second start: reuses the compile cache
     }
     report = {"environment": environment(), "steps": args.steps, "runs": args.runs, "model": "smoke" if args.smoke else "full-size SD1.5, random weights, rank-32 LoRA", "results": {}}
+    path = None
+    if args.out:
+        name = f"{report['environment']['date']}-{report['environment']['gpu'].replace(' ', '-')}.json"
+        path = args.out / name if args.out.suffix != ".json" else args.out
+        path.parent.mkdir(parents=True, exist_ok=True)
     for variant in args.variants.split(","):
         kind = "baseline" if variant == "baseline" else "engine"
         result = run_worker(kind, args, envs[variant])
@@ -242,12 +250,10 @@ def main() -> None:
             result["throughput"] = throughput(args, envs[variant])
         report["results"][variant] = result
         print(variant, json.dumps(result), flush=True)
+        if path:  # after every variant, so a run cut short still leaves its numbers
+            path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    if args.out:
-        name = f"{report['environment']['date']}-{report['environment']['gpu'].replace(' ', '-')}.json"
-        path = args.out / name if args.out.suffix != ".json" else args.out
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+    if path:
         print(f"wrote {path}")
 
 
