@@ -230,7 +230,8 @@ def main() -> None:
 
     prepare_weights(args)
     base_env = os.environ | {"PUNKS_WEIGHTS_DIR": str(args.weights), "PUNKS_BASE_MODEL": str(args.weights / "stable-diffusion-v1-5"),
-                             "PUNKS_STEPS": str(args.steps), "PYTHONPATH": str(REPO)}
+                             "PUNKS_STEPS": str(args.steps),
+                             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     envs = {
         "baseline": base_env,
         "engine": base_env | {"PUNKS_COMPILE": "false"},

@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SCHEDULERS = ("dpm++", "euler_a", "euler", "ddim", "pndm")
 Scheduler = Literal["dpm++", "euler_a", "euler", "ddim", "pndm"]
+UPSCALERS = ("nearest", "realesrgan")
+UpscalerName = Literal["nearest", "realesrgan"]
 
 # Bounds shared by every surface (CLI, FastAPI, Cog) so they reject the same inputs.
 MIN_STEPS, MAX_STEPS = 1, 100
@@ -67,6 +69,28 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run one tiny generation at start so the first request is not slow.")
 
+    # Weights download (service/weights.py: `python -m service weights download`) and the optional upscaler
+    base_model_repo: str = Field(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        description="Hugging Face repo `weights download` fetches SD1.5 from (diffusers layout, fp16 files only).",
+    )
+    lora_url: str | None = Field(
+        None, description="Where `weights download` gets the LoRA: https://... or hf://owner/repo/path, "
+        "optionally followed by #sha256=<hex>.",
+    )
+    realesrgan_url: str = Field(
+        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.1/RealESRGAN_x2plus.pth",
+        description="Where `weights download --realesrgan` gets the upscaler (same forms as lora_url).",
+    )
+    upscaler: UpscalerName = Field(
+        "nearest",
+        description="'nearest': only the exact, lossless upscale of the snapped sprite. 'realesrgan': also a smooth "
+        "upscale of the raw 512 generation (loaded at start; needs requirements-upscale.txt).",
+    )
+    realesrgan_weights: Path | None = Field(
+        None, description="RealESRGAN x2plus/x4plus .pth. Default: weights_dir/RealESRGAN_x2plus.pth."
+    )
+
     # HTTP service (service/api.py)
     max_batch_size: int = Field(8, ge=1, description="Most images one pipeline call generates for grouped requests.")
     max_batch_wait_ms: float = Field(
@@ -108,3 +132,6 @@ class Settings(BaseSettings):
 
     def loras_path(self) -> Path:
         return self.loras_dir if self.loras_dir is not None else self.weights_dir / "loras"
+
+    def realesrgan_path(self) -> Path:
+        return self.realesrgan_weights if self.realesrgan_weights is not None else self.weights_dir / "RealESRGAN_x2plus.pth"

@@ -9,7 +9,10 @@ the file's checksum:
 
 Files are downloaded in parallel into "<dest>.part" and renamed into place only when complete and,
 with a checksum, verified (a mismatch removes the file and fails with both checksums). A file that is
-already there is kept when its checksum matches, or when no checksum was given. Commas and spaces
+already there is kept when its checksum matches, or when no checksum was given. A download that
+broke off leaves its ".part" behind when the checksum is pinned, and the next run resumes it with an
+HTTP Range request (without a pin, a file that changed at the URL could be spliced unnoticed, so it
+starts over). Commas and spaces
 inside a URL must be percent-encoded (%2C, %20). Query strings (signed URLs) never appear in the logs.
 
     python -m service.fetch            # download what PUNKS_WEIGHTS_URLS lists, e.g. before `cog push`
@@ -103,34 +106,53 @@ def _size(n: float) -> str:
 
 
 def _download(file: WeightFile, target: Path, timeout: float) -> str:
-    """Stream the URL into target.part with progress logs; return the sha256 of what was written."""
+    """Stream the URL into target.part (resuming a pinned partial one) with progress logs; return its sha256."""
     part = target.with_name(target.name + ".part")
     target.parent.mkdir(parents=True, exist_ok=True)
-    request = urllib.request.Request(file.url, headers={"User-Agent": "bespoke-punks-fetch"})
+    resumable = file.sha256 is not None
+    offset = part.stat().st_size if resumable and part.is_file() else 0
+    headers = {"User-Agent": "bespoke-punks-fetch"} | ({"Range": f"bytes={offset}-"} if offset else {})
+    request = urllib.request.Request(file.url, headers=headers)
     digest, done = hashlib.sha256(), 0
     started = last_log = time.monotonic()
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response, part.open("wb") as out:  # noqa: S310 (http(s) only, checked in parse_spec)
-            total = int(response.headers.get("Content-Length") or 0)
-            while chunk := response.read(CHUNK):
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if time.monotonic() - last_log >= PROGRESS_EVERY_S:
-                    last_log = time.monotonic()
-                    share = f" ({100 * done / total:.0f}% of {_size(total)})" if total else ""
-                    log.info("%s: %s%s", file.dest, _size(done), share)
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) only, checked in parse_spec)
+            resumed = offset and response.status == 206 and response.headers.get("Content-Range", "").startswith(
+                f"bytes {offset}-"
+            )
+            if resumed:
+                with part.open("rb") as existing:
+                    while chunk := existing.read(CHUNK):
+                        digest.update(chunk)
+                done = offset
+                log.info("%s: resuming after %s", file.dest, _size(offset))
+            length = int(response.headers.get("Content-Length") or 0)
+            total = done + length if length else 0
+            with part.open("ab" if resumed else "wb") as out:
+                while chunk := response.read(CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    if time.monotonic() - last_log >= PROGRESS_EVERY_S:
+                        last_log = time.monotonic()
+                        share = f" ({100 * done / total:.0f}% of {_size(total)})" if total else ""
+                        log.info("%s: %s%s", file.dest, _size(done), share)
         if total and done != total:
             raise FetchError(f"{file.dest}: got {done} of {total} bytes from {file.shown_url}")
     except urllib.error.HTTPError as error:
         part.unlink(missing_ok=True)
+        if offset and error.code == 416:  # the partial file is no prefix of this one: start over
+            return _download(file, target, timeout)
         raise FetchError(f"{file.dest}: HTTP {error.code} {error.reason} from {file.shown_url}") from None
     except (urllib.error.URLError, OSError) as error:
-        part.unlink(missing_ok=True)
+        if not resumable:
+            part.unlink(missing_ok=True)
         reason = getattr(error, "reason", error)
-        raise FetchError(f"{file.dest}: download from {file.shown_url} failed: {reason}") from None
+        kept = f"; {_size(part.stat().st_size)} kept in {part.name}, run again to resume" if part.is_file() else ""
+        raise FetchError(f"{file.dest}: download from {file.shown_url} failed: {reason}{kept}") from None
     except BaseException:
-        part.unlink(missing_ok=True)
+        if not resumable:
+            part.unlink(missing_ok=True)
         raise
     actual = digest.hexdigest()
     if file.sha256 is not None and actual != file.sha256:

@@ -80,6 +80,13 @@ def resolve_weights(settings: Settings) -> WeightsSource:
     )
 
 
+def folder_variant(path: Path) -> str | None:
+    """'fp16' when the folder's weight files are all `*.fp16.*` (what `weights download` fetches): diffusers
+    only loads those when asked for the variant. With full-precision files present, those are used."""
+    weights = [f for pattern in ("*/*.safetensors", "*/*.bin") for f in path.glob(pattern)]
+    return "fp16" if weights and all(f.name.split(".")[-2] == "fp16" for f in weights) else None
+
+
 def load_base_pipeline(path: Path, config_dir: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
     """Load SD1.5 offline from a diffusers folder or a single checkpoint file, and check its tokenizer."""
     try:
@@ -87,7 +94,8 @@ def load_base_pipeline(path: Path, config_dir: Path, dtype: torch.dtype) -> Stab
             if not (path / "model_index.json").is_file():
                 raise WeightsError(f"{path} is not a diffusers folder: model_index.json is missing")
             pipe = StableDiffusionPipeline.from_pretrained(
-                path, dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
+                path, dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False,
+                feature_extractor=None, variant=folder_variant(path),  # the safety checker's; not downloaded
             )
         elif path.suffix in SINGLE_FILE_SUFFIXES:
             pipe = StableDiffusionPipeline.from_single_file(
