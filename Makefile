@@ -9,11 +9,12 @@ OUT ?= out/punk.png
 
 .PHONY: demo test clean
 
-$(STAMP): requirements.txt requirements-cpu.txt requirements-dev.txt Makefile
+$(STAMP): requirements.txt requirements-cpu.txt requirements-dev.txt requirements-upscale.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	$(BIN)/pip install --quiet --no-deps open_clip_torch==3.3.0
+	$(BIN)/pip install --quiet --no-deps -r requirements-upscale.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -248,7 +248,10 @@ def main() -> None:
         kind = "baseline" if variant == "baseline" else "engine"
         result = run_worker(kind, args, envs[variant])
         if variant in args.throughput.split(","):
-            result["throughput"] = throughput(args, envs[variant])
+            try:
+                result["throughput"] = throughput(args, envs[variant])
+            except Exception as error:  # keep the other numbers of this variant
+                result["throughput"] = {"error": f"{type(error).__name__}: {error}"}
         report["results"][variant] = result
         print(variant, json.dumps(result), flush=True)
         if path:  # after every variant, so a run cut short still leaves its numbers

@@ -6,6 +6,7 @@ until the model is in memory. Per-request lora_scale is not offered: the LoRA is
 """
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import base64
 import hmac
 import io
@@ -46,17 +47,18 @@ class _Service:
         self.batcher: Batcher | None = None
         self.load_error: str | None = None
         self.stopping = False
+        self.gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="punks-gpu")
 
     async def load(self, factory: EngineFactory) -> None:
         try:
-            engine = await asyncio.to_thread(factory)
+            engine = await asyncio.get_running_loop().run_in_executor(self.gpu_thread, factory)
         except Exception as error:
             log.exception("the engine failed to load")
             self.load_error = f"{type(error).__name__}: {error}"
             return
         s = self.settings
         self.batcher = Batcher(
-            engine.generate_batch, self.metrics,
+            engine.generate_batch, self.metrics, self.gpu_thread,
             max_images=s.max_batch_size, max_wait_s=s.max_batch_wait_ms / 1000, max_queue=s.max_queue,
         )
         self.engine = engine
@@ -88,6 +90,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             await loader
         if service.batcher is not None:
             await service.batcher.close()
+        service.gpu_thread.shutdown(wait=False, cancel_futures=True)  # a load still running ends with the process
 
     app = FastAPI(
         title="Bespoke Punks",

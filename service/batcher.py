@@ -49,7 +49,12 @@ class _Pending:
 class Batcher:
     """Create inside the running event loop; `close()` finishes the queued work, then stops."""
 
-    def __init__(self, run_batch: RunBatch, metrics: Metrics, *, max_images: int, max_wait_s: float, max_queue: int):
+    def __init__(
+        self, run_batch: RunBatch, metrics: Metrics, executor: ThreadPoolExecutor, *,
+        max_images: int, max_wait_s: float, max_queue: int,
+    ):
+        """`executor` is the one GPU thread: CUDA graphs recorded at load time replay only on the thread that
+        recorded them, so the engine must be loaded and run on the same single thread."""
         self._run_batch = run_batch
         self._metrics = metrics
         self.max_images = max_images
@@ -58,7 +63,7 @@ class Batcher:
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()
         self._closing = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="punks-gpu")
+        self._executor = executor
         metrics.queue_depth.set_function(lambda: len(self._pending))
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="punks-batcher")
 
@@ -81,7 +86,6 @@ class Batcher:
         self._closing = True
         self._wake.set()
         await self._task
-        self._executor.shutdown(wait=True)
 
     async def _serve(self) -> None:
         while self._pending or not self._closing:

@@ -14,29 +14,34 @@ from service.engine import Engine, GenerationRequest, GenerationResult
 from service.loading import WeightsError
 from service.lora import LoraError
 from service.smoke import save_smoke_model
-from service import evaluate, lora_report
+from service import evaluate, lora_report, weights
 
 
 def write_outputs(result: GenerationResult, output: Path) -> list[Path]:
-    """out.png (upscaled), out.sprite.png (grid x grid) and out.json per image; -1, -2 ... when several."""
+    """out.png (upscaled), out.sprite.png (grid x grid), out.smooth.png (upscaler realesrgan) and out.json per
+    image; -1, -2 ... when several."""
     written = []
     for index, image in enumerate(result.images, start=1):
         stem = output.with_suffix("") if len(result.images) == 1 else output.with_name(f"{output.stem}-{index}")
         paths = [stem.with_suffix(".png"), stem.with_suffix(".sprite.png"), stem.with_suffix(".json")]
         image.art.image.save(paths[0])
         image.art.sprite.save(paths[1])
+        if image.smooth is not None:
+            paths.insert(2, stem.with_suffix(".smooth.png"))
+            image.smooth.save(paths[2])
         summary = result.summary() | {"images": [result.summary()["images"][index - 1]]}
-        paths[2].write_text(json.dumps(summary, indent=2) + "\n")
+        paths[-1].write_text(json.dumps(summary, indent=2) + "\n")
         written += paths
     return written
 
 
 def generate(args: argparse.Namespace) -> int:
     request = GenerationRequest(
-        prompt=args.prompt, seed=args.seed, num_images=args.num_images, steps=args.steps, guidance=args.guidance
+        prompt=args.prompt, seed=args.seed, num_images=args.num_images, steps=args.steps, guidance=args.guidance,
+        upscaler=args.upscaler,
     )
     request.check()
-    engine = Engine.load(Settings())
+    engine = Engine.load(Settings(upscaler=args.upscaler) if args.upscaler else Settings())
     with tqdm(total=1, unit="step", desc="generating") as bar:
 
         def progress(done: int, total: int) -> None:
@@ -73,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-images", type=int, default=1, help=f"1-{config.MAX_IMAGES}")
     gen.add_argument("--steps", type=int, help=f"{config.MIN_STEPS}-{config.MAX_STEPS} (default PUNKS_STEPS)")
     gen.add_argument("--guidance", type=float, help=f"{config.MIN_GUIDANCE}-{config.MAX_GUIDANCE} (default PUNKS_GUIDANCE)")
+    gen.add_argument("--upscaler", choices=config.UPSCALERS,
+                     help="realesrgan: also out.smooth.png, the raw generation upscaled (default PUNKS_UPSCALER)")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path (default out.png)")
     gen.set_defaults(run=generate)
 
@@ -81,6 +88,7 @@ def parser() -> argparse.ArgumentParser:
     smoke.set_defaults(run=build_smoke)
 
     lora_report.add_commands(commands)
+    weights.add_commands(commands)
     evaluate.add_command(commands)
     return root
 

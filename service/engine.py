@@ -25,6 +25,7 @@ from service.lora import LoraInfo
 from service.lora_switch import LoraSwitcher, check_loras, find_loras
 from service.pixelart import PixelArt, to_pixel_art
 from service.prompts import PromptTokens, chunk_input_ids, tokenize_negative, tokenize_prompt
+from service.upscale import Upscaler, load_upscaler
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class GenerationRequest:
     steps: int | None = None  # None: the configured default
     guidance: float | None = None
     lora: str | None = None  # a name from Engine.lora_names (a LoRA in loras_dir); None: the default LoRA
+    upscaler: config.UpscalerName | None = None  # "realesrgan": also GeneratedImage.smooth; None: settings.upscaler
 
     def check(self) -> None:
         """Raise ValueError naming the field, for surfaces that do not validate on their own (the CLI)."""
@@ -57,6 +59,8 @@ class GenerationRequest:
             raise ValueError(f"guidance: must be between {config.MIN_GUIDANCE} and {config.MAX_GUIDANCE}")
         if self.lora is not None and (not isinstance(self.lora, str) or not self.lora.strip() or len(self.lora) > 200):
             raise ValueError("lora: must be a LoRA name (a file stem in the LoRA folder)")
+        if self.upscaler is not None and self.upscaler not in config.UPSCALERS:
+            raise ValueError(f"upscaler: must be one of {', '.join(config.UPSCALERS)}")
 
 
 @dataclass
@@ -64,6 +68,7 @@ class GeneratedImage:
     seed: int
     raw: Image.Image  # the 512x512 generation before snapping
     art: PixelArt  # sprite, upscaled image, palette, quality signals
+    smooth: Image.Image | None = None  # upscaler "realesrgan": the raw generation upscaled to output_size
 
 
 @dataclass
@@ -103,6 +108,7 @@ class _Job:
     steps: int
     guidance: float
     lora: str | None = None
+    upscaler: str = "nearest"
 
     @property
     def batch_key(self) -> tuple:
@@ -116,13 +122,15 @@ class _Job:
 
 class Engine:
     def __init__(self, pipe: StableDiffusionPipeline, settings: Settings, weights: WeightsSource, lora: LoraInfo,
-                 loras: dict[str, Path] | None = None, switcher: LoraSwitcher | None = None):
+                 loras: dict[str, Path] | None = None, switcher: LoraSwitcher | None = None,
+                 upscaler: Upscaler | None = None):
         self.pipe = pipe
         self.settings = settings
         self.weights = weights
         self.lora = lora
         self.loras = dict(loras or {})  # the allow-list: name -> file; requests name a LoRA, never a path
         self.switcher = switcher
+        self.upscaler = upscaler  # loaded only with settings.upscaler == "realesrgan"
         self.device = torch.device(settings.torch_device)
         self._negative_embeddings: dict[tuple, torch.Tensor] = {}
 
@@ -137,6 +145,10 @@ class Engine:
         started = time.perf_counter()
         weights = resolve_weights(settings)
         dtype = getattr(torch, settings.torch_dtype_name)
+        upscaler = None  # first, so that a wrong file fails before the long model load
+        if settings.upscaler == "realesrgan":
+            upscaler = load_upscaler(settings.realesrgan_path(), settings.torch_device, dtype)
+            log.info("upscaler: %s", upscaler.describe())
         pipe = load_base_pipeline(weights.base_model, weights.config_dir, dtype)
         set_scheduler(pipe, settings.scheduler)
         loras = find_loras(settings.loras_path()) if loras is None else loras
@@ -159,7 +171,7 @@ class Engine:
             weights.base_model, weights.lora, lora.describe(), settings.torch_device, settings.torch_dtype_name,
             time.perf_counter() - started, " [SMOKE MODEL: images are not meaningful]" if weights.is_smoke else "",
         )
-        engine = cls(pipe, settings, weights, lora, loras, switcher)
+        engine = cls(pipe, settings, weights, lora, loras, switcher, upscaler)
         if settings.warmup:
             engine.warm_up()
         return engine
@@ -171,6 +183,9 @@ class Engine:
         for size in sizes:
             job = _Job(0, tokenize_prompt(self.pipe.tokenizer, "warm-up"), tuple(range(size)), 2, self.settings.guidance)
             self._run_pipeline([job], None, 0, 2)
+        if self.upscaler is not None:
+            size = self.settings.generation_size
+            self.upscaler.upscale(Image.new("RGB", (size, size)), self.settings.output_size)
         log.info("warm-up (batch sizes %s) took %.1fs", sizes, time.perf_counter() - started)
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
@@ -181,6 +196,8 @@ class Engine:
         for request in requests:
             request.check()
             self._lora_file(request.lora)
+            if request.upscaler == "realesrgan" and self.upscaler is None:
+                raise ValueError("upscaler: realesrgan is not enabled on this server (PUNKS_UPSCALER=realesrgan)")
         jobs = [self._resolve(index, request) for index, request in enumerate(requests)]
         images: dict[int, list[GeneratedImage]] = {job.request_index: [] for job in jobs}
         timings = {"pipeline_s": 0.0, "postprocess_s": 0.0}
@@ -202,6 +219,12 @@ class Engine:
                     raw = next(rows)
                     images[job.request_index].append(GeneratedImage(seed=seed, raw=raw, art=self._postprocess(raw)))
             timings["postprocess_s"] += time.perf_counter() - started
+            if smooth := [job for job in group if job.upscaler == "realesrgan"]:
+                started = time.perf_counter()
+                for job in smooth:
+                    for image in images[job.request_index]:
+                        image.smooth = self.upscaler.upscale(image.raw, self.settings.output_size)
+                timings["upscale_s"] = timings.get("upscale_s", 0.0) + time.perf_counter() - started
         return [
             GenerationResult(
                 prompt=job.tokens.text,
@@ -227,6 +250,7 @@ class Engine:
             steps=request.steps if request.steps is not None else self.settings.steps,
             guidance=request.guidance if request.guidance is not None else self.settings.guidance,
             lora=request.lora,
+            upscaler=request.upscaler or self.settings.upscaler,
         )
 
     @torch.inference_mode()

@@ -138,7 +138,8 @@ def _download(file: WeightFile, target: Path, timeout: float) -> str:
                         share = f" ({100 * done / total:.0f}% of {_size(total)})" if total else ""
                         log.info("%s: %s%s", file.dest, _size(done), share)
         if total and done != total:
-            raise FetchError(f"{file.dest}: got {done} of {total} bytes from {file.shown_url}")
+            kept = f"; {part.name} kept, run again to resume" if resumable else ""
+            raise FetchError(f"{file.dest}: got {done} of {total} bytes from {file.shown_url}{kept}")
     except urllib.error.HTTPError as error:
         part.unlink(missing_ok=True)
         if offset and error.code == 416:  # the partial file is no prefix of this one: start over

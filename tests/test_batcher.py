@@ -1,6 +1,7 @@
 """The batcher's scheduling with a fake engine call (no model): grouping, leftovers, isolation, shutdown."""
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import threading
 from collections.abc import Sequence
 
@@ -31,13 +32,14 @@ def run(scenario, **limits):
 
     async def main():
         options = {"max_images": 4, "max_wait_s": 0.01, "max_queue": 16} | limits
-        batcher = Batcher(engine.generate_batch, Metrics(), **options)
-        try:
-            async with asyncio.timeout(10):  # a request left behind in the queue would hang here
-                await scenario(batcher, engine)
-        finally:
-            engine.gate.set()
-            await batcher.close()
+        with ThreadPoolExecutor(max_workers=1) as gpu_thread:
+            batcher = Batcher(engine.generate_batch, Metrics(), gpu_thread, **options)
+            try:
+                async with asyncio.timeout(10):  # a request left behind in the queue would hang here
+                    await scenario(batcher, engine)
+            finally:
+                engine.gate.set()
+                await batcher.close()
 
     asyncio.run(main())
     return engine.calls
