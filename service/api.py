@@ -6,17 +6,18 @@ until the model is in memory. Per-request lora_scale is not offered: the LoRA is
 """
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 import base64
 import hmac
 import io
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
@@ -125,6 +126,13 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             return JSONResponse(body, 503, {"Retry-After": RETRY_AFTER_S})
         return JSONResponse({"status": "ready", "smoke_model": service.engine.weights.is_smoke})
 
+    @app.get("/v1/loras", summary="LoRA names a request may pick (field `lora`).", dependencies=[Depends(authorize)])
+    async def loras() -> dict[str, object]:
+        reason = service.unavailable()
+        if reason is not None:
+            raise HTTPException(503, reason, headers={"Retry-After": RETRY_AFTER_S})
+        return {"default": service.engine.weights.lora.stem, "loras": service.engine.lora_names}
+
     @app.get("/metrics", summary="Prometheus metrics.", response_class=Response)
     async def metrics() -> Response:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -167,6 +175,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                 seed=image.seed,
                 image=_b64(blobs.image_bytes),
                 sprite=_b64(blobs.sprite_bytes) if blobs.sprite_bytes else None,
+                smooth=_b64(blobs.smooth_bytes) if blobs.smooth_bytes else None,
                 palette=image.art.palette,
                 quality=Quality(**image.art.quality.as_dict()),
             )
@@ -183,9 +192,15 @@ async def _submit(service: _Service, body: GenerateRequest) -> Done:
     reason = service.unavailable()
     if reason is not None:
         raise HTTPException(503, reason, headers={"Retry-After": RETRY_AFTER_S})
+    request = body.to_engine()
+    try:
+        service.engine.check_request(request)  # what only the loaded engine knows: LoRA names, upscaler
+    except ValueError as error:
+        field, _, reason = str(error).partition(": ")
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": reason, "input": None}]) from None
     try:
         async with asyncio.timeout(service.settings.request_timeout_s):
-            return await service.batcher.submit(body.to_engine())
+            return await service.batcher.submit(request)
     except QueueFull:
         raise HTTPException(429, "too many queued requests", headers={"Retry-After": RETRY_AFTER_S}) from None
     except ShuttingDown:
@@ -201,11 +216,16 @@ async def _submit(service: _Service, body: GenerateRequest) -> Done:
 class _Encoded:
     image_bytes: bytes
     sprite_bytes: bytes | None
+    smooth_bytes: bytes | None
 
 
 def _encode_all(images: list[GeneratedImage], encoding: OutputFormat, sprites: bool) -> list[_Encoded]:
     return [
-        _Encoded(_encode(image.art.image, encoding), _encode(image.art.sprite, encoding) if sprites else None)
+        _Encoded(
+            _encode(image.art.image, encoding),
+            _encode(image.art.sprite, encoding) if sprites else None,
+            _encode(image.smooth, encoding) if image.smooth is not None else None,
+        )
         for image in images
     ]
 

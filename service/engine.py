@@ -188,16 +188,22 @@ class Engine:
             self.upscaler.upscale(Image.new("RGB", (size, size)), self.settings.output_size)
         log.info("warm-up (batch sizes %s) took %.1fs", sizes, time.perf_counter() - started)
 
+    def check_request(self, request: GenerationRequest) -> None:
+        """Raise ValueError("field: reason") for a request this engine cannot serve (bounds, LoRA, upscaler).
+
+        Surfaces call it before queueing, so a bad request is a client error, never a failed batch."""
+        request.check()
+        self._lora_file(request.lora)
+        if request.upscaler == "realesrgan" and self.upscaler is None:
+            raise ValueError("upscaler: realesrgan is not enabled on this server (PUNKS_UPSCALER=realesrgan)")
+
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         return self.generate_batch([request], progress)[0]
 
     def generate_batch(self, requests: Sequence[GenerationRequest], progress: Progress | None = None) -> list[GenerationResult]:
         """Generate several requests with as few pipeline calls as their settings allow."""
         for request in requests:
-            request.check()
-            self._lora_file(request.lora)
-            if request.upscaler == "realesrgan" and self.upscaler is None:
-                raise ValueError("upscaler: realesrgan is not enabled on this server (PUNKS_UPSCALER=realesrgan)")
+            self.check_request(request)
         jobs = [self._resolve(index, request) for index, request in enumerate(requests)]
         images: dict[int, list[GeneratedImage]] = {job.request_index: [] for job in jobs}
         timings = {"pipeline_s": 0.0, "postprocess_s": 0.0}

@@ -31,10 +31,17 @@ class GenerateRequest(BaseModel):
     )
     output_format: OutputFormat = Field("png", description="Encoding of the returned images (WebP is lossless).")
     return_sprites: bool = Field(False, description="Also return each grid x grid sprite.")
+    lora: str | None = Field(
+        None, max_length=200, description="A LoRA name from GET /v1/loras (files in PUNKS_LORAS_DIR); default: the served one."
+    )
+    upscaler: config.UpscalerName | None = Field(
+        None, description="'realesrgan' also returns the raw generation upscaled smoothly (when the server enables it)."
+    )
 
     def to_engine(self) -> GenerationRequest:
         return GenerationRequest(
-            prompt=self.prompt, seed=self.seed, num_images=self.num_outputs, steps=self.steps, guidance=self.guidance
+            prompt=self.prompt, seed=self.seed, num_images=self.num_outputs, steps=self.steps, guidance=self.guidance,
+            lora=self.lora, upscaler=self.upscaler,
         )
 
 
@@ -49,6 +56,7 @@ class ImageOut(BaseModel):
     seed: int
     image: str = Field(description="Base64 of the upscaled image.")
     sprite: str | None = Field(None, description="Base64 of the grid x grid sprite, when return_sprites.")
+    smooth: str | None = Field(None, description="Base64 of the Real-ESRGAN upscale, when upscaler='realesrgan'.")
     palette: list[str] = Field(description="'#rrggbb', most frequent first.")
     quality: Quality
 

@@ -186,6 +186,11 @@ BAD_BODIES = [
     ({"prompt": "lad", "return_sprites": "yes"}, "return_sprites"),
     ({"prompt": "lad", "return_sprites": 1}, "return_sprites"),
     ({"prompt": "lad", "lora_scale": 0.8}, "lora_scale"),
+    ({"prompt": "lad", "lora": "no-such-lora"}, "lora"),  # checked against the engine's allow-list
+    ({"prompt": "lad", "lora": "../bespoke_punks"}, "lora"),
+    ({"prompt": "lad", "lora": 3}, "lora"),
+    ({"prompt": "lad", "upscaler": "bicubic"}, "upscaler"),
+    ({"prompt": "lad", "upscaler": "realesrgan"}, "upscaler"),  # not enabled on this server
     ({"prompt": "lad", "negative_prompt": "blur"}, "negative_prompt"),
 ]
 
@@ -225,6 +230,12 @@ def test_huge_body_is_413_by_length_and_by_content(deployed: str):
     for response in (declared, streamed):
         assert response.status_code == 413
         assert response.json()["detail"][0]["loc"] == ["body"]
+
+
+def test_lora_names_are_listed(deployed: str):
+    response = httpx.get(f"{deployed}/v1/loras", timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {"default": "bespoke_punks", "loras": []}
 
 
 def test_health_and_docs(deployed: str):
