@@ -72,8 +72,15 @@ class Runner(BaseRunner):
             description="Also return each 24x24 sprite (one pixel per cell), after all the full-size images, in the same order.",
         ),
         output_format: str = Input(default="png", choices=["png", "webp"], description="Lossless PNG or lossless WebP."),
+        lora: str = Input(default="", description="A LoRA name from weights/loras (empty: the served default LoRA)."),
+        upscaler: str = Input(
+            default="nearest",
+            choices=["nearest", "realesrgan"],
+            description="realesrgan also returns the raw generation upscaled smoothly (needs PUNKS_UPSCALER=realesrgan).",
+        ),
     ) -> list[Path]:
-        """The full-size images in seed order, then (with return_sprites) their sprites in the same order."""
+        """The full-size images in seed order, then (with return_sprites) their sprites, then (with upscaler
+        realesrgan) the smooth upscales, each in the same order."""
         # Bad values raise ValueError naming the field (engine: GenerationRequest.check): coglet reports a
         # failed prediction with that message. The schema rejects them with a 422 before they get here.
         # The inputs named differently from the engine's are checked here, under their Cog names.
@@ -83,7 +90,10 @@ class Runner(BaseRunner):
             raise ValueError("output_size: must be between 24 and 4096")
         if output_format not in FORMATS:
             raise ValueError(f"output_format: must be one of {', '.join(FORMATS)}")
-        request = GenerationRequest(prompt=prompt, seed=seed, num_images=num_outputs, steps=steps, guidance=guidance)
+        request = GenerationRequest(
+            prompt=prompt, seed=seed, num_images=num_outputs, steps=steps, guidance=guidance,
+            lora=lora or None, upscaler=upscaler,
+        )
 
         started = time.perf_counter()
         result = self.engine.generate(request)
@@ -93,17 +103,19 @@ class Runner(BaseRunner):
             print("warning: SMOKE MODEL (no real weights found): the images are random noise")
 
         folder = self._new_output_folder()
-        images, sprites = [], []
+        images, sprites, smooth = [], [], []
         for index, image in enumerate(result.images, start=1):
             print(_describe(index, image))
             full_size = self._full_size(image, output_size, integer_scale)
             images.append(self._save(full_size, folder / f"punk-{index}", output_format))
             if return_sprites:
                 sprites.append(self._save(image.art.sprite, folder / f"punk-{index}.sprite", output_format))
+            if image.smooth is not None:
+                smooth.append(self._save(image.smooth, folder / f"punk-{index}.smooth", output_format))
         self.record_metric("seeds", [image.seed for image in result.images])
         self.record_metric("pixel_art", [image.art.quality.is_pixel_art for image in result.images])
         print(f"generated {len(result.images)} image(s), {result.steps} steps, in {time.perf_counter() - started:.1f}s")
-        return images + sprites
+        return images + sprites + smooth
 
     def _full_size(self, image: GeneratedImage, size: int, integer_scale: bool) -> Image.Image:
         settings = self.engine.settings

@@ -339,6 +339,8 @@ def test_same_seed_same_image_and_unknown_inputs_are_dropped(server: CogServer):
         ({"prompt": "a punk", "output_size": 10}, "output_size"),
         ({"prompt": "a punk", "output_format": "gif"}, "output_format"),
         ({"prompt": "a punk", "return_sprites": "yes"}, "return_sprites"),
+        ({"prompt": "a punk", "upscaler": "bicubic"}, "upscaler"),
+        ({"prompt": "a punk", "lora": 3}, "lora"),
     ],
 )
 def test_invalid_input_is_a_422_naming_the_field(server: CogServer, inputs: dict, field: str):
@@ -353,6 +355,8 @@ def test_invalid_input_is_a_422_naming_the_field(server: CogServer, inputs: dict
         ({"prompt": "   "}, "prompt: must not be empty"),
         ({"prompt": "a punk", "num_outputs": 5}, "num_outputs: must be between 1 and 4"),
         ({"prompt": "a punk", "steps": 1, "output_size": 10}, "output_size: must be between 24 and 4096"),
+        ({"prompt": "a punk", "steps": 1, "lora": "../bespoke_punks"}, "lora: unknown LoRA"),
+        ({"prompt": "a punk", "steps": 1, "upscaler": "realesrgan"}, "upscaler: realesrgan is not enabled"),
     ],
 )
 def test_without_schema_bad_input_is_a_failed_prediction(cog_servers, inputs: dict, message: str):
