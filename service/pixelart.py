@@ -161,6 +161,8 @@ def _fit_lines(profile: np.ndarray, grid: int) -> np.ndarray:
             value[:, positions > length - 1] = -np.inf
     value = value + border_prior(+1)
     pitch, index = np.unravel_index(np.argmax(value), value.shape)
+    if not np.isfinite(value[pitch, index]):  # tiny images: whole-pixel widths can't fit the ranges
+        return np.round(np.linspace(0, length, grid + 1)).astype(int)
     chosen = [int(index)]
     for step in reversed(back):
         chosen.append(chosen[-1] - int(step[pitch, chosen[-1]]))

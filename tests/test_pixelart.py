@@ -264,3 +264,10 @@ def test_too_small_image_is_refused_with_a_clear_message():
         to_pixel_art(Image.new("RGB", (100, 20)))
     smallest = make_sprite(900).resize((2 * GRID, 2 * GRID), Image.NEAREST)
     assert np.array_equal(np.asarray(snap_to_grid(smallest)), np.asarray(make_sprite(900)))
+
+
+@pytest.mark.parametrize("side", [48, 64, 72, 100])
+def test_small_images_still_give_a_full_grid(side):
+    noise = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    art = to_pixel_art(Image.fromarray(noise))
+    assert art.sprite.size == (24, 24) and art.image.size == (1024, 1024)
