@@ -40,6 +40,17 @@ PROGRESS_EVERY_S = 5.0
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def split_sha256(location: str, context: str) -> tuple[str, str | None]:
+    """'url#sha256=<hex>' -> (url, hex); a location without a fragment has no pinned checksum."""
+    location, _, fragment = location.partition("#")
+    if not fragment:
+        return location, None
+    key, _, value = fragment.partition("=")
+    if key != "sha256" or not _SHA256.fullmatch(value.lower()):
+        raise ValueError(f"{context}: expected #sha256=<64 hex digits> after the URL, got #{fragment}")
+    return location, value.lower()
+
+
 class FetchError(RuntimeError):
     """A weights download failed; the message names the file, the (redacted) URL and why."""
 
@@ -71,13 +82,7 @@ def parse_spec(spec: str) -> list[WeightFile]:
         dest, sep, url = entry.partition("=")
         if not sep or not dest or not url:
             raise ValueError(f"{ENV_VAR}: expected dest=url, got {entry!r}")
-        url, _, fragment = url.partition("#")
-        sha256 = None
-        if fragment:
-            key, _, value = fragment.partition("=")
-            if key != "sha256" or not _SHA256.fullmatch(value.lower()):
-                raise ValueError(f"{ENV_VAR}: {dest}: expected #sha256=<64 hex digits> after the URL, got #{fragment}")
-            sha256 = value.lower()
+        url, sha256 = split_sha256(url, context=f"{ENV_VAR}: {dest}")
         path = PurePosixPath(dest)
         if path.is_absolute() or ".." in path.parts or dest.startswith("~"):
             raise ValueError(f"{ENV_VAR}: {dest}: must be a path inside the weights folder")

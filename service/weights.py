@@ -13,7 +13,6 @@ loads the 2 GB of weights, so it is quick; `--verify` re-hashes files against th
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from service.config import Settings
-from service.fetch import FetchError, WeightFile, fetch_weights, redact, sha256_of
+from service.fetch import FetchError, WeightFile, fetch_weights, redact, sha256_of, split_sha256
 from service.lora import LoraError, check_sd15_lora, inspect_lora, read_safetensors_header
 
 SD15_FOLDER = "stable-diffusion-v1-5"
@@ -45,7 +44,6 @@ SD15_PATTERNS = (
 SD15_PARAMETERS = {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863}
 # The same models' key prefixes in a single-file (LDM) checkpoint.
 SINGLE_FILE_PREFIXES = {"unet": "model.diffusion_model.", "text_encoder": "cond_stage_model.", "vae": "first_stage_model."}
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 Status = Literal["ok", "warn", "missing", "bad"]
 
 
@@ -58,13 +56,7 @@ class Source:
 
     @classmethod
     def parse(cls, text: str) -> "Source":
-        location, _, fragment = text.strip().partition("#")
-        sha256 = None
-        if fragment:
-            key, _, value = fragment.partition("=")
-            if key != "sha256" or not _SHA256.fullmatch(value.lower()):
-                raise ValueError(f"{redact(location)}: expected #sha256=<64 hex digits>, got #{fragment}")
-            sha256 = value.lower()
+        location, sha256 = split_sha256(text.strip(), context=redact(text.strip().partition("#")[0]))
         if location.startswith("hf://"):
             hub_path(location)  # validates
         elif not location.startswith(("http://", "https://")):

@@ -518,12 +518,12 @@ def test_setup_downloads_the_weights_then_run_writes_images_then_sprites(
     assert runner.engine.weights.base_model == tmp_path / "weights" / "stable-diffusion-v1-5"
 
     outputs = runner.run(prompt="a punk", seed=5, num_outputs=2, steps=1, guidance=7.5, output_size=1024,
-                         integer_scale=False, return_sprites=True, output_format="png")
+                         integer_scale=False, return_sprites=True, output_format="png", lora="", upscaler="nearest")
     assert [Path(p).name for p in outputs] == ["punk-1.png", "punk-2.png", "punk-1.sprite.png", "punk-2.sprite.png"]
     assert [Image.open(p).size for p in outputs] == [(1024, 1024)] * 2 + [(GRID, GRID)] * 2
     # the next prediction removes the previous one's files (already sent by then)
     again = runner.run(prompt="a punk", seed=5, num_outputs=1, steps=1, guidance=7.5, output_size=48,
-                       integer_scale=False, return_sprites=False, output_format="png")
+                       integer_scale=False, return_sprites=False, output_format="png", lora="", upscaler="nearest")
     assert not any(Path(p).exists() for p in outputs) and Image.open(again[0]).size == (48, 48)
 
 
