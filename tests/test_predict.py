@@ -84,12 +84,15 @@ class CogServer:
                 [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
                 cwd=cwd,
                 env=env | {"COG_PREDICT_TYPE_STUB": runner_ref, "PORT": str(self.port), "PYTHONUNBUFFERED": "1",
-                           "TMPDIR": str(tmp)},  # the runner's output files
+                           "TMPDIR": str(tmp),  # the runner's output files
+                           # coglet starts its worker as `python` from PATH: it must be this venv's python
+                           "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: coglet's worker subprocess is stopped with it
             )
         self._health: dict | None = None
+        self._failure: str | None = None  # once a server failed to settle, every later test fails at once
 
     @property
     def url(self) -> str:
@@ -102,10 +105,13 @@ class CogServer:
         """Poll /health-check until setup has succeeded or failed; its JSON."""
         if self._health is not None:
             return self._health
+        if self._failure is not None:
+            pytest.fail(self._failure)
         deadline = time.monotonic() + SERVER_START_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                pytest.fail(f"cog server exited with {self.process.returncode}:\n{self.log_tail()}")
+                self._failure = f"cog server exited with {self.process.returncode}:\n{self.log_tail()}"
+                pytest.fail(self._failure)
             try:
                 with urllib.request.urlopen(f"{self.url}/health-check", timeout=5) as response:
                     health = json.load(response)
@@ -115,7 +121,8 @@ class CogServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.5)
-        pytest.fail(f"cog server not settled after {SERVER_START_S}s:\n{self.log_tail()}")
+        self._failure = f"cog server not settled after {SERVER_START_S}s:\n{self.log_tail()}"
+        pytest.fail(self._failure)
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float = 300) -> tuple[int, dict]:
         data = None if body is None else json.dumps(body).encode()
