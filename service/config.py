@@ -3,13 +3,13 @@
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SCHEDULERS = ("dpm++", "euler_a", "euler", "ddim", "pndm")
 Scheduler = Literal["dpm++", "euler_a", "euler", "ddim", "pndm"]
+SCHEDULERS = get_args(Scheduler)
 UPSCALERS = ("nearest", "realesrgan")
 UpscalerName = Literal["nearest", "realesrgan"]
 

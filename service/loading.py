@@ -30,12 +30,12 @@ log = logging.getLogger(__name__)
 CLIP_VOCABULARY_SIZE = 49408
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 ADAPTER_NAME = "bespoke_punks"
-SCHEDULERS = {
-    "dpm++": (DPMSolverMultistepScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {}),
+SCHEDULERS = {  # config.Scheduler's names
+    "dpm++": DPMSolverMultistepScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "euler": EulerDiscreteScheduler,
+    "ddim": DDIMScheduler,
+    "pndm": PNDMScheduler,
 }
 WEIGHTS_HELP = (
     "Put SD1.5 at {weights}/stable-diffusion-v1-5/ (diffusers folder) or {weights}/v1-5-pruned-emaonly.safetensors, "
@@ -117,8 +117,7 @@ def load_base_pipeline(path: Path, config_dir: Path, dtype: torch.dtype) -> Stab
 
 
 def set_scheduler(pipe: StableDiffusionPipeline, name: str) -> None:
-    scheduler_class, options = SCHEDULERS[name]
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **options)
+    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
 
 
 def check_lora_matches_model(pipe: StableDiffusionPipeline, info: LoraInfo) -> None:

@@ -1,7 +1,8 @@
 """Derive the SD1.5 CLIP tokenizer files (vocab.json, merges.txt) from the BPE file inside open_clip_torch.
 
-The Hugging Face tokenizer files that ship in service/sd15_config/tokenizer were written by this code;
-tests compare them with a fresh derivation so that nobody can replace them with a wrong vocabulary.
+The Hugging Face tokenizer files that ship in service/sd15_config/tokenizer are this derivation written out
+(vocab.json: the vocab as JSON; merges.txt: "#version: 0.2" then the merges); tests compare them with a fresh
+derivation so that nobody can replace them with a wrong vocabulary.
 It follows OpenAI CLIP's SimpleTokenizer, which builds the same 49,408-entry vocabulary.
 """
 
@@ -40,11 +41,3 @@ def derive_clip_vocabulary() -> tuple[dict[str, int], list[str]]:
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {token: index for index, token in enumerate(tokens)}, merges
-
-
-def write_clip_tokenizer_files(folder: Path) -> None:
-    import json
-
-    vocab, merges = derive_clip_vocabulary()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")

@@ -161,3 +161,14 @@ def test_fuse_adds_scaled_delta_and_leaves_no_adapter_wrappers(smoke_dir, scale)
     sample, timestep, text = torch.randn(1, 4, 8, 8), torch.tensor(10), torch.randn(1, 77, 32)
     with torch.no_grad():
         assert not torch.allclose(base.unet(sample, timestep, text).sample, fused.unet(sample, timestep, text).sample)
+
+
+def test_every_configured_scheduler_can_be_set(smoke_dir):
+    from service.config import SCHEDULERS as NAMES
+    from service.loading import SCHEDULERS, set_scheduler
+
+    assert set(SCHEDULERS) == set(NAMES)
+    pipe = load_smoke(smoke_dir)
+    for name in NAMES:
+        set_scheduler(pipe, name)
+        assert isinstance(pipe.scheduler, SCHEDULERS[name])
