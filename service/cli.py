@@ -5,19 +5,20 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from service import config
+from service import config, evaluate, lora_report, weights
 from service.config import Settings
-from service.engine import Engine, GenerationRequest, GenerationResult
-from service.loading import WeightsError
+from service.errors import WeightsError
 from service.lora import LoraError
-from service.smoke import save_smoke_model
-from service import evaluate, lora_report, weights
+
+if TYPE_CHECKING:
+    from service.engine import GenerationResult
 
 
-def write_outputs(result: GenerationResult, output: Path) -> list[Path]:
+def write_outputs(result: "GenerationResult", output: Path) -> list[Path]:
     """out.png (upscaled), out.sprite.png (grid x grid), out.smooth.png (upscaler realesrgan) and out.json per
     image; -1, -2 ... when several."""
     written = []
@@ -36,6 +37,8 @@ def write_outputs(result: GenerationResult, output: Path) -> list[Path]:
 
 
 def generate(args: argparse.Namespace) -> int:
+    from service.engine import Engine, GenerationRequest  # torch: imported only by the commands that need it
+
     request = GenerationRequest(
         prompt=args.prompt, seed=args.seed, num_images=args.num_images, steps=args.steps, guidance=args.guidance,
         upscaler=args.upscaler,
@@ -64,6 +67,8 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def build_smoke(args: argparse.Namespace) -> int:
+    from service.smoke import save_smoke_model
+
     print(save_smoke_model(args.dir))
     return 0
 

@@ -20,6 +20,7 @@ from diffusers import (
 from peft.tuners.lora import LoraLayer
 
 from service.config import Settings
+from service.errors import WeightsError
 from service.lora import LoraError, LoraInfo, check_sd15_lora, inspect_lora
 from service.paths import SD15_CONFIG_DIR
 from service.kohya import kohya_targets
@@ -42,10 +43,6 @@ WEIGHTS_HELP = (
     "and the dim-32 LoRA at {weights}/bespoke_punks.safetensors (or set PUNKS_BASE_MODEL / PUNKS_LORA). "
     "With internet: `python -m service weights download`; to check: `python -m service weights check`."
 )
-
-
-class WeightsError(RuntimeError):
-    """Weights are missing or wrong; the message says which file and where it should be."""
 
 
 @dataclass(frozen=True)

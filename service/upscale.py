@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.loading import WeightsError
+from service.errors import WeightsError
 
 INSTALL_HELP = "pip install --no-deps -r requirements-upscale.txt"
 _TORCHVISION_NAMES = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")

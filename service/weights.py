@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from service.config import Settings
+from service.errors import WeightsError
 from service.fetch import FetchError, WeightFile, fetch_weights, redact, sha256_of, split_sha256
 from service.lora import LoraError, check_sd15_lora, inspect_lora, read_safetensors_header
 
@@ -331,8 +332,7 @@ def check_upscaler(settings: Settings) -> Finding:
     if not path.is_file():
         detail = "PUNKS_UPSCALER=realesrgan needs it: `python -m service weights download --realesrgan`"
         return Finding("missing", "realesrgan", path, detail if required else "", required)
-    from service.loading import WeightsError
-    from service.upscale import load_upscaler
+    from service.upscale import load_upscaler  # torch: only when checking the upscaler
 
     try:
         upscaler = load_upscaler(path)

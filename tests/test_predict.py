@@ -30,7 +30,7 @@ from service.cog_schema import ROOT, SCHEMA_PATH, build_schema, is_current
 from service.config import Settings
 from service.engine import MAX_SEED
 from service.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec, redact
-from service.loading import WeightsError
+from service.errors import WeightsError
 
 GRID = 24
 SERVER_START_S = 180

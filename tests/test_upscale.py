@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from service.engine import Engine, GenerationRequest
-from service.loading import WeightsError
+from service.errors import WeightsError
 from service.upscale import load_upscaler
 from tests.conftest import TEST_STEPS
 from tests.esrgan_files import save_realesrgan
