@@ -22,6 +22,7 @@ def write_outputs(result: "GenerationResult", output: Path) -> list[Path]:
     """out.png (upscaled), out.sprite.png (grid x grid), out.smooth.png (upscaler realesrgan) and out.json per
     image; -1, -2 ... when several."""
     written = []
+    summary = result.summary()
     for index, image in enumerate(result.images, start=1):
         stem = output.with_suffix("") if len(result.images) == 1 else output.with_name(f"{output.stem}-{index}")
         paths = [stem.with_suffix(".png"), stem.with_suffix(".sprite.png"), stem.with_suffix(".json")]
@@ -30,8 +31,7 @@ def write_outputs(result: "GenerationResult", output: Path) -> list[Path]:
         if image.smooth is not None:
             paths.insert(2, stem.with_suffix(".smooth.png"))
             image.smooth.save(paths[2])
-        summary = result.summary() | {"images": [result.summary()["images"][index - 1]]}
-        paths[-1].write_text(json.dumps(summary, indent=2) + "\n")
+        paths[-1].write_text(json.dumps(summary | {"images": [summary["images"][index - 1]]}, indent=2) + "\n")
         written += paths
     return written
 

@@ -24,7 +24,7 @@ from service.loading import WeightsSource, fuse_lora, load_base_pipeline, resolv
 from service.lora import LoraInfo
 from service.lora_switch import LoraSwitcher, check_loras, find_loras
 from service.pixelart import PixelArt, to_pixel_art
-from service.prompts import PromptTokens, chunk_input_ids, tokenize_negative, tokenize_prompt
+from service.prompts import NEGATIVE_PROMPT, PromptTokens, chunk_input_ids, tokenize_negative, tokenize_prompt
 from service.upscale import Upscaler, load_upscaler
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ class Engine:
         return [
             GenerationResult(
                 prompt=job.tokens.text,
-                negative_prompt=tokenize_negative(self.pipe.tokenizer).text,
+                negative_prompt=NEGATIVE_PROMPT,
                 dropped_words=job.tokens.dropped_words,
                 steps=job.steps,
                 guidance=job.guidance,
