@@ -69,12 +69,16 @@ def worker_baseline(args: argparse.Namespace) -> dict:
 
 
 def worker_engine(args: argparse.Namespace) -> dict:
+    import logging
+
     import torch
 
     from service.config import Settings
     from service.engine import Engine, GenerationRequest
 
-    engine = Engine.load(Settings())
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # start-up stages, to stderr
+    settings = Settings()
+    engine = Engine.load(settings)
     print(READY, flush=True)
 
     def request(seed: int, images: int = 1) -> bytes:
@@ -82,7 +86,29 @@ def worker_engine(args: argparse.Namespace) -> dict:
         return png_bytes(result.images[0].art.image)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return measure(args, request, device) | {"timings_last": engine.generate(GenerationRequest(PROMPT, seed=1, steps=args.steps)).timings}
+    result = measure(args, request, device)
+    result["timings_last"] = engine.generate(GenerationRequest(PROMPT, seed=1, steps=args.steps)).timings
+    result["render_by_batch"] = render_by_batch(engine, args, settings.batch_buckets)
+    return result
+
+
+def render_by_batch(engine, args: argparse.Namespace, sizes: tuple[int, ...], repeats: int = 3) -> dict:
+    """The GPU half alone (engine.render: diffusion + VAE decode) per batch size: the throughput ceiling."""
+    from service.config import MAX_IMAGES
+    from service.engine import GenerationRequest
+
+    report = {}
+    for size in sizes:
+        seconds = []
+        for seed in range(repeats):
+            requests = [GenerationRequest(PROMPT, seed=seed * 100 + first, num_images=min(MAX_IMAGES, size - first),
+                                          steps=args.steps) for first in range(0, size, MAX_IMAGES)]
+            started = time.perf_counter()
+            engine.render(requests)
+            seconds.append(time.perf_counter() - started)
+        median = statistics.median(seconds)
+        report[str(size)] = {"render_s": round(median, 4), "images_per_s": round(size / median, 2)}
+    return report
 
 
 def measure(args: argparse.Namespace, request, device: str) -> dict:

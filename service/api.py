@@ -59,7 +59,7 @@ class _Service:
             return
         s = self.settings
         self.batcher = Batcher(
-            engine.generate_batch, self.metrics, self.gpu_thread,
+            engine.render, engine.finish, self.metrics, self.gpu_thread,
             max_images=s.max_batch_size, max_wait_s=s.max_batch_wait_ms / 1000, max_queue=s.max_queue,
         )
         self.engine = engine

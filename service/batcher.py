@@ -3,6 +3,8 @@
 The GPU does one thing at a time, so a single thread owns it and the event loop never blocks.
 Requests that arrive while it is busy, or within `max_wait_s` of each other, share the next
 engine call (up to `max_images` images): one pipeline call of 8 images costs far less than 8 calls.
+The engine's CPU half (snapping, `finish`) runs on other threads, so the GPU thread goes straight
+on to the next batch instead of waiting for it.
 """
 
 import asyncio
@@ -13,12 +15,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from service.engine import GenerationRequest, GenerationResult
+from service.engine import GenerationRequest, GenerationResult, Rendered
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[Sequence[GenerationRequest]], list[GenerationResult]]
+Render = Callable[[Sequence[GenerationRequest]], list[Rendered]]
+Finish = Callable[[Rendered], GenerationResult]
 
 
 class QueueFull(Exception):
@@ -50,12 +53,15 @@ class Batcher:
     """Create inside the running event loop; `close()` finishes the queued work, then stops."""
 
     def __init__(
-        self, run_batch: RunBatch, metrics: Metrics, executor: ThreadPoolExecutor, *,
+        self, render: Render, finish: Finish, metrics: Metrics, executor: ThreadPoolExecutor, *,
         max_images: int, max_wait_s: float, max_queue: int,
     ):
-        """`executor` is the one GPU thread: CUDA graphs recorded at load time replay only on the thread that
-        recorded them, so the engine must be loaded and run on the same single thread."""
-        self._run_batch = run_batch
+        """`executor` is the one GPU thread that runs `render`: CUDA graphs recorded at load time replay only on
+        the thread that recorded them, so the engine must be loaded and run on the same single thread.
+        `finish` runs on the event loop's default thread pool, one request per task."""
+        self._render = render
+        self._finish = finish
+        self._finishing: set[asyncio.Task] = set()
         self._metrics = metrics
         self.max_images = max_images
         self.max_wait_s = max_wait_s
@@ -86,6 +92,7 @@ class Batcher:
         self._closing = True
         self._wake.set()
         await self._task
+        await asyncio.gather(*self._finishing)
 
     async def _serve(self) -> None:
         while self._pending or not self._closing:
@@ -123,11 +130,12 @@ class Batcher:
         return batch
 
     async def _execute(self, batch: list[_Pending]) -> None:
+        """Render the batch on the GPU thread, then hand each request to a finishing task and return."""
         started = time.perf_counter()
         requests = [item.request for item in batch]
         self._metrics.batch_images.observe(sum(request.num_images for request in requests))
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, requests)
+            rendered = await asyncio.get_running_loop().run_in_executor(self._executor, self._render, requests)
         except Exception as error:
             self._metrics.failures.inc()
             if len(batch) > 1:
@@ -136,11 +144,26 @@ class Batcher:
                 for item in batch:
                     await self._execute([item])
                 return
-            log.error("generation failed", exc_info=error)
-            _settle(batch[0].future, exception=GenerationFailed(type(error).__name__))
+            self._fail(batch[0], error)
             return
-        for item, result in zip(batch, results, strict=True):
-            _settle(item.future, result=Done(result, queue_wait_s=started - item.queued_at))
+        for item, one in zip(batch, rendered, strict=True):
+            task = asyncio.create_task(self._finish_one(item, one, queue_wait_s=started - item.queued_at))
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+
+    async def _finish_one(self, item: _Pending, rendered: Rendered, queue_wait_s: float) -> None:
+        try:
+            result = await asyncio.to_thread(self._finish, rendered)
+        except Exception as error:
+            self._metrics.failures.inc()
+            self._fail(item, error)
+            return
+        _settle(item.future, result=Done(result, queue_wait_s=queue_wait_s))
+
+    @staticmethod
+    def _fail(item: _Pending, error: Exception) -> None:
+        log.error("generation failed", exc_info=error)
+        _settle(item.future, exception=GenerationFailed(type(error).__name__))
 
 
 def _settle(future: asyncio.Future, *, result: Done | None = None, exception: Exception | None = None) -> None:

@@ -120,6 +120,16 @@ class _Job:
         return (self.lora or "", *self.batch_key)
 
 
+@dataclass
+class Rendered:
+    """One request between the engine's halves: its raw generations, not yet snapped (`Engine.finish`)."""
+
+    job: _Job
+    raws: list[Image.Image] = field(default_factory=list)  # one 512x512 generation per seed
+    smooth: list[Image.Image] | None = None  # upscaler "realesrgan": each raw image upscaled on the GPU
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 class Engine:
     def __init__(self, pipe: StableDiffusionPipeline, settings: Settings, weights: WeightsSource, lora: LoraInfo,
                  loras: dict[str, Path] | None = None, switcher: LoraSwitcher | None = None,
@@ -142,15 +152,19 @@ class Engine:
     def load(cls, settings: Settings | None = None, loras: dict[str, Path] | None = None) -> "Engine":
         """`loras`: the selectable LoRAs (name -> file); default: every *.safetensors in settings.loras_path()."""
         settings = settings or Settings()
-        started = time.perf_counter()
+        stages = _Stopwatch()
         weights = resolve_weights(settings)
         dtype = getattr(torch, settings.torch_dtype_name)
         upscaler = None  # first, so that a wrong file fails before the long model load
         if settings.upscaler == "realesrgan":
             upscaler = load_upscaler(settings.realesrgan_path(), settings.torch_device, dtype)
             log.info("upscaler: %s", upscaler.describe())
+            stages.lap("upscaler")
         pipe = load_base_pipeline(weights.base_model, weights.config_dir, dtype)
         set_scheduler(pipe, settings.scheduler)
+        stages.lap("read SD1.5")
+        pipe.to(settings.torch_device)  # before fusing: the fuse's matmuls are much faster on the GPU
+        stages.lap(f"to {settings.torch_device}")
         loras = find_loras(settings.loras_path()) if loras is None else loras
         switcher = None
         if loras:
@@ -163,17 +177,18 @@ class Engine:
             lora = switcher.fuse(weights.lora)
         else:
             lora = fuse_lora(pipe, weights.lora, settings.lora_scale, settings.expected_lora_rank)
-        pipe.to(settings.torch_device)
+        stages.lap("fuse LoRA")
         accelerate(pipe, settings)
         pipe.set_progress_bar_config(disable=True)
-        log.info(
-            "loaded %s + %s (%s) on %s/%s in %.1fs%s",
-            weights.base_model, weights.lora, lora.describe(), settings.torch_device, settings.torch_dtype_name,
-            time.perf_counter() - started, " [SMOKE MODEL: images are not meaningful]" if weights.is_smoke else "",
-        )
         engine = cls(pipe, settings, weights, lora, loras, switcher, upscaler)
         if settings.warmup:
             engine.warm_up()
+            stages.lap("warm-up")
+        log.info(
+            "loaded %s + %s (%s) on %s/%s in %s%s",
+            weights.base_model, weights.lora, lora.describe(), settings.torch_device, settings.torch_dtype_name,
+            stages, " [SMOKE MODEL: images are not meaningful]" if weights.is_smoke else "",
+        )
         return engine
 
     def warm_up(self) -> None:
@@ -201,12 +216,17 @@ class Engine:
         return self.generate_batch([request], progress)[0]
 
     def generate_batch(self, requests: Sequence[GenerationRequest], progress: Progress | None = None) -> list[GenerationResult]:
-        """Generate several requests with as few pipeline calls as their settings allow."""
+        """Both halves on the calling thread (CLI, Cog); the API overlaps them instead (service/batcher.py)."""
+        return [self.finish(rendered) for rendered in self.render(requests, progress)]
+
+    def render(self, requests: Sequence[GenerationRequest], progress: Progress | None = None) -> list[Rendered]:
+        """The GPU half: generate every request's raw images with as few pipeline calls as their settings
+        allow (plus the Real-ESRGAN upscale, also on the GPU). Run it on the thread that loaded the engine."""
         for request in requests:
             self.check_request(request)
         jobs = [self._resolve(index, request) for index, request in enumerate(requests)]
-        images: dict[int, list[GeneratedImage]] = {job.request_index: [] for job in jobs}
-        timings = {"pipeline_s": 0.0, "postprocess_s": 0.0}
+        rendered = {job.request_index: Rendered(job) for job in jobs}
+        timings = {"pipeline_s": 0.0}  # shared by the batch's requests: they waited for the same calls
         total_steps = sum(job.steps for job in {job.group_key: job for job in jobs}.values())
         done_steps = 0
         active_first = lambda j: (self._lora_file(j.lora) != self._active_lora(), j.group_key)  # noqa: E731
@@ -215,34 +235,41 @@ class Engine:
             if switched := self._use_lora(group[0].lora):
                 timings["lora_switch_s"] = timings.get("lora_switch_s", 0.0) + switched
             started = time.perf_counter()
-            raws = self._run_pipeline(group, progress, done_steps, total_steps)
+            raws = iter(self._run_pipeline(group, progress, done_steps, total_steps))
             timings["pipeline_s"] += time.perf_counter() - started
             done_steps += group[0].steps
-            started = time.perf_counter()
-            rows = iter(raws)
             for job in group:
-                for seed in job.seeds:
-                    raw = next(rows)
-                    images[job.request_index].append(GeneratedImage(seed=seed, raw=raw, art=self._postprocess(raw)))
-            timings["postprocess_s"] += time.perf_counter() - started
+                rendered[job.request_index].raws = [next(raws) for _ in job.seeds]
             if smooth := [job for job in group if job.upscaler == "realesrgan"]:
                 started = time.perf_counter()
                 for job in smooth:
-                    for image in images[job.request_index]:
-                        image.smooth = self.upscaler.upscale(image.raw, self.settings.output_size)
+                    result = rendered[job.request_index]
+                    result.smooth = [self.upscaler.upscale(raw, self.settings.output_size) for raw in result.raws]
                 timings["upscale_s"] = timings.get("upscale_s", 0.0) + time.perf_counter() - started
-        return [
-            GenerationResult(
-                prompt=job.tokens.text,
-                negative_prompt=NEGATIVE_PROMPT,
-                dropped_words=job.tokens.dropped_words,
-                steps=job.steps,
-                guidance=job.guidance,
-                images=images[job.request_index],
-                timings={k: round(v, 4) for k, v in timings.items()},
-            )
-            for job in jobs
+        for result in rendered.values():
+            result.timings = dict(timings)
+        return [rendered[job.request_index] for job in jobs]
+
+    def finish(self, rendered: Rendered) -> GenerationResult:
+        """The CPU half: snap each raw image to the grid and upscale it. Pure numpy and Pillow, so any
+        thread can run it while the GPU renders the next batch."""
+        started = time.perf_counter()
+        job = rendered.job
+        smooth = rendered.smooth or [None] * len(rendered.raws)
+        images = [
+            GeneratedImage(seed=seed, raw=raw, art=self._postprocess(raw), smooth=smoothed)
+            for seed, raw, smoothed in zip(job.seeds, rendered.raws, smooth, strict=True)
         ]
+        timings = rendered.timings | {"postprocess_s": time.perf_counter() - started}
+        return GenerationResult(
+            prompt=job.tokens.text,
+            negative_prompt=NEGATIVE_PROMPT,
+            dropped_words=job.tokens.dropped_words,
+            steps=job.steps,
+            guidance=job.guidance,
+            images=images,
+            timings={name: round(seconds, 4) for name, seconds in timings.items()},
+        )
 
     def _resolve(self, index: int, request: GenerationRequest) -> _Job:
         first_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -325,3 +352,20 @@ class Engine:
     def _postprocess(self, raw: Image.Image) -> PixelArt:
         s = self.settings
         return to_pixel_art(raw, grid=s.grid, size=s.output_size, max_colors=s.max_colors, integer_scale=s.integer_scale)
+
+
+class _Stopwatch:
+    """Start-up stages and their seconds, for the one log line that says where start-up time goes."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps.append((stage, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        stages = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in self.laps)
+        return f"{self.last - self.started:.1f}s ({stages})"

@@ -14,7 +14,7 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from service.engine import Engine, GenerationRequest, GenerationResult
+from service.engine import Engine, GenerationRequest, Rendered
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 120
@@ -97,7 +97,7 @@ class SpyEngine:
     def __init__(self, engine: Engine, cap: bool = False):
         self.engine = engine
         self.cap = cap
-        self.calls: list[list[str]] = []  # the prompts of each generate_batch call
+        self.calls: list[list[str]] = []  # the prompts of each render call
         self.finished = 0  # calls that returned or raised
         self.entered = threading.Event()
         self.gate = threading.Event()
@@ -106,7 +106,7 @@ class SpyEngine:
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
-    def generate_batch(self, requests: Sequence[GenerationRequest], progress=None) -> list[GenerationResult]:
+    def render(self, requests: Sequence[GenerationRequest], progress=None) -> list[Rendered]:
         self.calls.append([request.prompt for request in requests])
         self.entered.set()
         try:
@@ -115,6 +115,6 @@ class SpyEngine:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
             if self.cap:
                 requests = [GenerationRequest(r.prompt, r.seed, 1, 1, r.guidance) for r in requests]
-            return self.engine.generate_batch(requests, progress)
+            return self.engine.render(requests, progress)
         finally:
             self.finished += 1

@@ -1,4 +1,4 @@
-"""The batcher's scheduling with a fake engine call (no model): grouping, leftovers, isolation, shutdown."""
+"""The batcher's scheduling with a fake engine (no model): grouping, leftovers, isolation, overlap, shutdown."""
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
@@ -13,17 +13,27 @@ from service.metrics import Metrics
 
 
 class FakeEngine:
+    """render -> "rendered p" (held at `gate`), finish -> "result of p" (held at `finish_gate`)."""
+
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.finish_gate = threading.Event()
+        self.finish_gate.set()
 
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[str]:
+    def render(self, requests: Sequence[GenerationRequest]) -> list[str]:
         self.calls.append([request.prompt for request in requests])
         assert self.gate.wait(timeout=10)
         if any(request.prompt == "boom" for request in requests):
             raise RuntimeError("boom")
-        return [f"result of {request.prompt}" for request in requests]
+        return [f"rendered {request.prompt}" for request in requests]
+
+    def finish(self, rendered: str) -> str:
+        assert self.finish_gate.wait(timeout=10)
+        if rendered == "rendered crash":
+            raise ValueError("crash")
+        return rendered.replace("rendered", "result of")
 
 
 def run(scenario, **limits):
@@ -33,12 +43,13 @@ def run(scenario, **limits):
     async def main():
         options = {"max_images": 4, "max_wait_s": 0.01, "max_queue": 16} | limits
         with ThreadPoolExecutor(max_workers=1) as gpu_thread:
-            batcher = Batcher(engine.generate_batch, Metrics(), gpu_thread, **options)
+            batcher = Batcher(engine.render, engine.finish, Metrics(), gpu_thread, **options)
             try:
                 async with asyncio.timeout(10):  # a request left behind in the queue would hang here
                     await scenario(batcher, engine)
             finally:
                 engine.gate.set()
+                engine.finish_gate.set()
                 await batcher.close()
 
     asyncio.run(main())
@@ -114,3 +125,45 @@ def test_close_finishes_queued_work_and_refuses_new_work():
         assert [(await future).result for future in submitted] == ["result of p0", "result of p1", "result of p2"]
 
     assert run(scenario) == [["p0"], ["p1"], ["p2"]]
+
+
+def test_the_next_batch_renders_while_the_previous_one_is_finished():
+    async def scenario(batcher, engine):
+        engine.finish_gate.clear()  # snapping of the first batch is stuck...
+        first = asyncio.ensure_future(batcher.submit(GenerationRequest("first")))
+        while not engine.calls:
+            await asyncio.sleep(0.005)
+        second = asyncio.ensure_future(batcher.submit(GenerationRequest("second")))
+        while len(engine.calls) < 2:  # ...yet the GPU thread goes on to the next batch
+            await asyncio.sleep(0.005)
+        assert not first.done() and not second.done()
+        engine.finish_gate.set()
+        assert [(await first).result, (await second).result] == ["result of first", "result of second"]
+
+    assert run(scenario) == [["first"], ["second"]]
+
+
+def test_a_failing_finish_fails_only_its_request():
+    async def scenario(batcher, engine):
+        crash, fine = await held(batcher, engine, [GenerationRequest("crash"), GenerationRequest("fine")])
+        assert isinstance(crash, GenerationFailed) and str(crash) == "ValueError"
+        assert fine.result == "result of fine"
+
+    assert run(scenario)[1:] == [["crash", "fine"]]  # rendered together, no retry: the GPU part worked
+
+
+def test_close_waits_for_requests_being_finished():
+    async def scenario(batcher, engine):
+        engine.finish_gate.clear()
+        submitted = asyncio.ensure_future(batcher.submit(GenerationRequest("late finisher")))
+        while not engine.calls:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.02)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.02)
+        assert not closing.done()
+        engine.finish_gate.set()
+        await closing
+        assert submitted.done() and submitted.result().result == "result of late finisher"
+
+    run(scenario)

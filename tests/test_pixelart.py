@@ -142,11 +142,12 @@ def runs(line: np.ndarray) -> tuple[list[int], np.ndarray]:
     return np.diff(np.append(starts, len(line))).tolist(), line[starts]
 
 
-@pytest.fixture
-def checker_sprite() -> Image.Image:
-    """Random colours, no two neighbouring cells alike, so every cell is its own run."""
+@pytest.fixture(params=[576, 12], ids=["576 colours", "12 colours"])
+def checker_sprite(request) -> Image.Image:
+    """`request.param` random colours, no two neighbouring cells alike, so every cell is its own run."""
     rng = np.random.default_rng(7)
-    pixels = rng.integers(0, 128, size=(GRID, GRID, 3), dtype=np.uint8)
+    colors = rng.integers(0, 128, size=(request.param, 3), dtype=np.uint8)
+    pixels = colors[np.arange(GRID * GRID) % request.param].reshape(GRID, GRID, 3)
     pixels[(np.indices((GRID, GRID)).sum(axis=0) % 2) == 1] += 128
     return Image.fromarray(pixels, "RGB")
 
@@ -158,8 +159,9 @@ def checker_sprite() -> Image.Image:
 )
 def test_upscale_makes_flat_cells(checker_sprite, integer_scale, side, cell_sizes):
     big = upscale(checker_sprite, 1024, integer_scale=integer_scale)
-    assert big.size == (side, side) and big.mode == "RGB"
-    pixels, sprite = np.asarray(big), np.asarray(checker_sprite)
+    assert big.size == (side, side)
+    assert big.mode == ("P" if n_colors(checker_sprite) <= 256 else "RGB")  # indexed: a faster, smaller PNG
+    pixels, sprite = np.asarray(big.convert("RGB")), np.asarray(checker_sprite)
     widths, colors = runs(pixels[0])
     heights, _ = runs(pixels[:, 0])
     assert len(widths) == len(heights) == GRID
@@ -175,7 +177,7 @@ def test_to_pixel_art_bundles_sprite_upscale_palette_and_quality():
     art = to_pixel_art(render, size=1024)
     assert art.sprite.size == (GRID, GRID)
     assert art.image.size == (1024, 1024)
-    assert np.array_equal(np.asarray(art.image), np.asarray(upscale(art.sprite, 1024)))
+    assert np.array_equal(np.asarray(art.image.convert("RGB")), np.asarray(upscale(art.sprite, 1024).convert("RGB")))
     assert art.palette == palette_hex(art.sprite)
     assert len(art.palette) == art.quality.palette_size == n_colors(truth)
     assert art.quality.is_pixel_art
