@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=Path("/tmp/bench-weights"))
     parser.add_argument("--smoke", action="store_true", help="tiny random model (CPU dry run)")
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=4, help="requests per client in the throughput test")
+    parser.add_argument("--rounds", type=int, default=8, help="requests per client in the throughput test")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--variants", default="baseline,engine,engine-compile",
                         help="comma list of baseline, engine, engine-compile, engine-compile-again")

@@ -61,6 +61,7 @@ class _Service:
         self.batcher = Batcher(
             engine.render, engine.finish, self.metrics, self.gpu_thread,
             max_images=s.max_batch_size, max_wait_s=s.max_batch_wait_ms / 1000, max_queue=s.max_queue,
+            batch_sizes=s.batch_buckets if s.compile else None,  # compiled: other sizes are padded up
         )
         self.engine = engine
 

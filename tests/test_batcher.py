@@ -167,3 +167,14 @@ def test_close_waits_for_requests_being_finished():
         assert submitted.done() and submitted.result().result == "result of late finisher"
 
     run(scenario)
+
+
+def test_with_batch_sizes_a_batch_takes_only_what_fills_a_size_without_padding():
+    requests = [GenerationRequest(f"p{i}") for i in range(7)]
+
+    async def scenario(batcher, engine):
+        results = await held(batcher, engine, requests)
+        assert [done.result for done in results] == [f"result of p{i}" for i in range(7)]
+
+    # 7 queued: 4 now (not 7 padded to 8), then 2 of the 3 left, then the last one
+    assert run(scenario, max_images=8, batch_sizes=(1, 2, 4, 8))[1:] == [["p0", "p1", "p2", "p3"], ["p4", "p5"], ["p6"]]

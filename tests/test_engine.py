@@ -1,5 +1,7 @@
 """The engine on the smoke model: seeds, batching, chunked prompts, progress, post-processing."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -36,6 +38,20 @@ def test_same_seed_same_image_and_other_seed_other_image(engine):
     other = engine.generate(GenerationRequest(PROMPT, seed=12)).images[0]
     assert np.array_equal(pixels(first.raw), pixels(again.raw))
     assert not np.array_equal(pixels(first.raw), pixels(other.raw))
+
+
+def test_render_then_finish_on_another_thread_is_generate(engine):
+    """The API renders on the GPU thread and finishes elsewhere: the result must not depend on it."""
+    request = GenerationRequest(PROMPT, seed=21, num_images=2)
+    whole = engine.generate(request)
+    (rendered,) = engine.render([request])
+    assert [raw.size for raw in rendered.raws] == [(512, 512)] * 2 and rendered.smooth is None
+    with ThreadPoolExecutor(1) as other_thread:
+        finished = other_thread.submit(engine.finish, rendered).result()
+    assert [image.seed for image in finished.images] == [21, 22]
+    for split, together in zip(finished.images, whole.images, strict=True):
+        assert np.array_equal(pixels(split.art.image.convert("RGB")), pixels(together.art.image.convert("RGB")))
+    assert finished.timings["pipeline_s"] > 0 and finished.timings["postprocess_s"] > 0
 
 
 def test_random_seed_is_chosen_and_reported(engine):

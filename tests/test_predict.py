@@ -241,8 +241,9 @@ def test_gpu_requirements_are_one_self_contained_pinned_file():
     gpu = requirement_lines(ROOT / "requirements-gpu.txt")
     assert not [line for line in gpu if line.startswith("-")], "cog rejects -r/-c of local files: inline the pins"
     assert all("==" in line for line in gpu), "every GPU requirement must be pinned"
-    missing = [line for line in requirement_lines(ROOT / "requirements.txt") if line not in gpu]
-    assert not missing, f"requirements-gpu.txt lacks {missing} from requirements.txt: copy those lines into it"
+    for other in ("requirements.txt", "requirements-upscale.txt"):  # the image serves the optional upscaler too
+        missing = [line for line in requirement_lines(ROOT / other) if line not in gpu]
+        assert not missing, f"requirements-gpu.txt lacks {missing} from {other}: copy those lines into it"
     cpu_torch = next(line for line in requirement_lines(ROOT / "requirements-cpu.txt") if line.startswith("torch=="))
     assert "torch==" + cpu_torch.split("==")[1].split("+")[0] in gpu, "CPU and GPU torch versions differ"
 

@@ -78,9 +78,10 @@ def test_compiled_engine_matches_eager_within_fp16_tolerance(engine, weights, tm
     if weights.name.startswith("full-size") and os.environ.get("PUNKS_GPU_COMPILE") != "full":
         pytest.skip("compiling the full-size UNet takes minutes: PUNKS_GPU_COMPILE=full (bench/ measures it)")
     eager = engine.generate(GenerationRequest(PROMPT, seed=5)).images[0]
-    compiled_engine = Engine.load(settings_for(weights, compile=True, batch_buckets=(1, 2), compile_cache_dir=tmp_path))
+    # one bucket, so one compile per module: a single image runs padded to 4, as a batch of 3 would
+    compiled_engine = Engine.load(settings_for(weights, compile=True, batch_buckets=(4,), compile_cache_dir=tmp_path))
     compiled = compiled_engine.generate(GenerationRequest(PROMPT, seed=5)).images[0]
     difference = np.abs(pixels(compiled.raw) - pixels(eager.raw))
     assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8
-    two = compiled_engine.generate(GenerationRequest(PROMPT, seed=5, num_images=2)).images  # padded bucket path
-    assert np.abs(pixels(two[0].raw) - pixels(compiled.raw)).mean() < 1.0
+    three = compiled_engine.generate(GenerationRequest(PROMPT, seed=5, num_images=3)).images
+    assert np.abs(pixels(three[0].raw) - pixels(compiled.raw)).mean() < 1.0
