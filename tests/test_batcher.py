@@ -56,12 +56,19 @@ def run(scenario, **limits):
     return engine.calls
 
 
+async def started(batcher: Batcher, engine: FakeEngine, prompt: str) -> asyncio.Future:
+    """Submit a request and wait until the engine is rendering it."""
+    calls = len(engine.calls)
+    future = asyncio.ensure_future(batcher.submit(GenerationRequest(prompt)))
+    while len(engine.calls) == calls:
+        await asyncio.sleep(0.005)
+    return future
+
+
 async def held(batcher: Batcher, engine: FakeEngine, requests: list[GenerationRequest]) -> list:
     """Keep the worker busy with a first request while `requests` queue up, then let everything run."""
     engine.gate.clear()
-    first = asyncio.ensure_future(batcher.submit(GenerationRequest("first")))
-    while not engine.calls:
-        await asyncio.sleep(0.005)
+    first = await started(batcher, engine, "first")
     queued = [asyncio.ensure_future(batcher.submit(request)) for request in requests]
     await asyncio.sleep(0.05)
     engine.gate.set()
@@ -95,9 +102,7 @@ def test_a_failing_batch_is_retried_one_by_one():
 def test_full_queue_and_timeouts():
     async def scenario(batcher, engine):
         engine.gate.clear()
-        running = asyncio.ensure_future(batcher.submit(GenerationRequest("running")))
-        while not engine.calls:
-            await asyncio.sleep(0.005)
+        running = await started(batcher, engine, "running")
         waiting = asyncio.ensure_future(batcher.submit(GenerationRequest("waiting")))
         await asyncio.sleep(0.01)
         with pytest.raises(QueueFull):
@@ -130,12 +135,8 @@ def test_close_finishes_queued_work_and_refuses_new_work():
 def test_the_next_batch_renders_while_the_previous_one_is_finished():
     async def scenario(batcher, engine):
         engine.finish_gate.clear()  # snapping of the first batch is stuck...
-        first = asyncio.ensure_future(batcher.submit(GenerationRequest("first")))
-        while not engine.calls:
-            await asyncio.sleep(0.005)
-        second = asyncio.ensure_future(batcher.submit(GenerationRequest("second")))
-        while len(engine.calls) < 2:  # ...yet the GPU thread goes on to the next batch
-            await asyncio.sleep(0.005)
+        first = await started(batcher, engine, "first")
+        second = await started(batcher, engine, "second")  # ...yet the GPU thread goes on to the next batch
         assert not first.done() and not second.done()
         engine.finish_gate.set()
         assert [(await first).result, (await second).result] == ["result of first", "result of second"]
@@ -155,9 +156,7 @@ def test_a_failing_finish_fails_only_its_request():
 def test_close_waits_for_requests_being_finished():
     async def scenario(batcher, engine):
         engine.finish_gate.clear()
-        submitted = asyncio.ensure_future(batcher.submit(GenerationRequest("late finisher")))
-        while not engine.calls:
-            await asyncio.sleep(0.005)
+        submitted = await started(batcher, engine, "late finisher")
         await asyncio.sleep(0.02)
         closing = asyncio.ensure_future(batcher.close())
         await asyncio.sleep(0.02)
