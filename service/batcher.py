@@ -99,12 +99,19 @@ class Batcher:
     async def _serve(self) -> None:
         while self._pending or not self._closing:
             if self._pending:
+                await self._wait_for_finishing()
                 await self._gather()
                 if batch := self._take():  # empty when every waiting request timed out meanwhile
                     await self._execute(batch)
             else:
                 self._wake.clear()
                 await self._wake.wait()
+
+    async def _wait_for_finishing(self) -> None:
+        """Back-pressure: when the CPU half falls behind, the GPU waits instead of piling up rendered images
+        (the queue then fills up and new requests get 429, as they should on an overloaded server)."""
+        while len(self._finishing) >= 2 * self.max_images:
+            await asyncio.wait(self._finishing, return_when=asyncio.FIRST_COMPLETED)
 
     async def _gather(self) -> None:
         """Give other requests up to max_wait_s to join, unless the batch is already full."""
@@ -127,7 +134,7 @@ class Batcher:
 
         With batch_sizes, no more than the largest size the queue fills: the engine pads a batch of 3 to 4
         images, so taking 3 of 5 queued images wastes a quarter of the GPU's work, while the 2 left over
-        just go first in the next batch, which starts as soon as this one is done."""
+        go first in the next batch. (Requests stay in order, so 2 + 1 of a 2, 1, 2 queue still pads.)"""
         limit = self.max_images
         if self.batch_sizes:
             queued = min(self._queued_images(), self.max_images)
@@ -162,13 +169,17 @@ class Batcher:
             task.add_done_callback(self._finishing.discard)
 
     async def _finish_one(self, item: _Pending, rendered: Rendered, queue_wait_s: float) -> None:
+        if item.future.done():  # timed out while rendering: nobody waits for its snapping
+            return
         try:
             result = await asyncio.to_thread(self._finish, rendered)
         except Exception as error:
             self._metrics.failures.inc()
             self._fail(item, error)
-            return
-        _settle(item.future, result=Done(result, queue_wait_s=queue_wait_s))
+        else:
+            _settle(item.future, result=Done(result, queue_wait_s=queue_wait_s))
+        finally:  # interrupted (cancelled): answer anyway; a no-op when settled above
+            _settle(item.future, exception=GenerationFailed("interrupted"))
 
     @staticmethod
     def _fail(item: _Pending, error: Exception) -> None:

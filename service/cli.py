@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,6 +67,27 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def compile_cache(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+
+    from service.acceleration import save_compile_artifacts
+    from service.engine import Engine
+
+    if not torch.cuda.is_available():
+        raise ValueError("compile-cache: needs a CUDA GPU (the compile records CUDA graphs)")
+    settings = Settings(compile=True)
+    output = args.output or settings.compile_artifacts_path()
+    with tempfile.TemporaryDirectory() as empty:  # a cold compile, so that every artifact is recorded
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = empty
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(empty, "triton")
+        Engine.load(settings.model_copy(update={"compile_artifacts": Path(empty) / "none"}))  # warm-up compiles
+        size = save_compile_artifacts(output)
+    print(f"{output} ({size / 1e6:.1f} MB): start with PUNKS_COMPILE=true and this file in place to skip most of the compile")
+    return 0
+
+
 def build_smoke(args: argparse.Namespace) -> int:
     from service.smoke import save_smoke_model
 
@@ -87,6 +109,11 @@ def parser() -> argparse.ArgumentParser:
                      help="realesrgan: also out.smooth.png, the raw generation upscaled (default PUNKS_UPSCALER)")
     gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path (default out.png)")
     gen.set_defaults(run=generate)
+
+    cache = commands.add_parser("compile-cache", help="compile every batch bucket on this GPU and save the portable "
+                                "compile cache that later starts load (PUNKS_COMPILE=true)")
+    cache.add_argument("-o", "--output", type=Path, help="default: PUNKS_COMPILE_ARTIFACTS or weights/torch-compile-artifacts.bin")
+    cache.set_defaults(run=compile_cache)
 
     smoke = commands.add_parser("smoke-model", help="build and save the tiny random smoke model and its LoRA")
     smoke.add_argument("--dir", type=Path, default=Settings().smoke_dir)

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     compile_cache_dir: Path = Field(
         Path(".cache/torch-compile"), description="Inductor/Triton cache, reused by the next start (and cog image)."
     )
+    compile_artifacts: Path | None = Field(
+        None, description="Portable compile cache (torch.compiler.save_cache_artifacts) loaded before compiling, so a "
+        "fresh machine (a Replicate cold boot) skips most of the compile. Made by `python -m service compile-cache` "
+        "on the GPU type and image that will serve. Default: weights_dir/torch-compile-artifacts.bin.",
+    )
     batch_buckets: tuple[int, ...] = Field(
         (1, 2, 4),
         description="With compile: image counts warmed up at start; a batch is padded up to the next bucket so "
@@ -94,7 +99,8 @@ class Settings(BaseSettings):
     # HTTP service (service/api.py)
     max_batch_size: int = Field(
         4, ge=1, description="Most images one pipeline call generates for grouped requests. On the H100, 8 gives only "
-        "5% more images/s than 4 for twice the wait, and 4 leaves room to snap one batch while the next renders.",
+        "5% more images/s than 4 for twice the wait, and 4 leaves room to snap one batch while the next renders "
+        "(bench/results/2026-11-25-NVIDIA-H100-80GB-HBM3-batch8.json).",
     )
     max_batch_wait_ms: float = Field(
         10.0, ge=0, description="How long the first queued request waits for others to share its pipeline call."
@@ -145,6 +151,9 @@ class Settings(BaseSettings):
 
     def loras_path(self) -> Path:
         return self.loras_dir if self.loras_dir is not None else self.weights_dir / "loras"
+
+    def compile_artifacts_path(self) -> Path:
+        return self.compile_artifacts if self.compile_artifacts is not None else self.weights_dir / "torch-compile-artifacts.bin"
 
     def realesrgan_path(self) -> Path:
         return self.realesrgan_weights if self.realesrgan_weights is not None else self.weights_dir / "RealESRGAN_x2plus.pth"

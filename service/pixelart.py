@@ -58,7 +58,7 @@ class QualitySignals:
 @dataclass(frozen=True)
 class PixelArt:
     sprite: Image.Image  # grid x grid RGB
-    image: Image.Image  # nearest-neighbour upscale of `sprite`
+    image: Image.Image  # nearest-neighbour upscale of `sprite`; indexed ("P") when it has <= 256 colours
     palette: list[str]  # '#rrggbb', most frequent first
     quality: QualitySignals
 
@@ -234,8 +234,11 @@ def _merge_closest(sums: np.ndarray, counts: np.ndarray, limit: int) -> np.ndarr
     a second. Ties go to the lowest (row, column), as an argmin over the whole matrix would."""
     n = len(counts)
     rows = np.arange(n)
+    if n < 2:
+        return rows
     centres = sums / counts[:, None]
-    gaps = sum(np.square(centres[:, c, None] - centres[None, :, c]) for c in range(3))  # squared distances
+    # Euclidean, summed then rooted like np.linalg.norm, so near-ties break exactly as a full recompute would
+    gaps = np.sqrt(sum(np.square(centres[:, c, None] - centres[None, :, c]) for c in range(3)))
     np.fill_diagonal(gaps, np.inf)
     nearest = gaps.argmin(axis=1)
     merged_into = rows.copy()
@@ -244,7 +247,7 @@ def _merge_closest(sums: np.ndarray, counts: np.ndarray, limit: int) -> np.ndarr
         closest = gaps[rows, nearest]
         keep = int(np.argmin(closest))  # the lower index of the pair: its row is the first holding the minimum
         drop = int(nearest[keep])
-        if closest[keep] >= MERGE_DISTANCE**2 and alive <= limit:
+        if closest[keep] >= MERGE_DISTANCE and alive <= limit:
             break
         sums[keep] += sums[drop]
         counts[keep] += counts[drop]
@@ -252,7 +255,7 @@ def _merge_closest(sums: np.ndarray, counts: np.ndarray, limit: int) -> np.ndarr
         alive -= 1
         gaps[drop, :] = gaps[:, drop] = np.inf
         centres[keep] = sums[keep] / counts[keep]
-        changed = np.square(centres - centres[keep]).sum(axis=1)
+        changed = np.sqrt(np.square(centres - centres[keep]).sum(axis=1))
         changed[merged_into != rows] = np.inf  # merged-away clusters
         changed[keep] = np.inf
         gaps[keep, :] = gaps[:, keep] = changed

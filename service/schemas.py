@@ -64,7 +64,7 @@ class ImageOut(BaseModel):
 class Timings(BaseModel):
     queue_wait_s: float = Field(description="Time waiting for the GPU.")
     pipeline_s: float = Field(description="Diffusion time of the batch this request was part of.")
-    postprocess_s: float = Field(description="Snapping and upscaling time of this request's images.")
+    postprocess_s: float = Field(description="Snapping and nearest-neighbour upscaling of this request's images.")
     encode_s: float = Field(description="Encoding this response's images.")
     total_s: float = Field(description="From the request arriving to the response being ready.")
 

@@ -177,3 +177,20 @@ def test_with_batch_sizes_a_batch_takes_only_what_fills_a_size_without_padding()
 
     # 7 queued: 4 now (not 7 padded to 8), then 2 of the 3 left, then the last one
     assert run(scenario, max_images=8, batch_sizes=(1, 2, 4, 8))[1:] == [["p0", "p1", "p2", "p3"], ["p4", "p5"], ["p6"]]
+
+
+def test_rendering_pauses_while_the_cpu_half_is_behind_and_the_queue_then_fills():
+    async def scenario(batcher, engine):
+        engine.finish_gate.clear()  # snapping is stuck: rendered work must not pile up without bound
+        first = [asyncio.ensure_future(batcher.submit(GenerationRequest(f"p{i}"))) for i in range(8)]
+        await asyncio.sleep(0.2)
+        assert len(engine.calls) == 2  # two batches of max_images (4) rendered, then the GPU waits
+        queued = [asyncio.ensure_future(batcher.submit(GenerationRequest(f"p{i}"))) for i in range(8, 16)]
+        await asyncio.sleep(0.1)
+        assert len(engine.calls) == 2
+        with pytest.raises(QueueFull):
+            await batcher.submit(GenerationRequest("one too many"))
+        engine.finish_gate.set()
+        assert [(await future).result for future in first + queued] == [f"result of p{i}" for i in range(16)]
+
+    assert len(run(scenario, max_queue=8)) == 4

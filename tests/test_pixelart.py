@@ -9,6 +9,8 @@ from PIL import Image
 from skimage import data
 
 from service.pixelart import (
+    MERGE_DISTANCE,
+    _merge_closest,
     QualitySignals,
     palette_hex,
     quality_signals,
@@ -131,6 +133,39 @@ def test_max_colors_caps_the_palette_by_merging_the_closest_colours():
     assert len({tuple(c) for c in np.asarray(full)[changed]}) in (1, 2)
     with pytest.raises(ValueError, match="max_colors"):
         snap_to_grid(render, max_colors=0)
+
+
+def merge_by_full_recompute(sums: np.ndarray, counts: np.ndarray, limit: int) -> np.ndarray:
+    """The merge rule written the slow, obvious way: all pairwise distances again after every merge."""
+    sums, counts, alive = sums.copy(), counts.copy(), list(range(len(counts)))
+    merged_into = np.arange(len(counts))
+    while len(alive) > 1:
+        centres = sums[alive] / counts[alive, None]
+        gaps = np.linalg.norm(centres[:, None] - centres[None, :], axis=-1)
+        np.fill_diagonal(gaps, np.inf)
+        a, b = np.unravel_index(np.argmin(gaps), gaps.shape)
+        if gaps[a, b] >= MERGE_DISTANCE and len(alive) <= limit:
+            break
+        keep, drop = alive[a], alive.pop(b)
+        sums[keep] += sums[drop]
+        counts[keep] += counts[drop]
+        merged_into[merged_into == drop] = keep
+    return merged_into
+
+
+@pytest.mark.parametrize("colours", ["continuous", "lattice (exact ties)"])
+def test_incremental_merge_equals_the_full_recompute(colours):
+    """Clusters of 1-4 members, as clean_palette's seeds give; a lattice of colours gives exact ties."""
+    rng = np.random.default_rng(5)
+    for trial in range(400):
+        n = int(rng.integers(0, 60))
+        counts = rng.integers(1, 5, n)
+        members = [rng.uniform(0, 255, (m, 3)) if colours == "continuous" else rng.integers(0, 7, (m, 3)) * 40.0
+                   for m in counts]
+        sums = np.array([m.sum(axis=0) for m in members]).reshape(n, 3)
+        limit = [n, 1, 3, 8][trial % 4]
+        expected = merge_by_full_recompute(sums, counts.astype(float), limit)
+        assert np.array_equal(_merge_closest(sums.copy(), counts.astype(float), limit), expected)
 
 
 # --- upscaling ----------------------------------------------------------------------------------
