@@ -60,7 +60,8 @@ class Settings(BaseSettings):
         "Start-up compiles once per batch-size bucket; the compile cache is kept on disk (compile_cache_dir).",
     )
     compile_cache_dir: Path = Field(
-        Path(".cache/torch-compile"), description="Inductor/Triton cache, reused by the next start (and cog image)."
+        Path(".cache/torch-compile"), description="Inductor/Triton cache, reused by the next start on this disk (a fresh "
+        "machine: compile_artifacts)."
     )
     compile_artifacts: Path | None = Field(
         None, description="Portable compile cache (torch.compiler.save_cache_artifacts) loaded before compiling, so a "
