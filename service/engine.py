@@ -225,7 +225,7 @@ class Engine:
         for request in requests:
             self.check_request(request)
         jobs = [self._resolve(index, request) for index, request in enumerate(requests)]
-        rendered = {job.request_index: Rendered(job) for job in jobs}
+        rendered = [Rendered(job) for job in jobs]  # job.request_index is its place in this list
         timings = {"pipeline_s": 0.0}  # shared by the batch's requests: they waited for the same calls
         total_steps = sum(job.steps for job in {job.group_key: job for job in jobs}.values())
         done_steps = 0
@@ -246,9 +246,9 @@ class Engine:
                     result = rendered[job.request_index]
                     result.smooth = [self.upscaler.upscale(raw, self.settings.output_size) for raw in result.raws]
                 timings["upscale_s"] = timings.get("upscale_s", 0.0) + time.perf_counter() - started
-        for result in rendered.values():
+        for result in rendered:
             result.timings = dict(timings)
-        return [rendered[job.request_index] for job in jobs]
+        return rendered
 
     def finish(self, rendered: Rendered) -> GenerationResult:
         """The CPU half: snap each raw image to the grid and upscale it. Pure numpy and Pillow, so any
