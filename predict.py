@@ -24,7 +24,7 @@ from PIL import Image
 
 from service.config import MAX_IMAGES, Settings
 from service.engine import Engine, GeneratedImage, GenerationRequest
-from service.fetch import fetch_weights_from_env
+from service.weights.fetch import fetch_weights_from_env
 from service.pixelart import upscale
 
 FORMATS = {"png": ("PNG", {"optimize": True}), "webp": ("WEBP", {"lossless": True, "quality": 100, "method": 6})}

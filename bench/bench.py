@@ -163,7 +163,7 @@ def throughput(args: argparse.Namespace, env: dict[str, str], clients: int = 8) 
     port = free_port()
     started = time.perf_counter()
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.api:app", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "uvicorn", "service.http.app:app", "--host", "127.0.0.1", "--port", str(port)],
         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -209,7 +209,7 @@ def throughput(args: argparse.Namespace, env: dict[str, str], clients: int = 8) 
 def prepare_weights(args: argparse.Namespace) -> None:
     import torch
 
-    from service.smoke import build_full_size_pipeline, build_smoke_pipeline, save_random_model
+    from devtools.smoke import build_full_size_pipeline, build_smoke_pipeline, save_random_model
 
     if (args.weights / "bespoke_punks.safetensors").is_file():
         return

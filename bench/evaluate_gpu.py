@@ -16,8 +16,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from service.kohya import kohya_metadata, random_kohya_lora  # noqa: E402
-from service.smoke import build_full_size_pipeline, save_random_model  # noqa: E402
+from devtools.random_lora import kohya_metadata, random_kohya_lora  # noqa: E402
+from devtools.smoke import build_full_size_pipeline, save_random_model  # noqa: E402
 
 
 def main(out: Path) -> None:

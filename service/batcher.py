@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from service.engine import GenerationRequest, GenerationResult, Rendered
-from service.metrics import Metrics
+from service.http.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,16 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from service import config, evaluate, lora_report, weights
+from service import config
+
+from service.lora import evaluate
+
+from service.lora import report as lora_report
+
+from service.weights import commands as weights
 from service.config import Settings
 from service.errors import WeightsError
-from service.lora import LoraError
+from service.lora.inspect import LoraError
 
 if TYPE_CHECKING:
     from service.engine import GenerationResult
@@ -88,13 +94,6 @@ def compile_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_smoke(args: argparse.Namespace) -> int:
-    from service.smoke import save_smoke_model
-
-    print(save_smoke_model(args.dir))
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m service", description="Bespoke punks: 24x24 pixel-art portraits.")
     commands = root.add_subparsers(dest="command", required=True)
@@ -114,10 +113,6 @@ def parser() -> argparse.ArgumentParser:
                                 "compile cache that later starts load (PUNKS_COMPILE=true)")
     cache.add_argument("-o", "--output", type=Path, help="default: PUNKS_COMPILE_ARTIFACTS or weights/torch-compile-artifacts.bin")
     cache.set_defaults(run=compile_cache)
-
-    smoke = commands.add_parser("smoke-model", help="build and save the tiny random smoke model and its LoRA")
-    smoke.add_argument("--dir", type=Path, default=Settings().smoke_dir)
-    smoke.set_defaults(run=build_smoke)
 
     lora_report.add_commands(commands)
     weights.add_commands(commands)

@@ -13,6 +13,11 @@ SCHEDULERS = get_args(Scheduler)
 UPSCALERS = ("nearest", "realesrgan")
 UpscalerName = Literal["nearest", "realesrgan"]
 
+# SD1.5's small config JSONs and CLIP tokenizer files, shipped in the package so that single-file checkpoints
+# load with no hub access.
+SD15_CONFIG_DIR = Path(__file__).parent / "sd15_config"
+CLIP_VOCABULARY_SIZE = 49408  # entries of SD1.5's CLIP tokenizer
+
 # Bounds shared by every surface (CLI, FastAPI, Cog) so they reject the same inputs.
 MIN_STEPS, MAX_STEPS = 1, 100
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 20.0

@@ -20,9 +20,11 @@ from PIL import Image
 from service import config
 from service.acceleration import accelerate, bucket_size
 from service.config import Settings
-from service.loading import WeightsSource, fuse_lora, load_base_pipeline, resolve_weights, set_scheduler
-from service.lora import LoraInfo
-from service.lora_switch import LoraSwitcher, check_loras, find_loras
+from service.weights.resolve import WeightsSource, resolve_weights
+from service.lora.fuse import fuse_lora
+from service.loading import load_base_pipeline, set_scheduler
+from service.lora.inspect import LoraInfo
+from service.lora.switch import LoraSwitcher, check_loras, find_loras
 from service.pixelart import PixelArt, to_pixel_art
 from service.prompts import NEGATIVE_PROMPT, PromptTokens, chunk_input_ids, tokenize_negative, tokenize_prompt
 from service.upscale import Upscaler, load_upscaler

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from service.config import Settings
-from service.smoke import save_smoke_model
+from devtools.smoke import save_smoke_model
 
 TEST_STEPS = 2  # enough to exercise the scheduler; the smoke model's images are noise anyway
 

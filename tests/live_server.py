@@ -64,10 +64,10 @@ def thread_server(app: FastAPI, ready: bool = True) -> Iterator[str]:
 
 @contextmanager
 def subprocess_server(env: dict[str, str]) -> Iterator[str]:
-    """`python -m uvicorn service.api:app`, exactly as deployed."""
+    """`python -m uvicorn service.http.app:app`, exactly as deployed."""
     with _loopback_socket() as sock:
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "uvicorn", "service.api:app", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "uvicorn", "service.http.app:app", "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(command, cwd=ROOT, env=env | {"PYTHONPATH": str(ROOT)})
     try:
         wait_ready(f"http://127.0.0.1:{port}", process)

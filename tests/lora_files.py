@@ -41,7 +41,7 @@ def sdxl_modules() -> dict[str, tuple[int, int]]:
 
 def sd15_full_modules() -> dict[str, tuple[int, int]]:
     """Every module of a full kohya SD1.5 LoRA (192 UNet + 72 text encoder)."""
-    from service.lora_layout import sd15_modules
+    from service.lora.layout import sd15_modules
 
     return sd15_modules()
 

@@ -1,6 +1,6 @@
 """The HTTP API end to end: real uvicorn servers on loopback, the smoke model, httpx as the client.
 
-`deployed` is `python -m uvicorn service.api:app` as a subprocess with the default settings; the
+`deployed` is `python -m uvicorn service.http.app:app` as a subprocess with the default settings; the
 others run in a thread with an injected engine (a SpyEngine around the session's smoke engine,
 generating 256 px in 1 step) so tests can count, hold and fail engine calls.
 """
@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
 
 from service import config
-from service.api import create_app
+from service.http.app import create_app
 from service.config import Settings
 from service.engine import MAX_SEED, Engine
 from tests.live_server import SpyEngine, ThreadServer, subprocess_server, thread_server, wait_ready

@@ -9,7 +9,7 @@ import pytest
 
 from service.batcher import Batcher, GenerationFailed, QueueFull, ShuttingDown
 from service.engine import GenerationRequest
-from service.metrics import Metrics
+from service.http.metrics import Metrics
 
 
 class FakeEngine:

@@ -9,17 +9,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from service.config import Settings
-from service.kohya import kohya_targets
-from service.loading import (
-    WeightsError,
-    check_lora_matches_model,
-    count_lora_layers,
-    fuse_lora,
-    load_base_pipeline,
-    resolve_weights,
-)
-from service.lora import LoraError, inspect_lora
-from service.smoke import SMOKE_FOLDER, SMOKE_LORA, SMOKE_SINGLE_FILE
+from service.lora.fuse import kohya_targets
+from service.loading import WeightsError, load_base_pipeline
+from service.lora.fuse import check_lora_matches_model, count_lora_layers, fuse_lora
+from service.weights.resolve import resolve_weights
+from service.lora.inspect import LoraError, inspect_lora
+from devtools.smoke import SMOKE_FOLDER, SMOKE_LORA, SMOKE_SINGLE_FILE
 from tests.lora_files import sdxl_modules, write_lora
 
 ATTENTION = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.lora import LoraError, check_sd15_lora, inspect_lora
+from service.lora.inspect import LoraError, check_sd15_lora, inspect_lora
 from tests.lora_files import SD15_CROSS_ATTENTION, sd15_modules, sdxl_modules, write_lora
 
 SD1_METADATA = {"ss_base_model_version": "sd_v1", "ss_network_dim": "32", "ss_network_alpha": "16"}

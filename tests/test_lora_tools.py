@@ -12,18 +12,11 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
-from service import lora_report
-from service.evaluate import (
-    TILE,
-    background_adherence,
-    background_colour,
-    image_score,
-    load_prompts,
-    tile_box,
-)
-from service.kohya import kohya_metadata
-from service.lora import LoraError, check_sd15_lora, inspect_lora
-from service.lora_layout import sd15_lora_bytes, sd15_modules
+from service.lora import report as lora_report
+from service.lora.evaluate import TILE, background_adherence, background_colour, image_score, load_prompts, tile_box
+from devtools.random_lora import kohya_metadata
+from service.lora.inspect import LoraError, check_sd15_lora, inspect_lora
+from service.lora.layout import sd15_lora_bytes, sd15_modules
 from service.pixelart import QualitySignals
 from tests.lora_files import sd15_full_modules, sd15_modules as small_sd15, sdxl_full_unet_sample, write_locon, write_lora
 
@@ -74,8 +67,8 @@ def test_sd15_layout_is_kohyas_module_list_of_the_real_sd15():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from service.kohya import kohya_targets
-    from service.paths import SD15_CONFIG_DIR
+    from service.lora.fuse import kohya_targets
+    from service.config import SD15_CONFIG_DIR
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(json.loads((SD15_CONFIG_DIR / "unet" / "config.json").read_text()))
@@ -280,8 +273,8 @@ def other_lora(tmp_path_factory) -> Path:
     """A second random checkpoint for the smoke model (another seed): images visibly differ."""
     from safetensors.torch import save_file as save_torch
 
-    from service.kohya import random_kohya_lora
-    from service.smoke import build_smoke_pipeline
+    from devtools.random_lora import random_kohya_lora
+    from devtools.smoke import build_smoke_pipeline
 
     path = tmp_path_factory.mktemp("loras") / "other.safetensors"
     save_torch(random_kohya_lora(build_smoke_pipeline(), seed=1), str(path), metadata=kohya_metadata(32, 16, ss_epoch="9"))
@@ -386,7 +379,7 @@ def test_engine_without_lora_folder_refuses_any_name(switching_engine):
 
 
 def test_wrong_lora_in_the_folder_fails_at_startup(switching_engine, runs):
-    from service.lora_switch import check_loras, find_loras
+    from service.lora.switch import check_loras, find_loras
 
     assert find_loras(runs["dim128"].parent) == {p.stem: p for p in runs.values()}
     with pytest.raises(LoraError, match="SDXL"):

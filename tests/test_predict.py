@@ -26,10 +26,10 @@ import yaml
 from PIL import Image
 
 from service import config
-from service.cog_schema import ROOT, SCHEMA_PATH, build_schema, is_current
+from devtools.cog_schema import ROOT, SCHEMA_PATH, build_schema, is_current
 from service.config import Settings
 from service.engine import MAX_SEED
-from service.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec, redact
+from service.weights.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec, redact
 from service.errors import WeightsError
 
 GRID = 24
@@ -269,7 +269,7 @@ def test_dockerfile():
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
     assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", text, re.M)
-    assert 'CMD ["uvicorn", "service.api:app", "--host", "0.0.0.0", "--port", "8000"]' in instructions[-1]
+    assert 'CMD ["uvicorn", "service.http.app:app", "--host", "0.0.0.0", "--port", "8000"]' in instructions[-1]
     assert "PUNKS_WEIGHTS_DIR=/app/weights" in text
     assert "weights" in (ROOT / "Dockerfile.dockerignore").read_text().split()
 

@@ -1,6 +1,6 @@
 from transformers import CLIPTokenizer
 
-from service.paths import SD15_CONFIG_DIR
+from service.config import SD15_CONFIG_DIR
 from service.prompts import (
     CHUNK_TOKENS,
     MAX_CHUNKS,

@@ -4,7 +4,7 @@ import json
 
 from transformers import CLIPTokenizer
 
-from service.paths import SD15_CONFIG_DIR
+from service.config import SD15_CONFIG_DIR
 from tests.clip_vocabulary import derive_clip_vocabulary
 
 TOKENIZER_DIR = SD15_CONFIG_DIR / "tokenizer"

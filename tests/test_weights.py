@@ -17,20 +17,10 @@ from huggingface_hub.utils import filter_repo_objects
 
 from service.cli import main
 from service.config import Settings
-from service.fetch import FetchError, WeightFile, fetch_weights
+from service.weights.fetch import FetchError, WeightFile, fetch_weights
 from service.loading import folder_variant, load_base_pipeline
-from service.smoke import SMOKE_FOLDER, SMOKE_LORA, SMOKE_SINGLE_FILE, build_smoke_pipeline
-from service.weights import (
-    MANIFEST,
-    SD15_FOLDER,
-    SD15_PATTERNS,
-    SINGLE_FILE_PREFIXES,
-    Source,
-    check,
-    check_base_model,
-    download,
-    read_manifest,
-)
+from devtools.smoke import SMOKE_FOLDER, SMOKE_LORA, SMOKE_SINGLE_FILE, build_smoke_pipeline
+from service.weights.commands import MANIFEST, SD15_FOLDER, SD15_PATTERNS, SINGLE_FILE_PREFIXES, Source, check, check_base_model, download, read_manifest
 
 REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 

@@ -17,8 +17,8 @@ import torch
 
 from service.config import Settings
 from service.engine import Engine, GenerationRequest
-from service.loading import count_lora_layers
-from service.smoke import build_full_size_pipeline, save_random_model, save_smoke_model
+from service.lora.fuse import count_lora_layers
+from devtools.smoke import build_full_size_pipeline, save_random_model, save_smoke_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 PROMPT = "lad with a red beanie, green background"

@@ -6,6 +6,7 @@ Same block structure as SD1.5 (4 down/up blocks, 2 layers each, cross-attention 
 CLIP text encoder with the real 49,408-token vocabulary), so kohya key names are the real ones.
 """
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -13,9 +14,9 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from service.checkpoint import save_ldm_checkpoint
-from service.kohya import kohya_metadata, random_kohya_lora
-from service.paths import SD15_CONFIG_DIR
+from devtools.checkpoint import save_ldm_checkpoint
+from devtools.random_lora import kohya_metadata, random_kohya_lora
+from service.config import SD15_CONFIG_DIR, Settings
 
 SMOKE_FOLDER = "stable-diffusion-v1-5"
 SMOKE_SINGLE_FILE = "v1-5-smoke.safetensors"
@@ -86,3 +87,9 @@ def ensure_smoke_model(folder: Path) -> Path:
     if not (folder / SMOKE_LORA).is_file():
         save_smoke_model(folder)
     return folder
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(prog="python -m devtools.smoke", description="Build and save the tiny random smoke model and its LoRA.")
+    cli.add_argument("--dir", type=Path, default=Settings().smoke_dir)
+    print(save_smoke_model(cli.parse_args().dir))

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from service.kohya import kohya_targets
-from service.loading import check_lora_matches_model, fuse_lora
-from service.lora import LoraError, LoraInfo, check_sd15_lora, inspect_lora
+from service.lora.fuse import kohya_targets
+from service.lora.fuse import check_lora_matches_model, fuse_lora
+from service.lora.inspect import LoraError, LoraInfo, check_sd15_lora, inspect_lora
 
 log = logging.getLogger(__name__)
 LORA_SUFFIX = ".safetensors"

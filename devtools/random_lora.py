@@ -1,28 +1,11 @@
-"""Kohya's SD1.x LoRA layout in torch terms: which layers it wraps, and how to write such a file."""
+"""Write kohya-format SD1.x LoRA files with random weights, for the smoke model, tests and benchmarks."""
 
 import json
 
 import torch
 from diffusers import StableDiffusionPipeline
 
-# Modules kohya's networks.lora wraps in SD1.x: every Linear / 1x1 Conv inside these blocks.
-UNET_LORA_PARENTS = ("Transformer2DModel",)
-TEXT_LORA_PARENTS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
-
-
-def kohya_targets(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
-    """kohya name -> module for every layer a kohya SD1.x LoRA wraps."""
-    targets = {}
-    for prefix, model, parents in (("lora_unet", pipe.unet, UNET_LORA_PARENTS), ("lora_te", pipe.text_encoder, TEXT_LORA_PARENTS)):
-        for parent_name, parent in model.named_modules():
-            if type(parent).__name__ not in parents:
-                continue
-            for child_name, child in parent.named_modules():
-                is_linear = isinstance(child, torch.nn.Linear)
-                is_pointwise_conv = isinstance(child, torch.nn.Conv2d) and child.kernel_size == (1, 1)
-                if child_name and (is_linear or is_pointwise_conv):
-                    targets[f"{prefix}_{_kohya_path(prefix, parent_name, child_name)}"] = child
-    return targets
+from service.lora.fuse import kohya_targets
 
 
 def random_kohya_lora(
@@ -56,11 +39,3 @@ def kohya_metadata(rank: int, alpha: float, base_model_version: str = "sd_v1", *
         "ss_tag_frequency": json.dumps({"punks": {"pixel art": 203, "24x24": 203, "bespoke punk": 203}}),
         **extra,
     }
-
-
-def _kohya_path(prefix: str, parent_name: str, child_name: str) -> str:
-    """kohya names CLIP layers from CLIPTextModel's old text_model.* paths, which transformers 5 dropped."""
-    path = f"{parent_name}.{child_name}"
-    if prefix == "lora_te" and not path.startswith("text_model."):
-        path = "text_model." + path
-    return path.replace(".", "_")

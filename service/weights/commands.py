@@ -22,8 +22,8 @@ from typing import Literal
 
 from service.config import Settings
 from service.errors import WeightsError
-from service.fetch import FetchError, WeightFile, fetch_weights, redact, sha256_of, split_sha256
-from service.lora import LoraError, check_sd15_lora, inspect_lora, read_safetensors_header
+from service.weights.fetch import FetchError, WeightFile, fetch_weights, redact, sha256_of, split_sha256
+from service.lora.inspect import LoraError, check_sd15_lora, inspect_lora, read_safetensors_header
 
 SD15_FOLDER = "stable-diffusion-v1-5"
 MANIFEST = "manifest.json"

@@ -9,8 +9,8 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-from service.lora import FAMILY_NAMES, LoraInfo, inspect_lora
-from service.lora_layout import SD15_DIM, sd15_lora_bytes, sd15_modules
+from service.lora.inspect import FAMILY_NAMES, LoraInfo, inspect_lora
+from service.lora.layout import SD15_DIM, sd15_lora_bytes, sd15_modules
 
 UNKNOWN = "unknown"
 TARGET_NAMES = {"unet": "UNet", "te": "text encoder", "te1": "text encoder 1", "te2": "text encoder 2"}

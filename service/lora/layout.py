@@ -10,7 +10,7 @@ import json
 from functools import cache
 from pathlib import Path
 
-from service.paths import SD15_CONFIG_DIR
+from service.config import SD15_CONFIG_DIR
 
 SD15_DIM = 32  # the rank that worked (see the training analysis)
 

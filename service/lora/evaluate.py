@@ -2,7 +2,7 @@
 
 The base model is loaded once; each checkpoint is fused in turn through the engine's LoRA switching
 (restore the base weights of the LoRA layers, fuse the next file: every module checked, no wrappers left).
-Every checkpoint draws the same prompts (service/data/eval_prompts.txt) with the same seeds.
+Every checkpoint draws the same prompts (service/lora/eval_prompts.txt) with the same seeds.
 
 Per image score, in 0..1 (a weighted mean of the signals that apply):
   0.30 * is_pixel_art (the snapper's verdict: 1 or 0)
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from service.pixelart import MAX_PALETTE_SIZE, QualitySignals
 
-PROMPTS_FILE = Path(__file__).parent / "data" / "eval_prompts.txt"
+PROMPTS_FILE = Path(__file__).parent / "eval_prompts.txt"
 DEFAULT_SEEDS = (42,)
 WEIGHTS = {"is_pixel_art": 0.30, "grid_fit": 0.20, "edge_alignment": 0.15, "palette": 0.15, "background": 0.20}
 GOOD_PALETTE = 16  # real punks use a handful of colours; up to this many costs nothing
@@ -281,8 +281,8 @@ def add_command(commands) -> None:
 def run(args) -> int:
     from service.config import Settings
     from service.engine import Engine
-    from service.loading import resolve_weights
-    from service.lora_switch import find_loras
+    from service.weights.resolve import resolve_weights
+    from service.lora.switch import find_loras
 
     settings = Settings()
     prompts = load_prompts(args.prompts)

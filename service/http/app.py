@@ -1,4 +1,4 @@
-"""HTTP API: `uvicorn service.api:app`. Thin on purpose: parse the request, queue it for the engine
+"""HTTP API: `uvicorn service.http.app:app`. Thin on purpose: parse the request, queue it for the engine
 (service/batcher.py groups concurrent requests on the one GPU thread), encode the result.
 
 The engine loads in the background at start-up, so /healthz answers at once and /readyz says 503
@@ -26,9 +26,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.batcher import Batcher, Done, GenerationFailed, QueueFull, ShuttingDown
 from service.config import Settings
 from service.engine import Engine, GeneratedImage
-from service.metrics import Metrics
-from service.middleware import BodyLimit, RequestMetrics
-from service.schemas import GenerateRequest, GenerateResponse, ImageOut, OutputFormat, Quality, Timings
+from service.http.metrics import Metrics
+from service.http.middleware import BodyLimit, RequestMetrics
+from service.http.schemas import GenerateRequest, GenerateResponse, ImageOut, OutputFormat, Quality, Timings
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,53 @@
+"""Which weights to load: the configured SD1.5 + LoRA files, or (allowed on development machines only) the
+tiny random smoke model, announced loudly. A missing file fails here, at start-up, naming it and where it goes."""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.config import SD15_CONFIG_DIR, Settings
+from service.errors import WeightsError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_HELP = (
+    "Put SD1.5 at {weights}/stable-diffusion-v1-5/ (diffusers folder) or {weights}/v1-5-pruned-emaonly.safetensors, "
+    "and the dim-32 LoRA at {weights}/bespoke_punks.safetensors (or set PUNKS_BASE_MODEL / PUNKS_LORA). "
+    "With internet: `python -m service weights download`; to check: `python -m service weights check`."
+)
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    base_model: Path
+    lora: Path
+    is_smoke: bool
+    config_dir: Path  # diffusers configs used for a single-file checkpoint
+
+
+def resolve_weights(settings: Settings) -> WeightsSource:
+    """Pick real weights when present; else the smoke model (if allowed), announced loudly."""
+    help_text = WEIGHTS_HELP.format(weights=settings.weights_dir)
+    base = next((p for p in settings.base_model_candidates() if p.exists()), None)
+    lora = settings.lora_path()
+    if base is not None and lora.is_file():
+        return WeightsSource(base_model=base, lora=lora, is_smoke=False, config_dir=SD15_CONFIG_DIR)
+    missing = [str(p) for p in settings.base_model_candidates()] if base is None else []
+    missing += [] if lora.is_file() else [str(lora)]
+    explicitly_configured = settings.base_model is not None or settings.lora is not None
+    if explicitly_configured or not settings.allow_smoke_model:
+        raise WeightsError(f"missing weights: {' / '.join(missing)}. {help_text}")
+    log.warning(
+        "=" * 78 + "\nNO REAL WEIGHTS (%s not found): using the tiny RANDOM smoke model.\n"
+        "Its images are NOT meaningful. %s\n" + "=" * 78,
+        ", ".join(missing),
+        help_text,
+    )
+    try:
+        from devtools.smoke import SMOKE_FOLDER, SMOKE_LORA, ensure_smoke_model  # not in the GPU images
+    except ImportError:
+        raise WeightsError(f"missing weights: {' / '.join(missing)} (and no smoke model in this install). {help_text}") from None
+    folder = ensure_smoke_model(settings.smoke_dir)
+    return WeightsSource(
+        base_model=folder / SMOKE_FOLDER, lora=folder / SMOKE_LORA, is_smoke=True, config_dir=folder / SMOKE_FOLDER
+    )
