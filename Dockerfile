@@ -9,7 +9,7 @@
 # Any PUNKS_* setting can be passed with -e, e.g. -e PUNKS_LORA_SCALE=0.8; PUNKS_WEIGHTS_URLS works here
 # too if the mount is writable (weights/README.md).
 #
-# torch==2.13.0 (requirements-gpu.txt) ships its own CUDA 13.0 libraries as wheels, so the CUDA "base"
+# torch==2.13.0 (requirements/gpu.txt, generated from pyproject.toml by `make lock`) ships its own CUDA 13.0 libraries as wheels, so the CUDA "base"
 # flavour is enough (the "runtime" flavour would add a second copy of cuBLAS/cuDNN, ~2 GB).
 # Host: an NVIDIA driver >= 580 (CUDA 13.0) and the NVIDIA container toolkit.
 FROM nvidia/cuda:13.0.2-base-ubuntu24.04
@@ -28,11 +28,16 @@ RUN apt-get update \
     && python3.12 -m venv /opt/venv
 
 WORKDIR /app
-# Pinned dependencies first: this layer is reused as long as requirements-gpu.txt does not change.
-COPY requirements-gpu.txt ./
-RUN pip install -r requirements-gpu.txt
+# Pinned dependencies first: this layer is reused as long as requirements/gpu.txt does not change.
+COPY requirements/gpu.txt requirements/
+RUN pip install -r requirements/gpu.txt
 
+# Then the package itself (for the `punks` console script), without dependencies: they are all pinned above.
+# Only service/ is copied: devtools/, tests/ and bench/ are development-only (Dockerfile.dockerignore too).
+# setuptools comes from requirements/gpu.txt (torch needs it on Python 3.12), so nothing is resolved here.
+COPY pyproject.toml ./
 COPY service/ service/
+RUN pip install --no-deps --no-build-isolation . && rm -rf build *.egg-info
 
 # Non-root. It may write only the weights mount point and .cache (e.g. PUNKS_COMPILE_CACHE_DIR's default).
 RUN useradd --system --uid 10001 --home-dir /home/punks --create-home punks \

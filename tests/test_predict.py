@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from service import config
@@ -235,43 +234,6 @@ def test_input_bounds_are_the_shared_ones(schema: dict):
 
 def requirement_lines(path: Path) -> list[str]:
     return [line.split("#")[0].strip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
-
-
-def test_gpu_requirements_are_one_self_contained_pinned_file():
-    gpu = requirement_lines(ROOT / "requirements-gpu.txt")
-    assert not [line for line in gpu if line.startswith("-")], "cog rejects -r/-c of local files: inline the pins"
-    assert all("==" in line for line in gpu), "every GPU requirement must be pinned"
-    for other in ("requirements.txt", "requirements-upscale.txt"):  # the image serves the optional upscaler too
-        missing = [line for line in requirement_lines(ROOT / other) if line not in gpu]
-        assert not missing, f"requirements-gpu.txt lacks {missing} from {other}: copy those lines into it"
-    cpu_torch = next(line for line in requirement_lines(ROOT / "requirements-cpu.txt") if line.startswith("torch=="))
-    assert "torch==" + cpu_torch.split("==")[1].split("+")[0] in gpu, "CPU and GPU torch versions differ"
-
-
-def test_cog_yaml():
-    import cog
-
-    cog_yaml = yaml.safe_load((ROOT / "cog.yaml").read_text())
-    build = cog_yaml["build"]
-    assert build["gpu"] is True and build["cuda"] == "13.0"
-    assert build["python_version"] in ("3.10", "3.11", "3.12", "3.13")
-    assert (ROOT / build["python_requirements"]).is_file()
-    assert build["sdk_version"] == cog.__version__
-    assert cog_yaml["run"] == "predict.py:Runner" and "predict" not in cog_yaml
-    assert "PUNKS_ALLOW_SMOKE_MODEL=false" in cog_yaml["environment"]
-
-
-def test_dockerfile():
-    text = (ROOT / "Dockerfile").read_text()
-    instructions = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert instructions[0].startswith("FROM nvidia/cuda:13.0")
-    assert "RUN pip install -r requirements-gpu.txt" in text
-    users = [line.split()[1] for line in instructions if line.startswith("USER ")]
-    assert users and users[-1] not in ("root", "0")
-    assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", text, re.M)
-    assert 'CMD ["uvicorn", "service.http.app:app", "--host", "0.0.0.0", "--port", "8000"]' in instructions[-1]
-    assert "PUNKS_WEIGHTS_DIR=/app/weights" in text
-    assert "weights" in (ROOT / "Dockerfile.dockerignore").read_text().split()
 
 
 # --- through the real cog server -----------------------------------------------------------------------
