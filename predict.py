@@ -20,14 +20,11 @@ import time
 from pathlib import Path as FsPath
 
 from cog import BaseRunner, Input, Path
-from PIL import Image
 
-from service.config import MAX_IMAGES, Settings
-from service.engine import Engine, GeneratedImage, GenerationRequest
+from service.config import Settings
+from service.delivery import describe, encode_images, warnings
+from service.engine import Engine, GenerationRequest
 from service.weights.fetch import fetch_weights_from_env
-from service.pixelart import upscale
-
-FORMATS = {"png": ("PNG", {"optimize": True}), "webp": ("WEBP", {"lossless": True, "quality": 100, "method": 6})}
 
 
 class Runner(BaseRunner):
@@ -55,17 +52,24 @@ class Runner(BaseRunner):
             description="Random seed; leave empty for a random one. Image i (0-based) uses seed + i, so a seed gives the same image whatever num_outputs is. The seeds are printed in the logs.",
         ),
         num_outputs: int = Input(default=1, ge=1, le=4, description="Number of portraits."),
-        steps: int = Input(default=25, ge=1, le=100, description="Denoising steps."),
-        guidance: float = Input(default=7.5, ge=0.0, le=20.0, description="Classifier-free guidance scale."),
-        output_size: int = Input(
-            default=1024,
+        steps: int | None = Input(
+            default=None, ge=1, le=100, description="Denoising steps; empty: the deployment's PUNKS_STEPS (25)."
+        ),
+        guidance: float | None = Input(
+            default=None,
+            ge=0.0,
+            le=20.0,
+            description="Classifier-free guidance scale; empty: the deployment's PUNKS_GUIDANCE (7.5).",
+        ),
+        output_size: int | None = Input(
+            default=None,
             ge=24,
             le=4096,
-            description="Side of each delivered image in px. At 1024 the 24 cells are 42 or 43 px wide, unless integer_scale is set.",
+            description="Side of each delivered image in px; empty: the deployment's PUNKS_OUTPUT_SIZE (1024). At 1024 the 24 cells are 42 or 43 px wide, unless integer_scale is set.",
         ),
-        integer_scale: bool = Input(
-            default=False,
-            description="Make every cell exactly floor(output_size / 24) px; the image is then a little smaller than output_size (1008 px for 1024).",
+        integer_scale: bool | None = Input(
+            default=None,
+            description="Make every cell exactly floor(output_size / 24) px; the image is then a little smaller than output_size (1008 px for 1024). Empty: the deployment's PUNKS_INTEGER_SCALE (false).",
         ),
         return_sprites: bool = Input(
             default=False,
@@ -81,67 +85,36 @@ class Runner(BaseRunner):
     ) -> list[Path]:
         """The full-size images in seed order, then (with return_sprites) their sprites, then (with upscaler
         realesrgan) the smooth upscales, each in the same order."""
-        # Bad values raise ValueError naming the field (engine: GenerationRequest.check): coglet reports a
-        # failed prediction with that message. The schema rejects them with a 422 before they get here.
-        # The inputs named differently from the engine's are checked here, under their Cog names.
-        if not 1 <= num_outputs <= MAX_IMAGES:
-            raise ValueError(f"num_outputs: must be between 1 and {MAX_IMAGES}")
-        if not 24 <= output_size <= 4096:
-            raise ValueError("output_size: must be between 24 and 4096")
-        if output_format not in FORMATS:
-            raise ValueError(f"output_format: must be one of {', '.join(FORMATS)}")
+        # The schema rejects out-of-bounds values with a 422 before they get here; without it (or for what it
+        # cannot say) GenerationRequest.check raises RequestError naming the field: a failed prediction.
         request = GenerationRequest(
-            prompt=prompt, seed=seed, num_images=num_outputs, steps=steps, guidance=guidance,
-            lora=lora or None, upscaler=upscaler,
+            prompt=prompt, seed=seed, num_outputs=num_outputs, steps=steps, guidance=guidance, lora=lora or None,
+            upscaler=upscaler, output_size=output_size, integer_scale=integer_scale,
+            output_format=output_format, return_sprites=return_sprites,  # type: ignore[arg-type]  # schema: choices
         )
-
         started = time.perf_counter()
         result = self.engine.generate(request)
-        if result.dropped_words:
-            print(f"warning: prompt too long for CLIP, dropped: {result.dropped_words!r}")
-        if self.engine.weights.is_smoke:
-            print("warning: SMOKE MODEL (no real weights found): the images are random noise")
-
-        folder = self._new_output_folder()
-        images, sprites, smooth = [], [], []
+        for note in warnings(result, self.engine.is_smoke):
+            print(f"warning: {note}")
         for index, image in enumerate(result.images, start=1):
-            print(_describe(index, image))
-            full_size = self._full_size(image, output_size, integer_scale)
-            images.append(self._save(full_size, folder / f"punk-{index}", output_format))
-            if return_sprites:
-                sprites.append(self._save(image.art.sprite, folder / f"punk-{index}.sprite", output_format))
-            if image.smooth is not None:
-                smooth.append(self._save(image.smooth, folder / f"punk-{index}.smooth", output_format))
+            print(f"image {index}: {describe(image)}")
+        encoded = encode_images(result.images, request.output_format, request.return_sprites)
+        folder = self._new_output_folder()
+        files = [(f"punk-{i}", item.image) for i, item in enumerate(encoded, start=1)]
+        files += [(f"punk-{i}.sprite", item.sprite) for i, item in enumerate(encoded, start=1) if item.sprite]
+        files += [(f"punk-{i}.smooth", item.smooth) for i, item in enumerate(encoded, start=1) if item.smooth]
+        outputs = []
+        for stem, data in files:
+            path = folder / f"{stem}.{request.output_format}"
+            path.write_bytes(data)
+            outputs.append(Path(path))
         self.record_metric("seeds", [image.seed for image in result.images])
         self.record_metric("pixel_art", [image.art.quality.is_pixel_art for image in result.images])
         print(f"generated {len(result.images)} image(s), {result.steps} steps, in {time.perf_counter() - started:.1f}s")
-        return images + sprites + smooth
-
-    def _full_size(self, image: GeneratedImage, size: int, integer_scale: bool) -> Image.Image:
-        settings = self.engine.settings
-        if (size, integer_scale) == (settings.output_size, settings.integer_scale):
-            return image.art.image  # the engine already made this one
-        return upscale(image.art.sprite, size=size, integer_scale=integer_scale)
+        return outputs
 
     def _new_output_folder(self) -> FsPath:
         """One folder per prediction; the previous ones (already sent by now) are removed."""
         for old in self._outputs.iterdir():
             shutil.rmtree(old, ignore_errors=True)
         return FsPath(tempfile.mkdtemp(dir=self._outputs))
-
-    @staticmethod
-    def _save(image: Image.Image, stem: FsPath, output_format: str) -> Path:
-        pil_format, options = FORMATS[output_format]
-        path = stem.with_name(f"{stem.name}.{output_format}")
-        image.save(path, pil_format, **options)
-        return Path(path)
-
-
-def _describe(index: int, image: GeneratedImage) -> str:
-    """One log line per image: its seed and the pixel-art quality signals."""
-    q = image.art.quality
-    verdict = "pixel art" if q.is_pixel_art else "NOT pixel art"
-    return (
-        f"image {index}: seed {image.seed}: {verdict} (grid fit {q.grid_fit:.2f}, "
-        f"edge alignment {q.edge_alignment:.2f}, {q.palette_size} colours)"
-    )

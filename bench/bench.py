@@ -82,7 +82,7 @@ def worker_engine(args: argparse.Namespace) -> dict:
     print(READY, flush=True)
 
     def request(seed: int, images: int = 1) -> bytes:
-        result = engine.generate(GenerationRequest(PROMPT, seed=seed, num_images=images, steps=args.steps))
+        result = engine.generate(GenerationRequest(PROMPT, seed=seed, num_outputs=images, steps=args.steps))
         return png_bytes(result.images[0].art.image)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,7 +101,7 @@ def render_by_batch(engine, args: argparse.Namespace, sizes: tuple[int, ...], re
     for size in sizes:
         seconds = []
         for seed in range(repeats):
-            requests = [GenerationRequest(PROMPT, seed=seed * 100 + first, num_images=min(MAX_IMAGES, size - first),
+            requests = [GenerationRequest(PROMPT, seed=seed * 100 + first, num_outputs=min(MAX_IMAGES, size - first),
                                           steps=args.steps) for first in range(0, size, MAX_IMAGES)]
             started = time.perf_counter()
             engine.render(requests)

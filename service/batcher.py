@@ -5,6 +5,9 @@ Requests that arrive while it is busy, or within `max_wait_s` of each other, sha
 engine call (up to `max_images` images): one pipeline call of 8 images costs far less than 8 calls.
 The engine's CPU half (snapping, `finish`) runs on other threads, so the GPU thread goes straight
 on to the next batch instead of waiting for it.
+
+Cancelling the task awaiting `submit` takes a queued request out of the queue unrendered; cancel it with
+the message CLIENT_GONE when its client hung up, so that metrics tell the two kinds of giving up apart.
 """
 
 import asyncio
@@ -19,6 +22,8 @@ from service.engine import GenerationRequest, GenerationResult, Rendered
 from service.http.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+CLIENT_GONE = "client_gone"  # the cancel message of a request whose client disconnected
 
 Render = Callable[[Sequence[GenerationRequest]], list[Rendered]]
 Finish = Callable[[Rendered], GenerationResult]
@@ -50,7 +55,7 @@ class _Pending:
 
 
 class Batcher:
-    """Create inside the running event loop; `close()` finishes the queued work, then stops."""
+    """Create inside the running event loop; `close()` finishes the queued work (within a bound), then stops."""
 
     def __init__(
         self, render: Render, finish: Finish, metrics: Metrics, executor: ThreadPoolExecutor, *,
@@ -71,14 +76,23 @@ class Batcher:
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()
         self._closing = False
+        self._running: list[_Pending] = []  # the batch on the GPU thread now
         self._executor = executor
         metrics.queue_depth.set_function(lambda: len(self._pending))
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="punks-batcher")
+        self._task.add_done_callback(self._stopped)
+
+    @property
+    def alive(self) -> bool:
+        """False once the scheduling task has ended: closed, or died of a bug (readiness must say so)."""
+        return not self._task.done()
 
     async def submit(self, request: GenerationRequest) -> Done:
         """Wait for the request's result. Cancelling (a timeout) while queued drops it from the queue."""
         if self._closing:
             raise ShuttingDown
+        if not self.alive:
+            raise GenerationFailed("the batcher stopped")
         if len(self._pending) >= self.max_queue:
             raise QueueFull
         item = _Pending(request, asyncio.get_running_loop().create_future())
@@ -86,15 +100,47 @@ class Batcher:
         self._wake.set()
         try:
             return await item.future
+        except asyncio.CancelledError as cancel:
+            if item in self._pending:  # never rendered: say why it was given up
+                reason = CLIENT_GONE if cancel.args == (CLIENT_GONE,) else "other"
+                self._metrics.unrendered.labels(reason).inc()
+            raise
         finally:
             if item in self._pending:
                 self._pending.remove(item)
 
-    async def close(self) -> None:
+    async def close(self, timeout_s: float | None = None) -> None:
+        """Take no new work; answer the queued work, for at most timeout_s (None: however long it takes).
+
+        At the deadline every request still waiting, queued or on the GPU, gets ShuttingDown. The batch on the
+        GPU thread cannot be interrupted: the thread finishes it after this returns and its results are dropped."""
         self._closing = True
         self._wake.set()
-        await self._task
-        await asyncio.gather(*self._finishing)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.wait([self._task])  # neither raises its error (logged by _stopped) nor cancels it
+                while self._finishing:
+                    await asyncio.wait(self._finishing)
+        except TimeoutError:
+            log.warning("shutdown: %d queued and %d started requests not answered within %gs get 503",
+                        len(self._pending), len(self._running) + len(self._finishing), timeout_s)
+            self._abandon(ShuttingDown())
+            self._task.cancel()
+            for task in self._finishing:
+                task.cancel()
+            await asyncio.gather(self._task, *self._finishing, return_exceptions=True)
+
+    def _stopped(self, task: asyncio.Task) -> None:
+        """The scheduling task ended: if by a bug, fail what waits now instead of letting it time out."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the batcher stopped; generation requests get 503 until the service restarts",
+                      exc_info=task.exception())
+            self._abandon(GenerationFailed("the batcher stopped"))
+
+    def _abandon(self, error: Exception) -> None:
+        for item in [*self._pending, *self._running]:
+            _settle(item.future, exception=error)
+        self._pending.clear()
 
     async def _serve(self) -> None:
         while self._pending or not self._closing:
@@ -127,7 +173,7 @@ class Batcher:
                 return
 
     def _queued_images(self) -> int:
-        return sum(item.request.num_images for item in self._pending)
+        return sum(item.request.num_outputs for item in self._pending)
 
     def _take(self) -> list[_Pending]:
         """The oldest requests that fit in max_images images (at least one, whatever its size).
@@ -140,20 +186,22 @@ class Batcher:
             queued = min(self._queued_images(), self.max_images)
             limit = max((size for size in self.batch_sizes if size <= queued), default=queued)
         batch, images = [], 0
-        while self._pending and (not batch or images + self._pending[0].request.num_images <= limit):
+        while self._pending and (not batch or images + self._pending[0].request.num_outputs <= limit):
             item = self._pending.popleft()
             batch.append(item)
-            images += item.request.num_images
+            images += item.request.num_outputs
         return batch
 
     async def _execute(self, batch: list[_Pending]) -> None:
         """Render the batch on the GPU thread, then hand each request to a finishing task and return."""
         started = time.perf_counter()
         requests = [item.request for item in batch]
-        self._metrics.batch_images.observe(sum(request.num_images for request in requests))
+        self._metrics.batch_images.observe(sum(request.num_outputs for request in requests))
+        self._running = batch
         try:
             rendered = await asyncio.get_running_loop().run_in_executor(self._executor, self._render, requests)
         except Exception as error:
+            self._running = []
             self._metrics.failures.inc()
             if len(batch) > 1:
                 # One bad request (or a batch too big for memory) must not fail its neighbours: retry each alone.
@@ -163,6 +211,7 @@ class Batcher:
                 return
             self._fail(batch[0], error)
             return
+        self._running = []
         for item, one in zip(batch, rendered, strict=True):
             task = asyncio.create_task(self._finish_one(item, one, queue_wait_s=started - item.queued_at))
             self._finishing.add(task)
@@ -179,7 +228,7 @@ class Batcher:
         else:
             _settle(item.future, result=Done(result, queue_wait_s=queue_wait_s))
         finally:  # interrupted (cancelled): answer anyway; a no-op when settled above
-            _settle(item.future, exception=GenerationFailed("interrupted"))
+            _settle(item.future, exception=ShuttingDown() if self._closing else GenerationFailed("interrupted"))
 
     @staticmethod
     def _fail(item: _Pending, error: Exception) -> None:

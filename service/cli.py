@@ -16,41 +16,45 @@ from service.lora import evaluate
 
 from service.lora import report as lora_report
 
-from service.weights import commands as weights
+from service.weights import cli as weights_cli
 from service.config import Settings
 from service.errors import WeightsError
 from service.lora.inspect import LoraError
 
 if TYPE_CHECKING:
-    from service.engine import GenerationResult
+    from service.engine import GenerationRequest, GenerationResult
 
 
-def write_outputs(result: "GenerationResult", output: Path) -> list[Path]:
+def write_outputs(result: "GenerationResult", request: "GenerationRequest", output: Path) -> list[Path]:
     """out.png (upscaled), out.sprite.png (grid x grid), out.smooth.png (upscaler realesrgan) and out.json per
-    image; -1, -2 ... when several."""
+    image; -1, -2 ... when several. Encoded by service/delivery.py, as the HTTP API and Cog encode them."""
+    from service.delivery import encode_images, summary
+
+    fmt = request.output_format
+    result_summary = summary(result)
     written = []
-    summary = result.summary()
-    for index, image in enumerate(result.images, start=1):
+    for index, image in enumerate(encode_images(result.images, fmt, sprites=True), start=1):
         stem = output.with_suffix("") if len(result.images) == 1 else output.with_name(f"{output.stem}-{index}")
-        paths = [stem.with_suffix(".png"), stem.with_suffix(".sprite.png"), stem.with_suffix(".json")]
-        image.art.image.save(paths[0])
-        image.art.sprite.save(paths[1])
-        if image.smooth is not None:
-            paths.insert(2, stem.with_suffix(".smooth.png"))
-            image.smooth.save(paths[2])
-        paths[-1].write_text(json.dumps(summary | {"images": [summary["images"][index - 1]]}, indent=2) + "\n")
-        written += paths
+        files = [(f".{fmt}", image.image), (f".sprite.{fmt}", image.sprite), (f".smooth.{fmt}", image.smooth)]
+        files.append((".json", (json.dumps(result_summary | {"images": [image.summary]}, indent=2) + "\n").encode()))
+        for suffix, data in files:
+            if data is not None:
+                path = stem.with_name(stem.name + suffix)
+                path.write_bytes(data)
+                written.append(path)
     return written
 
 
 def generate(args: argparse.Namespace) -> int:
+    from service.delivery import describe, warnings
     from service.engine import Engine, GenerationRequest  # torch: imported only by the commands that need it
 
     request = GenerationRequest(
-        prompt=args.prompt, seed=args.seed, num_images=args.num_images, steps=args.steps, guidance=args.guidance,
-        upscaler=args.upscaler,
+        prompt=args.prompt, seed=args.seed, num_outputs=args.num_outputs, steps=args.steps, guidance=args.guidance,
+        upscaler=args.upscaler, output_size=args.output_size, integer_scale=args.integer_scale,
+        output_format=args.output_format,
     )
-    request.check()
+    request.check()  # before the slow load
     engine = Engine.load(Settings(upscaler=args.upscaler) if args.upscaler else Settings())
     with tqdm(total=1, unit="step", desc="generating") as bar:
 
@@ -60,16 +64,12 @@ def generate(args: argparse.Namespace) -> int:
 
         result = engine.generate(request, progress)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    for path in write_outputs(result, args.output):
+    for path in write_outputs(result, request, args.output):
         print(path)
-    if result.dropped_words:
-        print(f"warning: prompt too long for CLIP, dropped: {result.dropped_words!r}", file=sys.stderr)
     for image in result.images:
-        quality = image.art.quality
-        verdict = "pixel art" if quality.is_pixel_art else "NOT pixel art"
-        print(f"seed {image.seed}: {verdict} (grid fit {quality.grid_fit:.2f}, {quality.palette_size} colours)")
-    if engine.weights.is_smoke:
-        print("warning: made with the random SMOKE model, the image is not meaningful", file=sys.stderr)
+        print(describe(image))
+    for note in warnings(result, engine.is_smoke):
+        print(f"warning: {note}", file=sys.stderr)
     return 0
 
 
@@ -101,12 +101,18 @@ def parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate a portrait from a short description")
     gen.add_argument("prompt", help='e.g. "lad with a red beanie, green background"')
     gen.add_argument("--seed", type=int, help="random when omitted; printed and saved in the JSON")
-    gen.add_argument("--num-images", type=int, default=1, help=f"1-{config.MAX_IMAGES}")
+    gen.add_argument("--num-outputs", type=int, default=1, help=f"1-{config.MAX_IMAGES}")
     gen.add_argument("--steps", type=int, help=f"{config.MIN_STEPS}-{config.MAX_STEPS} (default PUNKS_STEPS)")
     gen.add_argument("--guidance", type=float, help=f"{config.MIN_GUIDANCE}-{config.MAX_GUIDANCE} (default PUNKS_GUIDANCE)")
     gen.add_argument("--upscaler", choices=config.UPSCALERS,
                      help="realesrgan: also out.smooth.png, the raw generation upscaled (default PUNKS_UPSCALER)")
-    gen.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG path (default out.png)")
+    gen.add_argument("--output-size", type=int, help=f"{config.MIN_OUTPUT_SIZE}-{config.MAX_OUTPUT_SIZE} px "
+                     "(default PUNKS_OUTPUT_SIZE)")
+    gen.add_argument("--integer-scale", action=argparse.BooleanOptionalAction,
+                     help="cells of exactly floor(output_size / 24) px (default PUNKS_INTEGER_SCALE)")
+    gen.add_argument("--output-format", choices=config.OUTPUT_FORMATS, default="png", help="lossless png (default) or webp")
+    gen.add_argument("-o", "--output", type=Path, default=Path("out.png"),
+                     help="output path; its suffix is replaced by the format's (default out.png)")
     gen.set_defaults(run=generate)
 
     cache = commands.add_parser("compile-cache", help="compile every batch bucket on this GPU and save the portable "
@@ -114,8 +120,15 @@ def parser() -> argparse.ArgumentParser:
     cache.add_argument("-o", "--output", type=Path, help="default: PUNKS_COMPILE_ARTIFACTS or weights/torch-compile-artifacts.bin")
     cache.set_defaults(run=compile_cache)
 
+    serve = commands.add_parser("serve", help="run the HTTP API with the PUNKS_* limits (host, port, timeouts, "
+                                "concurrency, bounded shutdown)")
+    serve.add_argument("--host", help="default PUNKS_HOST (127.0.0.1)")
+    serve.add_argument("--port", type=int, help="default PUNKS_PORT (8000)")
+    # imported when it runs: the other commands need neither uvicorn nor FastAPI
+    serve.set_defaults(run=lambda args: __import__("service.http.serve", fromlist=["main"]).main(args))
+
     lora_report.add_commands(commands)
-    weights.add_commands(commands)
+    weights_cli.add_commands(commands)
     evaluate.add_command(commands)
     return root
 

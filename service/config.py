@@ -12,17 +12,31 @@ Scheduler = Literal["dpm++", "euler_a", "euler", "ddim", "pndm"]
 SCHEDULERS = get_args(Scheduler)
 UPSCALERS = ("nearest", "realesrgan")
 UpscalerName = Literal["nearest", "realesrgan"]
+OutputFormat = Literal["png", "webp"]  # both lossless: a lossy codec would smear the flat cells
+OUTPUT_FORMATS = get_args(OutputFormat)
 
 # SD1.5's small config JSONs and CLIP tokenizer files, shipped in the package so that single-file checkpoints
 # load with no hub access.
 SD15_CONFIG_DIR = Path(__file__).parent / "sd15_config"
 CLIP_VOCABULARY_SIZE = 49408  # entries of SD1.5's CLIP tokenizer
 
+# Default names inside weights_dir: the Settings paths below, `weights download|check` and the start-up messages
+# all use these, so a file is looked for where it is put.
+SD15_FOLDER = "stable-diffusion-v1-5"  # diffusers layout
+SD15_FILE = "v1-5-pruned-emaonly.safetensors"  # single-file checkpoint
+LORA_FILE = "bespoke_punks.safetensors"
+LORAS_FOLDER = "loras"
+REALESRGAN_FILE = "RealESRGAN_x2plus.pth"
+MANIFEST_FILE = "manifest.json"  # what `weights download` wrote, with sizes and sha256
+COMPILE_ARTIFACTS_FILE = "torch-compile-artifacts.bin"
+
 # Bounds shared by every surface (CLI, FastAPI, Cog) so they reject the same inputs.
 MIN_STEPS, MAX_STEPS = 1, 100
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 20.0
 MAX_IMAGES = 4
 MAX_PROMPT_CHARS = 500
+MAX_SEED = 2**32 - 1
+MIN_OUTPUT_SIZE, MAX_OUTPUT_SIZE = 24, 4096
 MIN_LORA_SCALE, MAX_LORA_SCALE = 0.0, 2.0
 
 
@@ -54,7 +68,10 @@ class Settings(BaseSettings):
     scheduler: Scheduler = Field("dpm++", description="Sampler: " + ", ".join(SCHEDULERS) + ".")
     generation_size: int = Field(512, description="SD1.5 resolution the LoRA was trained at.")
     grid: int = Field(24, description="Cells per side of the sprite.")
-    output_size: int = Field(1024, ge=24, le=4096, description="Side of the delivered PNG.")
+    output_size: int = Field(
+        1024, ge=MIN_OUTPUT_SIZE, le=MAX_OUTPUT_SIZE,
+        description="Default side of the delivered image (a request may ask for another).",
+    )
     integer_scale: bool = Field(
         False, description="Deliver floor(output_size/grid) px cells (1008 for 1024) instead of 42/43 px cells."
     )
@@ -119,6 +136,21 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(
         None, description="When set, generation requires `Authorization: Bearer <token>`; health endpoints stay open."
     )
+    host: str = Field("127.0.0.1", description="Address `python -m service serve` listens on (the Docker image: 0.0.0.0).")
+    port: int = Field(8000, ge=0, le=65535, description="Port `python -m service serve` listens on.")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="A request body not fully received by then gets 408 and its connection is closed "
+        "(uvicorn itself waits for a slow body forever).",
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    limit_concurrency: int = Field(
+        256, ge=1, description="Open connections plus running requests beyond which uvicorn answers 503 at once "
+        "(bounds file descriptors; keep it above max_queue).",
+    )
+    shutdown_timeout_s: float = Field(
+        5.0, ge=0, description="On SIGTERM new requests get 503 at once; the queued ones have this long to be answered, "
+        "then get 503. The process exits once the batch on the GPU returns (under Docker's default `stop -t 10`).",
+    )
 
     @model_validator(mode="after")
     def _buckets_hold_every_batch(self) -> "Settings":
@@ -147,19 +179,18 @@ class Settings(BaseSettings):
     def base_model_candidates(self) -> list[Path]:
         if self.base_model is not None:
             return [self.base_model]
-        return [
-            self.weights_dir / "stable-diffusion-v1-5",
-            self.weights_dir / "v1-5-pruned-emaonly.safetensors",
-        ]
+        return [self.weights_dir / SD15_FOLDER, self.weights_dir / SD15_FILE]
 
     def lora_path(self) -> Path:
-        return self.lora if self.lora is not None else self.weights_dir / "bespoke_punks.safetensors"
+        return self.lora if self.lora is not None else self.weights_dir / LORA_FILE
 
     def loras_path(self) -> Path:
-        return self.loras_dir if self.loras_dir is not None else self.weights_dir / "loras"
+        return self.loras_dir if self.loras_dir is not None else self.weights_dir / LORAS_FOLDER
 
     def compile_artifacts_path(self) -> Path:
-        return self.compile_artifacts if self.compile_artifacts is not None else self.weights_dir / "torch-compile-artifacts.bin"
+        if self.compile_artifacts is not None:
+            return self.compile_artifacts
+        return self.weights_dir / COMPILE_ARTIFACTS_FILE
 
     def realesrgan_path(self) -> Path:
-        return self.realesrgan_weights if self.realesrgan_weights is not None else self.weights_dir / "RealESRGAN_x2plus.pth"
+        return self.realesrgan_weights if self.realesrgan_weights is not None else self.weights_dir / REALESRGAN_FILE

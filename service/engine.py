@@ -20,10 +20,11 @@ from PIL import Image
 from service import config
 from service.acceleration import accelerate, bucket_size
 from service.config import Settings
+from service.errors import RequestError
 from service.weights.resolve import WeightsSource, resolve_weights
 from service.lora.fuse import fuse_lora
 from service.loading import load_base_pipeline, set_scheduler
-from service.lora.inspect import LoraInfo
+from service.lora.inspect import LoraInfo, inspect_sd15_lora
 from service.lora.switch import LoraSwitcher, check_loras, find_loras
 from service.pixelart import PixelArt, to_pixel_art
 from service.prompts import NEGATIVE_PROMPT, PromptTokens, chunk_input_ids, tokenize_negative, tokenize_prompt
@@ -31,38 +32,77 @@ from service.upscale import Upscaler, load_upscaler
 
 log = logging.getLogger(__name__)
 
-MAX_SEED = 2**32 - 1
 Progress = Callable[[int, int], None]  # (steps done, steps in total)
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """Everything a user can ask for, under the same field names on every surface (CLI, HTTP, Cog).
+    None means the configured default (Settings)."""
+
     prompt: str
-    seed: int | None = None
-    num_images: int = 1
-    steps: int | None = None  # None: the configured default
+    seed: int | None = None  # None: random; image i uses seed + i
+    num_outputs: int = 1
+    steps: int | None = None
     guidance: float | None = None
     lora: str | None = None  # a name from Engine.lora_names (a LoRA in loras_dir); None: the default LoRA
-    upscaler: config.UpscalerName | None = None  # "realesrgan": also GeneratedImage.smooth; None: settings.upscaler
+    upscaler: config.UpscalerName | None = None  # "realesrgan": also GeneratedImage.smooth
+    output_size: int | None = None  # side of the delivered image
+    integer_scale: bool | None = None  # cells of exactly floor(output_size / grid) px
+    output_format: config.OutputFormat = "png"  # delivery only (service/delivery.py)
+    return_sprites: bool = False  # delivery only: also the grid x grid sprites
 
     def check(self) -> None:
-        """Raise ValueError naming the field, for surfaces that do not validate on their own (the CLI)."""
+        """Raise RequestError naming the field for a value outside the shared bounds (service/config.py).
+
+        Written for untrusted callers: a bool is not a number here, nor is NaN or a float seed."""
+        _check_text("prompt", self.prompt, config.MAX_PROMPT_CHARS)
         if not self.prompt.strip():
-            raise ValueError("prompt: must not be empty")
-        if len(self.prompt) > config.MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt: at most {config.MAX_PROMPT_CHARS} characters, got {len(self.prompt)}")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed: must be between 0 and {MAX_SEED}")
-        if not 1 <= self.num_images <= config.MAX_IMAGES:
-            raise ValueError(f"num_images: must be between 1 and {config.MAX_IMAGES}")
-        if self.steps is not None and not config.MIN_STEPS <= self.steps <= config.MAX_STEPS:
-            raise ValueError(f"steps: must be between {config.MIN_STEPS} and {config.MAX_STEPS}")
-        if self.guidance is not None and not config.MIN_GUIDANCE <= self.guidance <= config.MAX_GUIDANCE:
-            raise ValueError(f"guidance: must be between {config.MIN_GUIDANCE} and {config.MAX_GUIDANCE}")
-        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora.strip() or len(self.lora) > 200):
-            raise ValueError("lora: must be a LoRA name (a file stem in the LoRA folder)")
-        if self.upscaler is not None and self.upscaler not in config.UPSCALERS:
-            raise ValueError(f"upscaler: must be one of {', '.join(config.UPSCALERS)}")
+            raise RequestError("prompt", "must not be empty")
+        if self.seed is not None:
+            _check_number("seed", self.seed, 0, config.MAX_SEED, whole=True)
+        _check_number("num_outputs", self.num_outputs, 1, config.MAX_IMAGES, whole=True)
+        if self.steps is not None:
+            _check_number("steps", self.steps, config.MIN_STEPS, config.MAX_STEPS, whole=True)
+        if self.guidance is not None:
+            _check_number("guidance", self.guidance, config.MIN_GUIDANCE, config.MAX_GUIDANCE)
+        if self.output_size is not None:
+            _check_number("output_size", self.output_size, config.MIN_OUTPUT_SIZE, config.MAX_OUTPUT_SIZE, whole=True)
+        if self.lora is not None:
+            _check_text("lora", self.lora, 200)
+            if not self.lora.strip():
+                raise RequestError("lora", "must be a LoRA name (a file stem in the LoRA folder)")
+        _check_choice("upscaler", self.upscaler, config.UPSCALERS, optional=True)
+        _check_choice("output_format", self.output_format, config.OUTPUT_FORMATS)
+        for name in ("integer_scale", "return_sprites"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (value is None and name == "integer_scale")):
+                raise RequestError(name, "must be true or false")
+
+
+def _check_text(field: str, value: object, max_chars: int) -> None:
+    if not isinstance(value, str):
+        raise RequestError(field, "must be a string")
+    if len(value) > max_chars:
+        raise RequestError(field, f"at most {max_chars} characters, got {len(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(field, "must be valid Unicode text (no lone surrogates)") from None
+
+
+def _check_number(field: str, value: object, low: float, high: float, whole: bool = False) -> None:
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise RequestError(field, "must be a whole number" if whole else "must be a number")
+    if not low <= value <= high:  # also refuses NaN
+        raise RequestError(field, f"must be between {low:g} and {high:g}")
+
+
+def _check_choice(field: str, value: object, choices: tuple[str, ...], optional: bool = False) -> None:
+    if (value is None and optional) or value in choices:
+        return
+    raise RequestError(field, f"must be one of {', '.join(choices)}")
 
 
 @dataclass
@@ -83,22 +123,6 @@ class GenerationResult:
     images: list[GeneratedImage]
     timings: dict[str, float] = field(default_factory=dict)
 
-    def summary(self) -> dict:
-        """JSON-ready description of the result (everything but the pixels)."""
-        return {
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "truncated": bool(self.dropped_words),
-            "dropped_words": self.dropped_words,
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "images": [
-                {"seed": image.seed, "palette": image.art.palette, "quality": image.art.quality.as_dict()}
-                for image in self.images
-            ],
-            "timings": self.timings,
-        }
-
 
 @dataclass(frozen=True)
 class _Job:
@@ -109,8 +133,10 @@ class _Job:
     seeds: tuple[int, ...]
     steps: int
     guidance: float
-    lora: str | None = None
-    upscaler: str = "nearest"
+    lora: str | None
+    upscaler: str
+    output_size: int
+    integer_scale: bool
 
     @property
     def batch_key(self) -> tuple:
@@ -150,6 +176,16 @@ class Engine:
     def lora_names(self) -> list[str]:
         return sorted(self.loras)
 
+    @property
+    def default_lora(self) -> str:
+        """The name of the LoRA served when a request names none (its file stem)."""
+        return self.weights.lora.stem
+
+    @property
+    def is_smoke(self) -> bool:
+        """True when no real weights were found and the random smoke model stands in: images are noise."""
+        return self.weights.is_smoke
+
     @classmethod
     def load(cls, settings: Settings | None = None, loras: dict[str, Path] | None = None) -> "Engine":
         """`loras`: the selectable LoRAs (name -> file); default: every *.safetensors in settings.loras_path()."""
@@ -172,13 +208,15 @@ class Engine:
         if loras:
             if settings.compile:
                 raise ValueError("compile: switching LoRAs (loras_dir) is not supported with torch.compile yet")
-            check_loras(pipe, loras, settings.expected_lora_rank)
-            switcher = LoraSwitcher(pipe, settings.lora_scale, settings.expected_lora_rank)
+            lora = inspect_sd15_lora(weights.lora, settings.expected_lora_rank)
+            selectable = check_loras(pipe, loras, settings.expected_lora_rank)  # a wrong file fails now
+            switcher = LoraSwitcher(pipe, settings.lora_scale, [lora, *selectable.values()])
             log.info("selectable LoRAs: %s (base copy of %.0f MB kept for switching)",
                      ", ".join(sorted(loras)), switcher.base_bytes / 1e6)
-            lora = switcher.fuse(weights.lora)
+            switcher.fuse(lora.path)
         else:
-            lora = fuse_lora(pipe, weights.lora, settings.lora_scale, settings.expected_lora_rank)
+            lora = inspect_sd15_lora(weights.lora, settings.expected_lora_rank)
+            fuse_lora(pipe, lora, settings.lora_scale)
         stages.lap("fuse LoRA")
         accelerate(pipe, settings)
         pipe.set_progress_bar_config(disable=True)
@@ -198,21 +236,21 @@ class Engine:
         started = time.perf_counter()
         sizes = self.settings.batch_buckets if self.settings.compile else (1,)
         for size in sizes:
-            job = _Job(0, tokenize_prompt(self.pipe.tokenizer, "warm-up"), tuple(range(size)), 2, self.settings.guidance)
-            self._run_pipeline([job], None, 0, 2)
+            warm_up = GenerationRequest("warm-up", seed=0, num_outputs=size, steps=2)
+            self._run_pipeline([self._resolve(0, warm_up)], None, 0, 2)
         if self.upscaler is not None:
             size = self.settings.generation_size
             self.upscaler.upscale(Image.new("RGB", (size, size)), self.settings.output_size)
         log.info("warm-up (batch sizes %s) took %.1fs", sizes, time.perf_counter() - started)
 
     def check_request(self, request: GenerationRequest) -> None:
-        """Raise ValueError("field: reason") for a request this engine cannot serve (bounds, LoRA, upscaler).
+        """Raise RequestError for a request this engine cannot serve (bounds, LoRA, upscaler).
 
         Surfaces call it before queueing, so a bad request is a client error, never a failed batch."""
         request.check()
         self._lora_file(request.lora)
         if request.upscaler == "realesrgan" and self.upscaler is None:
-            raise ValueError("upscaler: realesrgan is not enabled on this server (PUNKS_UPSCALER=realesrgan)")
+            raise RequestError("upscaler", "realesrgan is not enabled on this server (PUNKS_UPSCALER=realesrgan)")
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         return self.generate_batch([request], progress)[0]
@@ -246,7 +284,7 @@ class Engine:
                 started = time.perf_counter()
                 for job in smooth:
                     result = rendered[job.request_index]
-                    result.smooth = [self.upscaler.upscale(raw, self.settings.output_size) for raw in result.raws]
+                    result.smooth = [self.upscaler.upscale(raw, job.output_size) for raw in result.raws]
                 timings["upscale_s"] = timings.get("upscale_s", 0.0) + time.perf_counter() - started
         for result in rendered:
             result.timings = dict(timings)
@@ -259,7 +297,7 @@ class Engine:
         job = rendered.job
         smooth = rendered.smooth or [None] * len(rendered.raws)
         images = [
-            GeneratedImage(seed=seed, raw=raw, art=self._postprocess(raw), smooth=smoothed)
+            GeneratedImage(seed=seed, raw=raw, art=self._snap(raw, job), smooth=smoothed)
             for seed, raw, smoothed in zip(job.seeds, rendered.raws, smooth, strict=True)
         ]
         timings = rendered.timings | {"postprocess_s": time.perf_counter() - started}
@@ -274,18 +312,20 @@ class Engine:
         )
 
     def _resolve(self, index: int, request: GenerationRequest) -> _Job:
-        first_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        first_seed = request.seed if request.seed is not None else secrets.randbelow(config.MAX_SEED + 1)
         tokens = tokenize_prompt(self.pipe.tokenizer, request.prompt)
         if tokens.dropped_words:
             log.warning("prompt too long for CLIP; dropped: %r", tokens.dropped_words)
         return _Job(
             request_index=index,
             tokens=tokens,
-            seeds=tuple((first_seed + offset) % (MAX_SEED + 1) for offset in range(request.num_images)),
+            seeds=tuple((first_seed + offset) % (config.MAX_SEED + 1) for offset in range(request.num_outputs)),
             steps=request.steps if request.steps is not None else self.settings.steps,
             guidance=request.guidance if request.guidance is not None else self.settings.guidance,
             lora=request.lora,
             upscaler=request.upscaler or self.settings.upscaler,
+            output_size=request.output_size if request.output_size is not None else self.settings.output_size,
+            integer_scale=request.integer_scale if request.integer_scale is not None else self.settings.integer_scale,
         )
 
     @torch.inference_mode()
@@ -308,7 +348,7 @@ class Engine:
             return self.weights.lora
         if name not in self.loras:
             allowed = ", ".join(self.lora_names) or f"none (no LoRAs in {self.settings.loras_path()})"
-            raise ValueError(f"lora: unknown LoRA {name[:80]!r}; allowed: {allowed}")
+            raise RequestError("lora", f"unknown LoRA {name[:80]!r}; allowed: {allowed}")
         return self.loras[name]
 
     def _active_lora(self) -> Path:
@@ -351,9 +391,9 @@ class Engine:
         )
         return output.images[:wanted]
 
-    def _postprocess(self, raw: Image.Image) -> PixelArt:
+    def _snap(self, raw: Image.Image, job: _Job) -> PixelArt:
         s = self.settings
-        return to_pixel_art(raw, grid=s.grid, size=s.output_size, max_colors=s.max_colors, integer_scale=s.integer_scale)
+        return to_pixel_art(raw, grid=s.grid, size=job.output_size, max_colors=s.max_colors, integer_scale=job.integer_scale)
 
 
 class _Stopwatch:

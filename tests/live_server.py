@@ -1,5 +1,6 @@
 """Real uvicorn servers on loopback for the API tests: in a thread (to inject an engine) or as a subprocess."""
 
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import httpx
 import torch
-import uvicorn
 from fastapi import FastAPI
 
 from service.engine import Engine, GenerationRequest, Rendered
+from service.http import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 120
@@ -28,12 +29,13 @@ def _loopback_socket() -> socket.socket:
 
 
 class ThreadServer:
-    """uvicorn.Server in a thread, on a socket bound up front (no free-port race)."""
+    """The service's uvicorn server and settings (service/http/serve.py) in a thread, on a socket bound up
+    front (no free-port race). `server.should_exit = True` is what SIGTERM does."""
 
     def __init__(self, app: FastAPI):
         self.sock = _loopback_socket()
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.server = serve.Server(serve.config(app, app.state.settings, log_level="warning"), app)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self) -> "ThreadServer":
@@ -64,17 +66,30 @@ def thread_server(app: FastAPI, ready: bool = True) -> Iterator[str]:
 
 @contextmanager
 def subprocess_server(env: dict[str, str]) -> Iterator[str]:
-    """`python -m uvicorn service.http.app:app`, exactly as deployed."""
+    """`python -m service serve`, exactly as deployed (the Dockerfile's CMD)."""
+    with served_process(env) as (url, _):
+        yield url
+
+
+@contextmanager
+def served_process(env: dict[str, str], log: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The deployed server and its process (to signal it); its stdout and stderr go to `log` when given."""
     with _loopback_socket() as sock:
         port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "uvicorn", "service.http.app:app", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(command, cwd=ROOT, env=env | {"PYTHONPATH": str(ROOT)})
+    command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    output = open(log, "wb") if log else None
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env | {"PYTHONPATH": str(ROOT)}, stdout=output, stderr=output and subprocess.STDOUT
+    )
     try:
         wait_ready(f"http://127.0.0.1:{port}", process)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", process
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.terminate()
+        process.wait(timeout=60)
+        if output:
+            output.close()
 
 
 def wait_ready(url: str, process: subprocess.Popen | None = None) -> None:
@@ -114,7 +129,7 @@ class SpyEngine:
             if any("boom" in request.prompt for request in requests):
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
             if self.cap:
-                requests = [GenerationRequest(r.prompt, r.seed, 1, 1, r.guidance) for r in requests]
+                requests = [dataclasses.replace(r, num_outputs=1, steps=1) for r in requests]
             return self.engine.render(requests, progress)
         finally:
             self.finished += 1

@@ -24,7 +24,8 @@ from schemathesis.checks import not_a_server_error
 from service import config
 from service.http.app import create_app
 from service.config import Settings
-from service.engine import MAX_SEED, Engine
+from service.config import MAX_SEED
+from service.engine import Engine
 from tests.live_server import SpyEngine, ThreadServer, subprocess_server, thread_server, wait_ready
 
 TIMEOUT = httpx.Timeout(180.0)

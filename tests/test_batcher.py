@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from service.batcher import Batcher, GenerationFailed, QueueFull, ShuttingDown
+from service.batcher import CLIENT_GONE, Batcher, GenerationFailed, QueueFull, ShuttingDown
 from service.engine import GenerationRequest
 from service.http.metrics import Metrics
 
@@ -36,14 +36,14 @@ class FakeEngine:
         return rendered.replace("rendered", "result of")
 
 
-def run(scenario, **limits):
+def run(scenario, metrics: Metrics | None = None, **limits):
     """Run scenario(batcher, engine) in a fresh event loop; return the fake engine's calls."""
     engine = FakeEngine()
 
     async def main():
         options = {"max_images": 4, "max_wait_s": 0.01, "max_queue": 16} | limits
         with ThreadPoolExecutor(max_workers=1) as gpu_thread:
-            batcher = Batcher(engine.render, engine.finish, Metrics(), gpu_thread, **options)
+            batcher = Batcher(engine.render, engine.finish, metrics or Metrics(), gpu_thread, **options)
             try:
                 async with asyncio.timeout(10):  # a request left behind in the queue would hang here
                     await scenario(batcher, engine)
@@ -77,7 +77,7 @@ async def held(batcher: Batcher, engine: FakeEngine, requests: list[GenerationRe
 
 
 def test_queued_requests_fill_batches_up_to_max_images_and_none_is_left_behind():
-    requests = [GenerationRequest(f"p{i}", num_images=n) for i, n in enumerate([3, 1, 2, 2, 4, 1])]
+    requests = [GenerationRequest(f"p{i}", num_outputs=n) for i, n in enumerate([3, 1, 2, 2, 4, 1])]
 
     async def scenario(batcher, engine):
         results = await held(batcher, engine, requests)
@@ -119,7 +119,7 @@ def test_full_queue_and_timeouts():
 def test_close_finishes_queued_work_and_refuses_new_work():
     async def scenario(batcher, engine):
         engine.gate.clear()
-        submitted = [asyncio.ensure_future(batcher.submit(GenerationRequest(f"p{i}", num_images=4))) for i in range(3)]
+        submitted = [asyncio.ensure_future(batcher.submit(GenerationRequest(f"p{i}", num_outputs=4))) for i in range(3)]
         await asyncio.sleep(0.05)
         closing = asyncio.ensure_future(batcher.close())
         await asyncio.sleep(0.01)
@@ -194,3 +194,60 @@ def test_rendering_pauses_while_the_cpu_half_is_behind_and_the_queue_then_fills(
         assert [(await future).result for future in first + queued] == [f"result of p{i}" for i in range(16)]
 
     assert len(run(scenario, max_queue=8)) == 4
+
+
+def test_close_with_a_timeout_refuses_what_is_not_answered_by_then():
+    async def scenario(batcher, engine):
+        engine.gate.clear()  # the GPU is stuck on the first batch
+        running = await started(batcher, engine, "running")
+        queued = [asyncio.ensure_future(batcher.submit(GenerationRequest(f"q{i}"))) for i in range(3)]
+        await asyncio.sleep(0.02)
+        await batcher.close(timeout_s=0.2)  # returns although the render is still held
+        for future in [running, *queued]:
+            with pytest.raises(ShuttingDown):
+                await future
+        assert not batcher.alive
+
+    assert run(scenario) == [["running"]]  # the queued requests were never rendered
+
+
+class Fatal(BaseException):
+    """Not an Exception: escapes the batcher's error handling, as a bug in it would."""
+
+
+def test_a_dead_batcher_fails_waiting_and_new_requests_at_once():
+    async def scenario(batcher, engine):
+        engine.gate.clear()
+        running = await started(batcher, engine, "running")
+        queued = asyncio.ensure_future(batcher.submit(GenerationRequest("queued")))
+        await asyncio.sleep(0.02)
+        batcher._render = lambda requests: (_ for _ in ()).throw(Fatal())  # the next batch kills the task
+        engine.gate.set()
+        assert (await running).result == "result of running"
+        with pytest.raises(GenerationFailed, match="stopped"):
+            await queued
+        assert not batcher.alive
+        with pytest.raises(GenerationFailed, match="stopped"):
+            await batcher.submit(GenerationRequest("late"))
+
+    run(scenario)
+
+
+def test_cancelling_a_queued_request_counts_why_it_was_never_rendered():
+    metrics = Metrics()
+
+    async def scenario(batcher, engine):
+        engine.gate.clear()
+        running = await started(batcher, engine, "running")
+        gone = asyncio.ensure_future(batcher.submit(GenerationRequest("gone")))
+        timed_out = asyncio.ensure_future(batcher.submit(GenerationRequest("timed out")))
+        await asyncio.sleep(0.02)
+        gone.cancel(CLIENT_GONE)
+        timed_out.cancel()
+        await asyncio.wait([gone, timed_out])
+        engine.gate.set()
+        await running
+
+    assert run(scenario, metrics=metrics) == [["running"]]
+    assert metrics.unrendered.labels(CLIENT_GONE)._value.get() == 1
+    assert metrics.unrendered.labels("other")._value.get() == 1

@@ -5,7 +5,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.engine import MAX_SEED, GenerationRequest
+from service.config import MAX_SEED
+from service.delivery import summary
+from service.engine import GenerationRequest
+from service.errors import RequestError
 from service.pixelart import QualitySignals
 from service.prompts import PROMPT_SUFFIX
 
@@ -14,6 +17,20 @@ PROMPT = "lad with a red beanie, green background"
 
 def pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
+
+
+class CountingPipe:
+    """The engine's pipeline, recording the batch size of each call."""
+
+    def __init__(self, pipe, calls: list[int]):
+        self.pipe, self.calls = pipe, calls
+
+    def __getattr__(self, name: str):
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kwargs):
+        self.calls.append(len(kwargs["prompt_embeds"]))
+        return self.pipe(**kwargs)
 
 
 def test_generation_returns_sprite_upscale_palette_and_quality(engine):
@@ -28,8 +45,8 @@ def test_generation_returns_sprite_upscale_palette_and_quality(engine):
     assert isinstance(image.art.quality, QualitySignals)
     sprite_colours = {"#%02x%02x%02x" % tuple(c) for c in pixels(image.art.sprite).reshape(-1, 3)}
     assert sprite_colours == set(image.art.palette)
-    summary = result.summary()
-    assert summary["images"][0]["seed"] == 7 and summary["truncated"] is False
+    described = summary(result)
+    assert described["images"][0]["seed"] == 7 and described["truncated"] is False
 
 
 def test_same_seed_same_image_and_other_seed_other_image(engine):
@@ -42,7 +59,7 @@ def test_same_seed_same_image_and_other_seed_other_image(engine):
 
 def test_render_then_finish_on_another_thread_is_generate(engine):
     """The API renders on the GPU thread and finishes elsewhere: the result must not depend on it."""
-    request = GenerationRequest(PROMPT, seed=21, num_images=2)
+    request = GenerationRequest(PROMPT, seed=21, num_outputs=2)
     whole = engine.generate(request)
     (rendered,) = engine.render([request])
     assert [raw.size for raw in rendered.raws] == [(512, 512)] * 2 and rendered.smooth is None
@@ -55,7 +72,7 @@ def test_render_then_finish_on_another_thread_is_generate(engine):
 
 
 def test_random_seed_is_chosen_and_reported(engine):
-    result = engine.generate(GenerationRequest(PROMPT, num_images=2))
+    result = engine.generate(GenerationRequest(PROMPT, num_outputs=2))
     seeds = [image.seed for image in result.images]
     assert all(0 <= seed <= MAX_SEED for seed in seeds) and seeds[1] == (seeds[0] + 1) % (MAX_SEED + 1)
 
@@ -63,12 +80,11 @@ def test_random_seed_is_chosen_and_reported(engine):
 def test_batched_requests_give_the_same_images_as_alone(engine, monkeypatch):
     alone = engine.generate(GenerationRequest(PROMPT, seed=21)).images[0]
     calls = []
-    run = engine._run_pipeline
-    monkeypatch.setattr(engine, "_run_pipeline", lambda group, *args: calls.append(len(group)) or run(group, *args))
+    monkeypatch.setattr(engine, "pipe", CountingPipe(engine.pipe, calls))
     batch = engine.generate_batch(
-        [GenerationRequest("punk with sunglasses", seed=5, num_images=2), GenerationRequest(PROMPT, seed=21)]
+        [GenerationRequest("punk with sunglasses", seed=5, num_outputs=2), GenerationRequest(PROMPT, seed=21)]
     )
-    assert calls == [2]  # both requests in one pipeline call (three images)
+    assert calls == [3]  # both requests in one pipeline call (three images)
     assert [image.seed for image in batch[0].images] == [5, 6]
     batched = batch[1].images[0]
     assert np.abs(pixels(batched.raw) - pixels(alone.raw)).max() <= 2  # batched GEMMs round differently
@@ -82,7 +98,7 @@ def test_long_prompt_is_encoded_in_chunks_and_reported_when_cut(engine):
     assert not result.dropped_words and "detail 39" in result.prompt
     hex_codes = " ".join(f"#{i:02d}b2c3" for i in range(62))  # 495 characters, ~430 CLIP tokens
     cut = engine.generate(GenerationRequest(hex_codes, seed=1))
-    assert cut.dropped_words.endswith("#61b2c3") and cut.summary()["truncated"] is True
+    assert cut.dropped_words.endswith("#61b2c3") and summary(cut)["truncated"] is True
     assert cut.prompt.removesuffix(PROMPT_SUFFIX).endswith(hex_codes.removesuffix(" " + cut.dropped_words))
 
 
@@ -93,14 +109,36 @@ def test_long_prompt_is_encoded_in_chunks_and_reported_when_cut(engine):
         (GenerationRequest("x" * 501), "prompt"),
         (GenerationRequest(PROMPT, seed=-1), "seed"),
         (GenerationRequest(PROMPT, seed=2**32), "seed"),
-        (GenerationRequest(PROMPT, num_images=5), "num_images"),
-        (GenerationRequest(PROMPT, num_images=0), "num_images"),
+        (GenerationRequest(PROMPT, num_outputs=5), "num_outputs"),
+        (GenerationRequest(PROMPT, num_outputs=0), "num_outputs"),
         (GenerationRequest(PROMPT, steps=0), "steps"),
         (GenerationRequest(PROMPT, steps=101), "steps"),
         (GenerationRequest(PROMPT, guidance=-1), "guidance"),
         (GenerationRequest(PROMPT, guidance=21), "guidance"),
+        (GenerationRequest(PROMPT, guidance=float("nan")), "guidance"),
+        (GenerationRequest(PROMPT, guidance=float("inf")), "guidance"),
+        (GenerationRequest("lad \ud800"), "prompt"),
+        (GenerationRequest(PROMPT, seed=5.0), "seed"),  # type: ignore[arg-type]
+        (GenerationRequest(PROMPT, num_outputs=True), "num_outputs"),
+        (GenerationRequest(PROMPT, output_size=23), "output_size"),
+        (GenerationRequest(PROMPT, output_size=4097), "output_size"),
+        (GenerationRequest(PROMPT, output_format="jpeg"), "output_format"),  # type: ignore[arg-type]
+        (GenerationRequest(PROMPT, upscaler="bicubic"), "upscaler"),  # type: ignore[arg-type]
+        (GenerationRequest(PROMPT, integer_scale="yes"), "integer_scale"),  # type: ignore[arg-type]
+        (GenerationRequest(PROMPT, lora="   "), "lora"),
+        (GenerationRequest(PROMPT, lora="not-served"), "lora"),
     ],
 )
 def test_bad_requests_name_the_field(engine, request_, field):
-    with pytest.raises(ValueError, match=f"^{field}:"):
+    with pytest.raises(RequestError, match=f"^{field}:") as raised:
         engine.generate(request_)
+    assert raised.value.field == field
+
+
+def test_output_size_and_integer_scale_are_request_fields(engine):
+    default = engine.generate(GenerationRequest(PROMPT, seed=3)).images[0]
+    small = engine.generate(GenerationRequest(PROMPT, seed=3, output_size=100)).images[0]
+    whole_cells = engine.generate(GenerationRequest(PROMPT, seed=3, output_size=100, integer_scale=True)).images[0]
+    assert default.art.image.size == (1024, 1024) and small.art.image.size == (100, 100)
+    assert whole_cells.art.image.size == (96, 96)  # 4 px cells
+    assert np.array_equal(pixels(small.art.sprite), pixels(default.art.sprite))  # only the delivery differs

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -27,9 +28,10 @@ from PIL import Image
 from service import config
 from devtools.cog_schema import ROOT, SCHEMA_PATH, build_schema, is_current
 from service.config import Settings
-from service.engine import MAX_SEED
+from service.config import MAX_SEED
 from service.weights.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec, redact
 from service.errors import WeightsError
+from tests.live_server import subprocess_server
 
 GRID = 24
 SERVER_START_S = 180
@@ -221,9 +223,9 @@ def test_input_bounds_are_the_shared_ones(schema: dict):
     assert bounds("steps") == (config.MIN_STEPS, config.MAX_STEPS)
     assert bounds("guidance") == (config.MIN_GUIDANCE, config.MAX_GUIDANCE)
     assert bounds("output_size") == field_bounds("output_size")
-    for name, setting in [("steps", "steps"), ("guidance", "guidance"), ("output_size", "output_size"),
-                          ("integer_scale", "integer_scale")]:
-        assert props[name]["default"] == fields[setting].default, name
+    for name in ("steps", "guidance", "output_size", "integer_scale"):  # empty: the deployment's PUNKS_* setting
+        assert props[name].get("default") is None and props[name]["nullable"] is True, name
+        assert f"PUNKS_{name.upper()} ({str(fields[name].default).lower()})" in props[name]["description"], name
     assert schema["components"]["schemas"]["output_format"]["enum"] == ["png", "webp"]
     assert "lora_scale" not in props  # fused once at setup: PUNKS_LORA_SCALE, not an input
     assert all(prop.get("description") for prop in props.values())
@@ -263,7 +265,7 @@ def test_prediction_returns_1024_images_of_flat_cells_then_sprites(server: CogSe
     assert lines[0].startswith("image 1: seed 7: ") and lines[1].startswith("image 2: seed 8: ")
     assert all("grid fit" in line and "colours" in line for line in lines)
     assert body["metrics"]["seeds"] == [7, 8] and len(body["metrics"]["pixel_art"]) == 2
-    assert "SMOKE MODEL" in body["logs"]
+    assert "SMOKE model" in body["logs"]
 
 
 def test_webp_and_integer_scale(server: CogServer):
@@ -276,6 +278,32 @@ def test_webp_and_integer_scale(server: CogServer):
     assert image.format == "WEBP" and image.size == (504, 504)  # 21 px cells: floor(512 / 24)
     cells = assert_flat_cells(image, cell_edges(504, cell=21))
     assert (cells == np.asarray(sprite.convert("RGB"))).all(), "WebP output must be lossless"
+
+
+def test_same_request_gives_the_same_bytes_from_the_cli_the_http_api_and_cog(
+    server: CogServer, smoke_env: dict[str, str], tmp_path: Path
+):
+    """One delivery path (service/delivery.py): the same input is the same PNG and sprite on every surface."""
+    inputs = {"prompt": "lad with a red beanie", "seed": 9, "steps": 2, "output_size": 480, "return_sprites": True}
+    status, body = server.predict(**inputs)
+    assert status == 200 and body["status"] == "succeeded", body
+    cog_image, cog_sprite = (decode_data_url(url)[1] for url in body["output"])
+
+    with subprocess_server(smoke_env) as url:
+        response = httpx.post(f"{url}/v1/generate", json=inputs, timeout=120)
+    assert response.status_code == 200, response.text
+    (http_image,) = response.json()["images"]
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "service", "generate", inputs["prompt"], "--seed", "9", "--steps", "2",
+         "--output-size", "480", "-o", str(tmp_path / "punk.png")],
+        env=smoke_env | {"PYTHONPATH": str(ROOT)}, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr
+
+    assert Image.open(io.BytesIO(cog_image)).size == (480, 480)
+    assert cog_image == base64.b64decode(http_image["image"]) == (tmp_path / "punk.png").read_bytes()
+    assert cog_sprite == base64.b64decode(http_image["sprite"]) == (tmp_path / "punk.sprite.png").read_bytes()
 
 
 def test_same_seed_same_image_and_unknown_inputs_are_dropped(server: CogServer):

@@ -102,7 +102,7 @@ def test_engine_delivers_the_smooth_image_when_configured(smoke_settings, small_
     )
     engine = Engine.load(settings)
     assert engine.upscaler is not None and engine.upscaler.scale == 2
-    result = engine.generate(GenerationRequest("lad with a red beanie", seed=1, num_images=2, steps=TEST_STEPS))
+    result = engine.generate(GenerationRequest("lad with a red beanie", seed=1, num_outputs=2, steps=TEST_STEPS))
     for image in result.images:
         assert image.smooth is not None and image.smooth.size == (1024, 1024)
         assert image.art.image.size == (1024, 1024)  # the snapped sprite is still delivered

@@ -3,39 +3,41 @@
 
 The engine loads in the background at start-up, so /healthz answers at once and /readyz says 503
 until the model is in memory. Per-request lora_scale is not offered: the LoRA is fused once at load.
+Start it with `python -m service serve` (service/http/serve.py): that applies the connection limits and
+starts the bounded drain as soon as SIGTERM arrives.
 """
 
 import asyncio
-import base64
 import hmac
-import io
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.responses import JSONResponse, Response
-from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.batcher import Batcher, Done, GenerationFailed, QueueFull, ShuttingDown
+from service.batcher import CLIENT_GONE, Batcher, Done, GenerationFailed, QueueFull, ShuttingDown
 from service.config import Settings
-from service.engine import Engine, GeneratedImage
+from service.delivery import MEDIA_TYPES, encode_images
+from service.engine import Engine, GenerationRequest
+from service.errors import RequestError
 from service.http.metrics import Metrics
 from service.http.middleware import BodyLimit, RequestMetrics
-from service.http.schemas import GenerateRequest, GenerateResponse, ImageOut, OutputFormat, Quality, Timings
+from service.http.schemas import GenerateRequest, GenerateResponse, Timings
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[], Engine]
-MEDIA_TYPES: dict[OutputFormat, str] = {"png": "image/png", "webp": "image/webp"}
 RETRY_AFTER_S = "5"
 PNG_RESPONSE = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+CLIENT_CLOSED_REQUEST = 499  # nginx's code: nobody reads it, /metrics counts it
+PATH_LIKE = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s\\/'\"]+){2,}[\\/]?")  # /a/b, C:\a\b: server paths
 
 
 class _Service:
@@ -46,8 +48,9 @@ class _Service:
         self.metrics = Metrics()
         self.engine: Engine | None = None
         self.batcher: Batcher | None = None
-        self.load_error: str | None = None
+        self.load_error: str | None = None  # the exception's type only: its message may name server paths
         self.stopping = False
+        self._drain: asyncio.Task | None = None
         self.gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="punks-gpu")
 
     async def load(self, factory: EngineFactory) -> None:
@@ -55,7 +58,7 @@ class _Service:
             engine = await asyncio.get_running_loop().run_in_executor(self.gpu_thread, factory)
         except Exception as error:
             log.exception("the engine failed to load")
-            self.load_error = f"{type(error).__name__}: {error}"
+            self.load_error = type(error).__name__
             return
         s = self.settings
         self.batcher = Batcher(
@@ -65,15 +68,32 @@ class _Service:
         )
         self.engine = engine
 
+    def broken(self) -> str | None:
+        """Why this process can never serve again (None: it can, or will once loaded): liveness fails."""
+        if self.load_error:
+            return "the engine failed to load (see the server log)"  # the why (paths, files) is for operators
+        if self.batcher is not None and not self.batcher.alive and not self.stopping:
+            return "the generation worker stopped (see the server log)"
+        return None
+
     def unavailable(self) -> str | None:
-        """Why generation cannot be served now (None: it can)."""
+        """Why generation cannot be served now (None: it can): readiness fails."""
         if self.stopping:
             return "the service is shutting down"
-        if self.load_error:
-            return "the engine failed to load"  # the why (paths, files) is for operators: /readyz and the log
+        if reason := self.broken():
+            return reason
         if self.batcher is None:
             return "the engine is loading"
         return None
+
+    async def shutdown(self) -> None:
+        """Refuse new work at once; give the queued work shutdown_timeout_s. Idempotent: the server calls it
+        on SIGTERM (service/http/serve.py), the lifespan again at the end."""
+        self.stopping = True
+        if self._drain is None and self.batcher is not None:
+            self._drain = asyncio.create_task(self.batcher.close(self.settings.shutdown_timeout_s))
+        if self._drain is not None:
+            await asyncio.shield(self._drain)
 
 
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
@@ -86,12 +106,11 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(service.load(factory))
         yield
-        service.stopping = True  # new requests get 503; the queued ones are still answered
+        service.stopping = True  # new requests get 503; the queued ones are answered within the bound
         loader.cancel()
         with suppress(asyncio.CancelledError):
             await loader
-        if service.batcher is not None:
-            await service.batcher.close()
+        await service.shutdown()
         service.gpu_thread.shutdown(wait=False, cancel_futures=True)  # a load still running ends with the process
 
     app = FastAPI(
@@ -100,39 +119,48 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         version="1.0.0",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, metrics=service.metrics)  # outermost: it also counts the 413s
+    app.state.settings = settings
+    app.state.shutdown = service.shutdown  # for the server, on SIGTERM (service/http/serve.py)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(RequestMetrics, metrics=service.metrics, router=app.router)  # outermost: counts 408/413 too
+    app.add_exception_handler(RequestValidationError, _validation_error)
 
-    bearer = HTTPBearer(auto_error=False, description="Required when PUNKS_API_TOKEN is set.")
+    if settings.api_token is None:
 
-    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if settings.api_token is None:
-            return
+        def authorize() -> None:
+            """No token configured: nothing to check, and no security scheme in the OpenAPI schema."""
+
+    else:
+        bearer = HTTPBearer(auto_error=False, description="The value of PUNKS_API_TOKEN.")
         expected = settings.api_token.get_secret_value().encode()
-        given = credentials.credentials.encode() if credentials else b""
-        if not hmac.compare_digest(given, expected):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/healthz", summary="Liveness: the process answers.")
-    async def healthz() -> dict[str, str]:
-        return {"status": "alive"}
+        def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+            given = credentials.credentials.encode() if credentials else b""
+            if not hmac.compare_digest(given, expected):
+                raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    @app.get("/readyz", summary="Readiness: 200 once the engine is loaded, 503 before (or if loading failed).")
+    @app.get("/healthz", summary="Liveness: 503 once the engine failed to load or the generation worker died.")
+    async def healthz() -> JSONResponse:
+        if reason := service.broken():
+            return JSONResponse({"status": "broken", "detail": reason}, 503)
+        return JSONResponse({"status": "alive"})
+
+    @app.get("/readyz", summary="Readiness: 200 while requests can be served; 503 loading, broken or shutting down.")
     async def readyz() -> JSONResponse:
         reason = service.unavailable()
         if reason is not None:
             body = {"status": "unavailable", "detail": reason}
             if service.load_error:
-                body["error"] = service.load_error
+                body["error"] = service.load_error  # the exception's type: the message is in the log
             return JSONResponse(body, 503, {"Retry-After": RETRY_AFTER_S})
-        return JSONResponse({"status": "ready", "smoke_model": service.engine.weights.is_smoke})
+        return JSONResponse({"status": "ready", "smoke_model": service.engine.is_smoke})
 
     @app.get("/v1/loras", summary="LoRA names a request may pick (field `lora`).", dependencies=[Depends(authorize)])
     async def loras() -> dict[str, object]:
         reason = service.unavailable()
         if reason is not None:
             raise HTTPException(503, reason, headers={"Retry-After": RETRY_AFTER_S})
-        return {"default": service.engine.weights.lora.stem, "loras": service.engine.lora_names}
+        return {"default": service.engine.default_lora, "loras": service.engine.lora_names}
 
     @app.get("/metrics", summary="Prometheus metrics.", response_class=Response)
     async def metrics() -> Response:
@@ -147,21 +175,25 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         responses={
             200: PNG_RESPONSE,
             401: {"description": "Missing or wrong bearer token (when PUNKS_API_TOKEN is set)."},
+            408: {"description": "Body not received within PUNKS_BODY_TIMEOUT_S (the connection is closed)."},
             413: {"description": "Body larger than PUNKS_MAX_BODY_BYTES."},
             429: {"description": "Queue full; retry after Retry-After seconds."},
-            503: {"description": "Engine loading, shutting down, or generation failed."},
+            503: {"description": "Engine loading or broken, shutting down, or generation failed."},
             504: {"description": "Not answered within PUNKS_REQUEST_TIMEOUT_S."},
         },
         dependencies=[Depends(authorize)],
     )
     async def generate(body: GenerateRequest, request: Request) -> Response:
         started = time.perf_counter()
-        done = await _submit(service, body)
+        done = await _submit(service, body, request)
+        if done is None:  # the client hung up: nobody reads this
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         as_png = _prefers_png(request.headers.get("accept", ""))
-        encoding = "png" if as_png else body.output_format
         encode_started = time.perf_counter()
-        images = done.result.images[:1] if as_png else done.result.images
-        encoded = await asyncio.to_thread(_encode_all, images, encoding, body.return_sprites and not as_png)
+        if as_png:
+            images = await asyncio.to_thread(encode_images, done.result.images[:1], "png", False)
+        else:
+            images = await asyncio.to_thread(encode_images, done.result.images, body.output_format, body.return_sprites)
         timings = Timings(
             queue_wait_s=round(done.queue_wait_s, 4),
             pipeline_s=done.result.timings.get("pipeline_s", 0.0),
@@ -170,38 +202,36 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             total_s=round(time.perf_counter() - started, 4),
         )
         if as_png:
-            return Response(encoded[0].image_bytes, media_type="image/png", headers=_png_headers(done, timings))
-        outputs = [
-            ImageOut(
-                seed=image.seed,
-                image=_b64(blobs.image_bytes),
-                sprite=_b64(blobs.sprite_bytes) if blobs.sprite_bytes else None,
-                smooth=_b64(blobs.smooth_bytes) if blobs.smooth_bytes else None,
-                palette=image.art.palette,
-                quality=Quality(**image.art.quality.as_dict()),
-            )
-            for image, blobs in zip(images, encoded, strict=True)
-        ]
-        payload = GenerateResponse.build(done.result, MEDIA_TYPES[encoding], outputs, timings)
+            return Response(images[0].image, media_type="image/png", headers=_png_headers(done, timings))
+        payload = GenerateResponse.from_delivery(done.result, MEDIA_TYPES[body.output_format], images, timings)
         return Response(payload.model_dump_json(), media_type="application/json")
 
     return app
 
 
-async def _submit(service: _Service, body: GenerateRequest) -> Done:
-    """Queue the request and map every way it can fail to its status code."""
+async def _submit(service: _Service, body: GenerateRequest, http: Request) -> Done | None:
+    """Queue the request and map every way it can fail to its status code. None: the client hung up while
+    it waited (a queued request then leaves the queue unrendered)."""
     reason = service.unavailable()
     if reason is not None:
         raise HTTPException(503, reason, headers={"Retry-After": RETRY_AFTER_S})
     request = body.to_engine()
     try:
         service.engine.check_request(request)  # what only the loaded engine knows: LoRA names, upscaler
-    except ValueError as error:
-        field, _, reason = str(error).partition(": ")
-        raise RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": reason, "input": None}]) from None
+    except RequestError as error:
+        message = _public_reason(service.engine, request, error)
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", error.field), "msg": message}]) from None
+    submitted = asyncio.ensure_future(service.batcher.submit(request))
+    hung_up = asyncio.ensure_future(_disconnected(http))
     try:
         async with asyncio.timeout(service.settings.request_timeout_s):
-            return await service.batcher.submit(request)
+            await asyncio.wait([submitted, hung_up], return_when=asyncio.FIRST_COMPLETED)
+            if not submitted.done():
+                service.metrics.disconnects.inc()
+                submitted.cancel(CLIENT_GONE)
+                await asyncio.wait([submitted])  # it leaves the queue (and says why) before the answer
+                return None
+            return submitted.result()
     except QueueFull:
         raise HTTPException(429, "too many queued requests", headers={"Retry-After": RETRY_AFTER_S}) from None
     except ShuttingDown:
@@ -211,37 +241,42 @@ async def _submit(service: _Service, body: GenerateRequest) -> Done:
         raise HTTPException(503, detail, headers={"Retry-After": RETRY_AFTER_S}) from None
     except TimeoutError:
         raise HTTPException(504, f"not answered within {service.settings.request_timeout_s:g}s") from None
+    finally:
+        hung_up.cancel()
+        submitted.cancel()  # a no-op once done; on a timeout it takes the request out of the queue
 
 
-@dataclass(frozen=True)
-class _Encoded:
-    image_bytes: bytes
-    sprite_bytes: bytes | None
-    smooth_bytes: bytes | None
+async def _disconnected(request: Request) -> None:
+    """Return when the client hangs up. The body has been read, so the next ASGI message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
-def _encode_all(images: list[GeneratedImage], encoding: OutputFormat, sprites: bool) -> list[_Encoded]:
-    return [
-        _Encoded(
-            _encode(image.art.image, encoding),
-            _encode(image.art.sprite, encoding) if sprites else None,
-            _encode(image.smooth, encoding) if image.smooth is not None else None,
-        )
-        for image in images
+def _public_reason(engine: Engine, request: GenerationRequest, error: RequestError) -> str:
+    """The engine's reason, minus what anonymous callers must not see (server paths)."""
+    if error.field == "lora" and request.lora not in engine.lora_names:
+        names = engine.lora_names
+        return f"unknown LoRA; allowed: {', '.join(names)}" if names else "unknown LoRA; this server offers no others"
+    return PATH_LIKE.sub("<path>", error.reason)
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 with each error's type, field and message only. FastAPI's own handler echoes the offending input
+    (and `ctx`), which fails on NaN, 1e400 or a lone surrogate: a 500 and a traceback instead of a 422."""
+    detail = [
+        {
+            "type": str(item.get("type", "value_error")),
+            "loc": [part if isinstance(part, int) else _printable(str(part)) for part in item.get("loc", ())],
+            "msg": _printable(str(item.get("msg", ""))),
+        }
+        for item in error.errors()
     ]
+    return JSONResponse({"detail": detail}, 422)
 
 
-def _encode(image: Image.Image, encoding: OutputFormat) -> bytes:
-    buffer = io.BytesIO()
-    if encoding == "webp":
-        image.save(buffer, "WEBP", lossless=True)  # lossy WebP would smear the flat cells
-    else:
-        image.save(buffer, "PNG", optimize=False)
-    return buffer.getvalue()
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+def _printable(text: str) -> str:
+    """Text that encodes as UTF-8 (a lone surrogate in a field name becomes \\ud800)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _prefers_png(accept: str) -> bool:

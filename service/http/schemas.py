@@ -1,13 +1,14 @@
 """Request and response bodies of the HTTP API. The bounds are config's, shared with the CLI and Cog."""
 
-from typing import Annotated, Literal
+import base64
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service import config
-from service.engine import MAX_SEED, GenerationRequest, GenerationResult
-
-OutputFormat = Literal["png", "webp"]
+from service.config import MAX_SEED, OutputFormat
+from service.delivery import EncodedImage, summary
+from service.engine import GenerationRequest, GenerationResult
 
 
 class GenerateRequest(BaseModel):
@@ -29,6 +30,14 @@ class GenerateRequest(BaseModel):
         allow_inf_nan=False,
         description="Classifier-free guidance (default: PUNKS_GUIDANCE).",
     )
+    output_size: int | None = Field(
+        None, ge=config.MIN_OUTPUT_SIZE, le=config.MAX_OUTPUT_SIZE,
+        description="Side of each delivered image in px (default: PUNKS_OUTPUT_SIZE, 1024).",
+    )
+    integer_scale: bool | None = Field(
+        None, description="Cells of exactly floor(output_size / 24) px; the image is then a little smaller "
+        "(1008 px for 1024). Default: PUNKS_INTEGER_SCALE.",
+    )
     output_format: OutputFormat = Field("png", description="Encoding of the returned images (WebP is lossless).")
     return_sprites: bool = Field(False, description="Also return each grid x grid sprite.")
     lora: str | None = Field(
@@ -39,10 +48,7 @@ class GenerateRequest(BaseModel):
     )
 
     def to_engine(self) -> GenerationRequest:
-        return GenerationRequest(
-            prompt=self.prompt, seed=self.seed, num_images=self.num_outputs, steps=self.steps, guidance=self.guidance,
-            lora=self.lora, upscaler=self.upscaler,
-        )
+        return GenerationRequest(**self.model_dump())
 
 
 class Quality(BaseModel):
@@ -81,17 +87,22 @@ class GenerateResponse(BaseModel):
     timings: Timings
 
     @classmethod
-    def build(
-        cls, result: GenerationResult, media_type: str, images: list[ImageOut], timings: Timings
+    def from_delivery(
+        cls, result: GenerationResult, media_type: str, images: list[EncodedImage], timings: Timings
     ) -> "GenerateResponse":
-        return cls(
-            prompt=result.prompt,
-            negative_prompt=result.negative_prompt,
-            truncated=bool(result.dropped_words),
-            dropped_words=result.dropped_words,
-            steps=result.steps,
-            guidance=result.guidance,
-            media_type=media_type,
-            images=images,
-            timings=timings,
+        """The engine's summary (service/delivery.py) plus the encoded files, in base64."""
+        return cls.model_validate(
+            summary(result)
+            | {
+                "media_type": media_type,
+                "images": [
+                    image.summary | {"image": _b64(image.image), "sprite": _b64(image.sprite), "smooth": _b64(image.smooth)}
+                    for image in images
+                ],
+                "timings": timings,
+            }
         )
+
+
+def _b64(data: bytes | None) -> str | None:
+    return base64.b64encode(data).decode("ascii") if data is not None else None

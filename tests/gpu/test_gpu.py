@@ -67,7 +67,7 @@ def test_output_has_no_nan_and_snaps(engine):
 
 def test_batch_matches_single_per_seed(engine):
     alone = engine.generate(GenerationRequest(PROMPT, seed=42)).images[0]
-    batch = engine.generate_batch([GenerationRequest("punk with a cap", seed=7, num_images=3), GenerationRequest(PROMPT, seed=42)])
+    batch = engine.generate_batch([GenerationRequest("punk with a cap", seed=7, num_outputs=3), GenerationRequest(PROMPT, seed=42)])
     batched = batch[1].images[0]
     difference = np.abs(pixels(batched.raw) - pixels(alone.raw))
     assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8  # fp16 batched GEMMs round differently
@@ -83,5 +83,5 @@ def test_compiled_engine_matches_eager_within_fp16_tolerance(engine, weights, tm
     compiled = compiled_engine.generate(GenerationRequest(PROMPT, seed=5)).images[0]
     difference = np.abs(pixels(compiled.raw) - pixels(eager.raw))
     assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8
-    three = compiled_engine.generate(GenerationRequest(PROMPT, seed=5, num_images=3)).images
+    three = compiled_engine.generate(GenerationRequest(PROMPT, seed=5, num_outputs=3)).images
     assert np.abs(pixels(three[0].raw) - pixels(compiled.raw)).mean() < 1.0

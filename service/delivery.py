@@ -1,0 +1,94 @@
+"""The one delivery path every surface shares: a GenerationResult becomes encoded files and a JSON summary.
+
+The encoding options live here and nowhere else, so the same request gives the same bytes from the CLI, the
+HTTP API and the Cog runner (tests/test_predict.py compares them). Both formats are lossless: a lossy codec
+would smear the flat cells the snapper made.
+"""
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from service.config import OutputFormat
+from service.engine import GeneratedImage, GenerationResult
+
+MEDIA_TYPES: dict[OutputFormat, str] = {"png": "image/png", "webp": "image/webp"}
+# PNG: zlib's default level, no `optimize` pass (the upscale is an indexed image already; optimize would only
+# spend time). WebP: lossless at its default effort.
+ENCODER_OPTIONS: dict[OutputFormat, tuple[str, dict[str, Any]]] = {
+    "png": ("PNG", {}),
+    "webp": ("WEBP", {"lossless": True}),
+}
+
+
+def encode(image: Image.Image, output_format: OutputFormat) -> bytes:
+    pil_format, options = ENCODER_OPTIONS[output_format]
+    buffer = io.BytesIO()
+    image.save(buffer, pil_format, **options)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One delivered portrait: its files' bytes and what the JSON says about it."""
+
+    seed: int
+    image: bytes  # the upscaled portrait
+    sprite: bytes | None  # the grid x grid sprite, when asked for
+    smooth: bytes | None  # the Real-ESRGAN upscale, with upscaler "realesrgan"
+    summary: dict[str, Any]  # seed, palette, quality
+
+
+def encode_images(
+    images: list[GeneratedImage], output_format: OutputFormat, sprites: bool
+) -> list[EncodedImage]:
+    return [
+        EncodedImage(
+            seed=image.seed,
+            image=encode(image.art.image, output_format),
+            sprite=encode(image.art.sprite, output_format) if sprites else None,
+            smooth=encode(image.smooth, output_format) if image.smooth is not None else None,
+            summary=image_summary(image),
+        )
+        for image in images
+    ]
+
+
+def image_summary(image: GeneratedImage) -> dict[str, Any]:
+    return {"seed": image.seed, "palette": image.art.palette, "quality": image.art.quality.as_dict()}
+
+
+def summary(result: GenerationResult) -> dict[str, Any]:
+    """JSON-ready description of a result, everything but the pixels (the HTTP response and the CLI's .json)."""
+    return {
+        "prompt": result.prompt,
+        "negative_prompt": result.negative_prompt,
+        "truncated": bool(result.dropped_words),
+        "dropped_words": result.dropped_words,
+        "steps": result.steps,
+        "guidance": result.guidance,
+        "images": [image_summary(image) for image in result.images],
+        "timings": result.timings,
+    }
+
+
+def describe(image: GeneratedImage) -> str:
+    """One line per image for logs and terminals: its seed and the pixel-art verdict with its signals."""
+    q = image.art.quality
+    verdict = "pixel art" if q.is_pixel_art else "NOT pixel art"
+    return (
+        f"seed {image.seed}: {verdict} (grid fit {q.grid_fit:.2f}, edge alignment {q.edge_alignment:.2f}, "
+        f"{q.palette_size} colours)"
+    )
+
+
+def warnings(result: GenerationResult, is_smoke: bool) -> list[str]:
+    """What a person should be told about a result beside the images."""
+    notes = []
+    if result.dropped_words:
+        notes.append(f"prompt too long for CLIP, dropped: {result.dropped_words!r}")
+    if is_smoke:
+        notes.append("made with the random SMOKE model (no real weights found): the images are not meaningful")
+    return notes
