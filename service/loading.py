@@ -18,8 +18,8 @@ from diffusers import (
 
 from service.config import CLIP_VOCABULARY_SIZE, SD15_CONFIG_DIR
 from service.errors import WeightsError
+from service.weights.resolve import SINGLE_FILE_SUFFIXES, folder_variant
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 SCHEDULERS = {  # config.Scheduler's names
     "dpm++": DPMSolverMultistepScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
@@ -27,11 +27,6 @@ SCHEDULERS = {  # config.Scheduler's names
     "ddim": DDIMScheduler,
     "pndm": PNDMScheduler,
 }
-def folder_variant(path: Path) -> str | None:
-    """'fp16' when the folder's weight files are all `*.fp16.*` (what `weights download` fetches): diffusers
-    only loads those when asked for the variant. With full-precision files present, those are used."""
-    weights = [f for pattern in ("*/*.safetensors", "*/*.bin") for f in path.glob(pattern)]
-    return "fp16" if weights and all(f.name.split(".")[-2] == "fp16" for f in weights) else None
 
 
 def load_base_pipeline(path: Path, config_dir: Path, dtype: torch.dtype) -> StableDiffusionPipeline:

@@ -80,5 +80,9 @@ def test_empty_and_truncated_files_are_refused(tmp_path):
     truncated.write_bytes(whole.read_bytes()[:-100])
     with pytest.raises(LoraError, match="truncated"):
         inspect_lora(truncated)
+    padded = tmp_path / "padded.safetensors"
+    padded.write_bytes(whole.read_bytes() + b"\0" * 100)  # the same check as `weights check`: exact size
+    with pytest.raises(LoraError, match="truncated or padded"):
+        inspect_lora(padded)
     with pytest.raises(LoraError, match="not found"):
         inspect_lora(tmp_path / "missing.safetensors")

@@ -15,12 +15,16 @@ import pytest
 import torch
 from huggingface_hub.utils import filter_repo_objects
 
-from service.cli import main
-from service.config import Settings
-from service.weights.fetch import FetchError, WeightFile, fetch_weights
-from service.loading import folder_variant, load_base_pipeline
 from devtools.smoke import SMOKE_FOLDER, SMOKE_LORA, SMOKE_SINGLE_FILE, build_smoke_pipeline
-from service.weights.commands import MANIFEST, SD15_FOLDER, SD15_PATTERNS, SINGLE_FILE_PREFIXES, Source, check, check_base_model, download, read_manifest
+from service.cli import main
+from service.config import MANIFEST_FILE as MANIFEST, SD15_FOLDER, Settings
+from service.loading import load_base_pipeline
+from service.weights.check import SINGLE_FILE_PREFIXES, check, check_base_model
+from service.weights.download import SD15_PATTERNS, download
+from service.weights.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec
+from service.weights.manifest import read_manifest
+from service.weights.resolve import folder_variant
+from service.weights.source import HubFile, Source
 
 REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -244,6 +248,30 @@ def test_bad_sources_are_refused_before_downloading(text: str, message: str):
     with pytest.raises(ValueError, match=message) as error:
         Source.parse(text)
     assert "secret" not in str(error.value)
+
+
+def test_weights_urls_take_the_same_sources_as_weights_download():
+    """PUNKS_WEIGHTS_URLS (Cog's setup) parses each source with Source.parse: hub paths too."""
+    digest = "cd" * 32
+    files = parse_spec(f"bespoke_punks.safetensors=hf://owner/punks@v1/loras/punks.safetensors#sha256={digest} "
+                       "sd/v1-5.safetensors=hf://owner/sd15/v1-5.safetensors")
+    assert files == [WeightFile("bespoke_punks.safetensors", "hf://owner/punks@v1/loras/punks.safetensors", digest),
+                     WeightFile("sd/v1-5.safetensors", "hf://owner/sd15/v1-5.safetensors")]
+    assert files[0].source == Source.parse(f"hf://owner/punks@v1/loras/punks.safetensors#sha256={digest}")
+    assert files[0].source.hub_file() == HubFile("owner/punks", "v1", "loras/punks.safetensors")
+    assert files[1].source.hub_file() == HubFile("owner/sd15", None, "v1-5.safetensors")
+    with pytest.raises(ValueError, match="PUNKS_WEIGHTS_URLS: x: expected hf://owner/repo/path/to/file"):
+        parse_spec("x=hf://owner/repo")
+
+
+def test_weights_urls_fetch_hub_entries_through_the_hub(fake_hub, tmp_path: Path):
+    hub_bytes = b"owner/punks@v1:punks.safetensors"
+    spec = f"loras/punks.safetensors=hf://owner/punks@v1/punks.safetensors#sha256={sha256(hub_bytes)}"
+    assert fetch_weights_from_env(tmp_path, {"PUNKS_WEIGHTS_URLS": spec}) == [tmp_path / "loras/punks.safetensors"]
+    assert (tmp_path / "loras/punks.safetensors").read_bytes() == hub_bytes
+    assert fake_hub == [{"repo_id": "owner/punks", "filename": "punks.safetensors", "revision": "v1"}]
+    fetch_weights_from_env(tmp_path, {"PUNKS_WEIGHTS_URLS": spec})  # there and verified: not downloaded again
+    assert len(fake_hub) == 1
 
 
 # --- check -------------------------------------------------------------------------------------------------

@@ -1,20 +1,23 @@
 """Read a kohya LoRA file without loading any model, and judge whether it fits SD1.5.
 
-Only the safetensors header is read (names, shapes, dtypes, metadata), so inspection is instant
-even for a 1.7 GB SDXL file and needs no torch.
+Only the safetensors header (names, shapes, dtypes, metadata; service/weights/files.py) and the few bytes of
+each module's alpha are read, so inspection is instant even for a 1.7 GB SDXL file and needs no torch. Start-up,
+`weights check` and `lora inspect` all judge a file here, so they agree on what is wrong with it.
 """
 
-import json
-import struct
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from service.weights.files import TensorTable, WeightFileError, read_scalars, read_tensor_table
+
+log = logging.getLogger(__name__)
 
 # Width of the text features the UNet cross-attends to, per base model family.
 CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 TEXT_WIDTH = {768: "sd1", 1024: "sd2"}
 FAMILY_NAMES = {"sd1": "SD1.5", "sd2": "SD2.x", "sdxl": "SDXL", "unknown": "unknown"}
-KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 # (down, up, format) key suffixes of the LoRA layouts we can read: kohya, PEFT, diffusers (new and old attn processors).
 PAIR_SUFFIXES = (
     (".lora_down.weight", ".lora_up.weight", "kohya"),
@@ -30,7 +33,6 @@ TARGET_PREFIXES = (
     ("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te"), ("te1.", "te1"), ("te2.", "te2"),
 )
 LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "oft_blocks", "oft_diag")
-SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "bf16"}
 
 
 class LoraError(ValueError):
@@ -144,82 +146,71 @@ class LoraInfo:
         return f"{FAMILY_NAMES[self.family]} LoRA, rank {ranks}, alpha {alphas}, {len(self.modules)} modules"
 
 
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file ({tensor name: {dtype, shape, data_offsets}, '__metadata__': {...}})
-    and the byte offset where tensor data starts."""
-    try:
-        with path.open("rb") as handle:
-            size_bytes = handle.read(8)
-            if len(size_bytes) != 8:
-                raise LoraError(f"{path}: not a safetensors file (too short)")
-            (header_size,) = struct.unpack("<Q", size_bytes)
-            if header_size > 100_000_000 or header_size > path.stat().st_size - 8:
-                raise LoraError(f"{path}: not a safetensors file (bad header length)")
-            header = json.loads(handle.read(header_size))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LoraError(f"{path}: not a safetensors file (unreadable header: {error})") from None
-    if not isinstance(header, dict) or not all(_valid_entry(k, v) for k, v in header.items()):
-        raise LoraError(f"{path}: not a safetensors file (malformed header)")
-    return header, 8 + header_size
-
-
-def _valid_entry(key: str, entry) -> bool:
-    if key == "__metadata__":
-        return entry is None or (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values()))
-    return (
-        isinstance(entry, dict)
-        and isinstance(entry.get("dtype"), str)
-        and isinstance(entry.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
-        and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
-        and all(isinstance(o, int) and o >= 0 for o in entry["data_offsets"])
-        and entry["data_offsets"][0] <= entry["data_offsets"][1]
-    )
-
-
 def inspect_lora(path: Path) -> LoraInfo:
+    """What the file holds; LoraError when it is no complete safetensors file or no LoRA at all."""
     path = Path(path)
     if not path.is_file():
         raise LoraError(f"LoRA file not found: {path}")
-    header, data_start = read_safetensors_header(path)
-    metadata = header.pop("__metadata__", None) or {}
-    data_end = data_start + max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    if data_end > path.stat().st_size:
-        raise LoraError(f"{path}: truncated file ({path.stat().st_size} bytes, header promises more)")
-    if any(marker in key for key in header for marker in LYCORIS_MARKERS):
-        raise LoraError(f"{path}: a LyCORIS LoHa/LoKr/OFT network; only LoRA/LoCon (lora_down/lora_up) files are supported")
-    modules, formats = {}, set()
-    with path.open("rb") as handle:
-        for key in header:
-            pair = next((p for p in PAIR_SUFFIXES if key.endswith(p[0])), None)
-            if pair is None:
-                continue
-            down_suffix, up_suffix, layout = pair
-            name = key.removesuffix(down_suffix)
-            up = header.get(name + up_suffix)
-            if up is None:
-                raise LoraError(f"{path}: {name} has a {down_suffix} but no {up_suffix} weight")
-            down_shape = tuple(header[key]["shape"])
-            if len(down_shape) < 2:
-                raise LoraError(f"{path}: {key} has shape {list(down_shape)}, expected (rank, in_features, ...)")
-            alpha_key = next((k for k in (f"{name}.alpha", f"{name.removesuffix('_lora')}.alpha") if k in header), None)
-            modules[name] = LoraModule(
-                name=name,
-                rank=down_shape[0],
-                alpha=_read_scalar(handle, data_start, header, alpha_key) if alpha_key else None,
-                down_shape=down_shape,
-                up_shape=tuple(up["shape"]),
-                target=_target(name),
-                dtype=header[key]["dtype"],
-            )
-            formats.add(layout)
-    if not modules:
-        kinds = "no tensors" if not header else "no lora_down/lora_up (or lora_A/lora_B) pairs"
+    try:
+        table = read_tensor_table(path)
+    except WeightFileError as error:
+        raise LoraError(f"{path}: {error}") from None
+    tensors = table.tensors
+    if any(marker in key for key in tensors for marker in LYCORIS_MARKERS):
+        raise LoraError(
+            f"{path}: a LyCORIS LoHa/LoKr/OFT network; only LoRA/LoCon (lora_down/lora_up) files are supported"
+        )
+    pairs, formats = {}, set()  # module name -> (down, up) weights
+    for key, down in tensors.items():
+        pair = next((p for p in PAIR_SUFFIXES if key.endswith(p[0])), None)
+        if pair is None:
+            continue
+        down_suffix, up_suffix, layout = pair
+        name = key.removesuffix(down_suffix)
+        up = tensors.get(name + up_suffix)
+        if up is None:
+            raise LoraError(f"{path}: {name} has a {down_suffix} but no {up_suffix} weight")
+        if len(down.shape) < 2:
+            raise LoraError(f"{path}: {key} has shape {list(down.shape)}, expected (rank, in_features, ...)")
+        pairs[name] = (down, up)
+        formats.add(layout)
+    if not pairs:
+        kinds = "no tensors" if not tensors else "no lora_down/lora_up (or lora_A/lora_B) pairs"
         raise LoraError(f"{path}: not a LoRA ({kinds}); expected keys like lora_unet_*.lora_down.weight")
-    dtypes = frozenset(entry["dtype"] for entry in header.values())
+    alphas = _alphas(path, table, list(pairs))
+    modules = {
+        name: LoraModule(name=name, rank=down.shape[0], alpha=alphas.get(name), down_shape=down.shape,
+                         up_shape=up.shape, target=_target(name), dtype=down.dtype)
+        for name, (down, up) in pairs.items()
+    }
     return LoraInfo(
-        path=path, file_size=path.stat().st_size, modules=modules, dtypes=dtypes, metadata=metadata,
-        format="+".join(sorted(formats)), tensor_bytes=data_end - data_start,
+        path=path, file_size=path.stat().st_size, modules=modules, dtypes=table.dtypes, metadata=table.metadata,
+        format="+".join(sorted(formats)), tensor_bytes=table.data_bytes,
     )
+
+
+def inspect_sd15_lora(path: Path, expected_rank: int) -> LoraInfo:
+    """inspect_lora, refusing a LoRA for another base model and logging what is only unusual (another rank):
+    the check start-up runs on every LoRA it will fuse."""
+    info = inspect_lora(path)
+    for warning in check_sd15_lora(info, expected_rank):
+        log.warning(warning)
+    return info
+
+
+def _alphas(path: Path, table: TensorTable, names: list[str]) -> dict[str, float]:
+    """Module name -> alpha, for the modules that store one: kohya writes a 0-d tensor `<name>.alpha` (diffusers:
+    without the `_lora` suffix). Only those few bytes are read."""
+    keys = {}
+    for name in names:
+        key = next((k for k in (f"{name}.alpha", f"{name.removesuffix('_lora')}.alpha") if k in table.tensors), None)
+        if key is not None:
+            keys[name] = key
+    try:
+        values = read_scalars(path, table, keys.values())
+    except WeightFileError as error:
+        raise LoraError(f"{path}: {error}") from None
+    return {name: values[key] for name, key in keys.items()}
 
 
 def _target(name: str) -> str:
@@ -232,22 +223,6 @@ def _target(name: str) -> str:
 def _normalized(name: str) -> str:
     """kohya-style spelling of any layout's module name: attn2.processor.to_k_lora -> attn2_to_k."""
     return name.replace(".", "_").replace("_processor_", "_").removesuffix("_lora")
-
-
-def _read_scalar(handle, data_start: int, header: dict, key: str) -> float:
-    """kohya stores alpha as a 0-d tensor; read its few bytes straight from the file (no torch)."""
-    import numpy as np
-
-    entry = header[key]
-    begin, end = entry["data_offsets"]
-    handle.seek(data_start + begin)
-    raw = handle.read(end - begin)
-    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-    if dtype is None or len(raw) != end - begin or not raw:
-        raise LoraError(f"{handle.name}: {key} is a {entry['dtype']} tensor of {len(raw)} bytes, expected one float")
-    if dtype == "bf16":  # numpy has no bfloat16: it is the top half of a float32
-        return float(np.frombuffer(b"\x00\x00" + raw[:2], "<f4")[0])
-    return float(np.frombuffer(raw, dtype)[0])
 
 
 def check_sd15_lora(info: LoraInfo, expected_rank: int) -> list[str]:

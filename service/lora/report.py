@@ -11,6 +11,7 @@ from pathlib import Path
 
 from service.lora.inspect import FAMILY_NAMES, LoraInfo, inspect_lora
 from service.lora.layout import SD15_DIM, sd15_lora_bytes, sd15_modules
+from service.weights.files import format_size
 
 UNKNOWN = "unknown"
 TARGET_NAMES = {"unet": "UNet", "te": "text encoder", "te1": "text encoder 1", "te2": "text encoder 2"}
@@ -116,7 +117,7 @@ def format_report(data: dict) -> str:
         ("modules", _modules_line(data["modules"])),
         ("conv (LoCon) modules", str(len(data["conv_modules"])) + (f" (e.g. {data['conv_modules'][0]})" if data["conv_modules"] else "")),
         ("dtype", ", ".join(data["dtypes"]) or UNKNOWN),
-        ("file size", _size(data["file_size"])),
+        ("file size", format_size(data["file_size"])),
         (f"expected (dim {SD15_DIM} SD1.5)", _expected_line(data["expected"])),
         *((label, value) for label, value in data["training"].items()),
         ("dataset dirs", _dirs_line(data["dataset"]["dirs"])),
@@ -191,7 +192,7 @@ def _diff_rows():
         ("modules", lambda r: _modules_line(r["modules"])),
         ("conv modules", lambda r: len(r["conv_modules"])),
         ("dtype", lambda r: ", ".join(r["dtypes"])),
-        ("file size", lambda r: _size(r["file_size"])),
+        ("file size", lambda r: format_size(r["file_size"])),
         ("resolution", training("resolution")),
         *((label, training(label)) for label, _ in TRAINING_FIELDS),
         ("training started", training("training started")),
@@ -269,7 +270,8 @@ def _expected(info: LoraInfo, weight_dtypes: list[str]) -> dict:
 
 
 def _expected_line(e: dict) -> str:
-    line = f"{_size(e['bytes'])} of {e['dtype']} tensors for {e['modules']} modules ({e['unet']} UNet + {e['te']} TE); this file {e['ratio']:g}x"
+    line = (f"{format_size(e['bytes'])} of {e['dtype']} tensors for {e['modules']} modules "
+            f"({e['unet']} UNet + {e['te']} TE); this file {e['ratio']:g}x")
     if "covered" in e:
         line += f"; covers {e['covered']}/{e['modules']} SD1.5 modules"
         if e["extra"]:
@@ -347,10 +349,6 @@ def _tags_line(tags: dict | None) -> str:
         return UNKNOWN
     top = ", ".join(f"{tag} {n}" for tag, n in list(tags["top"].items())[:5])
     return f"{tags['distinct_tags']} distinct tags; top: {top}"
-
-
-def _size(n: int) -> str:
-    return f"{n:,} bytes ({n / 2**20:.1f} MiB)"
 
 
 def _str(value) -> str:

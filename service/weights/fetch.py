@@ -1,21 +1,22 @@
-"""Optional download of the weights at startup, for containers that do not have them baked in.
+"""Put weight files into the weights folder from their sources (service/weights/source.py: https URLs or
+hf:// hub paths, optionally pinned with #sha256=<hex>). Used by `weights download` and, for containers that do
+not have the weights baked in, by Cog's setup through PUNKS_WEIGHTS_URLS.
 
-PUNKS_WEIGHTS_URLS lists "dest=url" pairs, separated by commas or whitespace; dest is relative to
-the weights folder (PUNKS_WEIGHTS_DIR) and may hold subfolders; "#sha256=<hex>" after the URL pins
-the file's checksum:
+PUNKS_WEIGHTS_URLS lists "dest=source" pairs, separated by commas or whitespace; dest is relative to the weights
+folder (PUNKS_WEIGHTS_DIR) and may hold subfolders:
 
     PUNKS_WEIGHTS_URLS="v1-5-pruned-emaonly.safetensors=https://example.com/sd15.safetensors#sha256=6ce0...
-                        bespoke_punks.safetensors=https://example.com/punks.safetensors#sha256=94b2..."
+                        bespoke_punks.safetensors=hf://owner/punks@v1/bespoke_punks.safetensors#sha256=94b2..."
 
-Files are downloaded in parallel into "<dest>.part" and renamed into place only when complete and,
-with a checksum, verified (a mismatch removes the file and fails with both checksums). A file that is
-already there is kept when its checksum matches, or when no checksum was given. A download that
-broke off leaves its ".part" behind when the checksum is pinned, and the next run resumes it with an
-HTTP Range request (without a pin, a file that changed at the URL could be spliced unnoticed, so it
-starts over). Commas and spaces
-inside a URL must be percent-encoded (%2C, %20). Query strings (signed URLs) never appear in the logs.
+Files are downloaded in parallel into "<dest>.part" and renamed into place only when complete and, with a
+checksum, verified (a mismatch removes the file and fails with both checksums). A file that is already there is
+kept when its checksum matches, or when no checksum was given. A URL download that broke off leaves its ".part"
+behind when the checksum is pinned, and the next run resumes it with an HTTP Range request (without a pin, a file
+that changed at the URL could be spliced unnoticed, so it starts over); a hub download resumes the hub client's
+own way. Commas and spaces inside a URL must be percent-encoded (%2C, %20). Query strings (signed URLs) never
+appear in the logs.
 
-    python -m service.fetch            # download what PUNKS_WEIGHTS_URLS lists, e.g. before `cog push`
+    python -m service.weights.fetch            # download what PUNKS_WEIGHTS_URLS lists, e.g. before `cog push`
 """
 
 import hashlib
@@ -26,88 +27,63 @@ import sys
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from service.weights.files import format_size, sha256_of
+from service.weights.source import Source, redact
+
+__all__ = ["FetchError", "WeightFile", "fetch_one", "fetch_weights", "fetch_weights_from_env", "parse_spec", "redact"]
 log = logging.getLogger(__name__)
 
 ENV_VAR = "PUNKS_WEIGHTS_URLS"
 CHUNK = 1 << 20
 PROGRESS_EVERY_S = 5.0
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def split_sha256(location: str, context: str) -> tuple[str, str | None]:
-    """'url#sha256=<hex>' -> (url, hex); a location without a fragment has no pinned checksum."""
-    location, _, fragment = location.partition("#")
-    if not fragment:
-        return location, None
-    key, _, value = fragment.partition("=")
-    if key != "sha256" or not _SHA256.fullmatch(value.lower()):
-        raise ValueError(f"{context}: expected #sha256=<64 hex digits> after the URL, got #{fragment}")
-    return location, value.lower()
+HUB_STAGING = ".hub-download"  # inside the weights folder: the hub client's resume state lives there
 
 
 class FetchError(RuntimeError):
-    """A weights download failed; the message names the file, the (redacted) URL and why."""
+    """A weights download failed; the message names the file, its (redacted) source and why."""
 
 
 @dataclass(frozen=True)
 class WeightFile:
+    """One file to put at `dest` in the weights folder, from `url` (any location Source takes: https or hf://)."""
+
     dest: str  # relative POSIX path inside the weights folder
     url: str
     sha256: str | None = None
 
+    @classmethod
+    def of(cls, dest: str, source: Source) -> "WeightFile":
+        return cls(dest, source.location, source.sha256)
+
+    @property
+    def source(self) -> Source:
+        return Source(self.url, self.sha256)
+
     @property
     def shown_url(self) -> str:
-        return redact(self.url)
-
-
-def redact(url: str) -> str:
-    """The URL without query, fragment or credentials: signed URLs carry secrets there."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+        return self.source.shown
 
 
 def parse_spec(spec: str) -> list[WeightFile]:
-    """Parse PUNKS_WEIGHTS_URLS; ValueError naming the bad entry."""
+    """Parse PUNKS_WEIGHTS_URLS ("dest=source ..."); ValueError naming the bad entry."""
     files: list[WeightFile] = []
     for entry in filter(None, re.split(r"[,\s]+", spec.strip())):
-        dest, sep, url = entry.partition("=")
-        if not sep or not dest or not url:
-            raise ValueError(f"{ENV_VAR}: expected dest=url, got {entry!r}")
-        url, sha256 = split_sha256(url, context=f"{ENV_VAR}: {dest}")
+        dest, sep, text = entry.partition("=")
+        if not sep or not dest or not text:
+            raise ValueError(f"{ENV_VAR}: expected dest=url (or dest=hf://owner/repo/path), got {entry!r}")
+        source = Source.parse(text, context=f"{ENV_VAR}: {dest}")
         path = PurePosixPath(dest)
         if path.is_absolute() or ".." in path.parts or dest.startswith("~"):
             raise ValueError(f"{ENV_VAR}: {dest}: must be a path inside the weights folder")
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-            raise ValueError(f"{ENV_VAR}: {dest}: only http(s) URLs are supported, got {redact(url)!r}")
         if any(f.dest == str(path) for f in files):
             raise ValueError(f"{ENV_VAR}: {dest} is listed twice")
-        files.append(WeightFile(dest=str(path), url=url, sha256=sha256))
+        files.append(WeightFile.of(str(path), source))
     return files
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def _download(file: WeightFile, target: Path, timeout: float) -> str:
@@ -118,19 +94,18 @@ def _download(file: WeightFile, target: Path, timeout: float) -> str:
     offset = part.stat().st_size if resumable and part.is_file() else 0
     headers = {"User-Agent": "bespoke-punks-fetch"} | ({"Range": f"bytes={offset}-"} if offset else {})
     request = urllib.request.Request(file.url, headers=headers)
-    digest, done = hashlib.sha256(), 0
+    digest, done = hashlib.sha256(), 0  # hashed while streaming: no second pass over the file
     started = last_log = time.monotonic()
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) only, checked in parse_spec)
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) only: Source.parse)
             resumed = offset and response.status == 206 and response.headers.get("Content-Range", "").startswith(
                 f"bytes {offset}-"
             )
             if resumed:
                 with part.open("rb") as existing:
-                    while chunk := existing.read(CHUNK):
-                        digest.update(chunk)
+                    digest = hashlib.file_digest(existing, "sha256")
                 done = offset
-                log.info("%s: resuming after %s", file.dest, _size(offset))
+                log.info("%s: resuming after %s", file.dest, format_size(offset))
             length = int(response.headers.get("Content-Length") or 0)
             total = done + length if length else 0
             with part.open("ab" if resumed else "wb") as out:
@@ -140,8 +115,8 @@ def _download(file: WeightFile, target: Path, timeout: float) -> str:
                     done += len(chunk)
                     if time.monotonic() - last_log >= PROGRESS_EVERY_S:
                         last_log = time.monotonic()
-                        share = f" ({100 * done / total:.0f}% of {_size(total)})" if total else ""
-                        log.info("%s: %s%s", file.dest, _size(done), share)
+                        share = f" ({100 * done / total:.0f}% of {format_size(total)})" if total else ""
+                        log.info("%s: %s%s", file.dest, format_size(done), share)
         if total and done != total:
             kept = f"; {part.name} kept, run again to resume" if resumable else ""
             raise FetchError(f"{file.dest}: got {done} of {total} bytes from {file.shown_url}{kept}")
@@ -154,7 +129,9 @@ def _download(file: WeightFile, target: Path, timeout: float) -> str:
         if not resumable:
             part.unlink(missing_ok=True)
         reason = getattr(error, "reason", error)
-        kept = f"; {_size(part.stat().st_size)} kept in {part.name}, run again to resume" if part.is_file() else ""
+        kept = ""
+        if part.is_file():
+            kept = f"; {format_size(part.stat().st_size)} kept in {part.name}, run again to resume"
         raise FetchError(f"{file.dest}: download from {file.shown_url} failed: {reason}{kept}") from None
     except BaseException:
         if not resumable:
@@ -169,11 +146,34 @@ def _download(file: WeightFile, target: Path, timeout: float) -> str:
         )
     os.replace(part, target)
     elapsed = time.monotonic() - started
-    log.info("%s: done, %s in %.1fs (sha256 %s)", file.dest, _size(done), elapsed, actual)
+    log.info("%s: done, %s in %.1fs (sha256 %s)", file.dest, format_size(done), elapsed, actual)
+    return actual
+
+
+def _download_from_hub(file: WeightFile, target: Path, weights_dir: Path) -> str:
+    """The hub client downloads (resuming, into a staging folder), then the checked file is renamed into place."""
+    from huggingface_hub import hf_hub_download  # only when a source is on the hub
+
+    hub = file.source.hub_file()
+    try:
+        staged = Path(hf_hub_download(hub.repo, hub.path, revision=hub.revision, local_dir=weights_dir / HUB_STAGING))
+    except OSError as error:  # the hub's HTTP and connection errors are OSErrors
+        raise FetchError(f"{file.dest}: download of {file.shown_url} failed: {error}") from None
+    actual = sha256_of(staged)
+    if file.sha256 is not None and actual != file.sha256:
+        staged.unlink()
+        raise FetchError(
+            f"{file.dest}: checksum mismatch for {file.shown_url}: expected sha256 {file.sha256}, got {actual}; "
+            "the download was removed"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, target)
+    log.info("%s: done, %s from the hub (sha256 %s)", file.dest, format_size(target.stat().st_size), actual)
     return actual
 
 
 def fetch_one(file: WeightFile, weights_dir: Path, timeout: float = 60.0) -> Path:
+    """The file in place (already there and verified, or downloaded); FetchError names it, the source and why."""
     target = weights_dir / file.dest
     if target.is_file():
         if file.sha256 is None:
@@ -184,7 +184,10 @@ def fetch_one(file: WeightFile, weights_dir: Path, timeout: float = 60.0) -> Pat
             return target
         log.warning("%s: present but its checksum differs from the pinned one: downloading again", file.dest)
     log.info("%s: downloading from %s", file.dest, file.shown_url)
-    _download(file, target, timeout)
+    if file.source.is_hub:
+        _download_from_hub(file, target, weights_dir)
+    else:
+        _download(file, target, timeout)
     return target
 
 
@@ -226,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     spec = " ".join(args) if args else os.environ.get(ENV_VAR, "")
     if not spec.strip():
-        print(f"usage: python -m service.fetch [dest=url[#sha256=hex] ...]  (or set {ENV_VAR})", file=sys.stderr)
+        print(f"usage: python -m service.weights.fetch [dest=source[#sha256=hex] ...]  (or set {ENV_VAR})",
+              file=sys.stderr)
         return 2
     try:
         for path in fetch_weights(parse_spec(spec), Settings().weights_dir):

@@ -1,18 +1,23 @@
 """Which weights to load: the configured SD1.5 + LoRA files, or (allowed on development machines only) the
-tiny random smoke model, announced loudly. A missing file fails here, at start-up, naming it and where it goes."""
+tiny random smoke model, announced loudly. A missing file fails here, at start-up, naming it and where it goes.
+Also which files of a diffusers folder are loaded (its fp16 variant or the full-precision files), the one answer
+start-up and `weights check` share. Torch-free, so that `weights check` stays quick."""
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.config import SD15_CONFIG_DIR, Settings
+from service.config import LORA_FILE, SD15_CONFIG_DIR, SD15_FILE, SD15_FOLDER, Settings
 from service.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin")  # safetensors first, as diffusers prefers them
+FP16_VARIANT = "fp16"
 WEIGHTS_HELP = (
-    "Put SD1.5 at {weights}/stable-diffusion-v1-5/ (diffusers folder) or {weights}/v1-5-pruned-emaonly.safetensors, "
-    "and the dim-32 LoRA at {weights}/bespoke_punks.safetensors (or set PUNKS_BASE_MODEL / PUNKS_LORA). "
+    f"Put SD1.5 at {{weights}}/{SD15_FOLDER}/ (diffusers folder) or {{weights}}/{SD15_FILE}, "
+    f"and the dim-32 LoRA at {{weights}}/{LORA_FILE} (or set PUNKS_BASE_MODEL / PUNKS_LORA). "
     "With internet: `python -m service weights download`; to check: `python -m service weights check`."
 )
 
@@ -46,8 +51,29 @@ def resolve_weights(settings: Settings) -> WeightsSource:
     try:
         from devtools.smoke import SMOKE_FOLDER, SMOKE_LORA, ensure_smoke_model  # not in the GPU images
     except ImportError:
-        raise WeightsError(f"missing weights: {' / '.join(missing)} (and no smoke model in this install). {help_text}") from None
+        raise WeightsError(
+            f"missing weights: {' / '.join(missing)} (and no smoke model in this install). {help_text}"
+        ) from None
     folder = ensure_smoke_model(settings.smoke_dir)
     return WeightsSource(
         base_model=folder / SMOKE_FOLDER, lora=folder / SMOKE_LORA, is_smoke=True, config_dir=folder / SMOKE_FOLDER
     )
+
+
+def file_variant(path: Path) -> str | None:
+    """diffusers' variant of a weight file: 'fp16' for model.fp16.safetensors, None for model.safetensors."""
+    parts = path.name.split(".")
+    return parts[-2] if len(parts) > 2 else None
+
+
+def folder_variant(folder: Path) -> str | None:
+    """'fp16' when the folder's weight files are all `*.fp16.*` (what `weights download` fetches): diffusers
+    only loads those when asked for the variant. With full-precision files present, those are used."""
+    weights = [f for pattern in WEIGHT_FILE_PATTERNS for f in folder.glob(f"*/{pattern}")]
+    return FP16_VARIANT if weights and all(file_variant(f) == FP16_VARIANT for f in weights) else None
+
+
+def model_weights(model_folder: Path, variant: str | None) -> Path | None:
+    """The weight file loaded from one model's subfolder (unet/, vae/, ...) of a folder of that variant."""
+    files = [f for pattern in WEIGHT_FILE_PATTERNS for f in sorted(model_folder.glob(pattern))]
+    return next((f for f in files if file_variant(f) == variant), None)

@@ -1,0 +1,82 @@
+"""Where a weight file comes from, in the one syntax every download takes: `weights download --lora/--realesrgan`,
+PUNKS_LORA_URL / PUNKS_REALESRGAN_URL, and each `dest=source` pair of PUNKS_WEIGHTS_URLS (Cog's setup):
+
+    https://host/path/file                      any http(s) URL (signed URLs too)
+    hf://owner/repo[@revision]/path/in/repo     a file on the Hugging Face Hub
+
+either followed by an optional `#sha256=<64 hex digits>` that pins the file. Signed URLs carry secrets in the
+query string, so messages, logs and the manifest only ever show `Source.shown`.
+"""
+
+import re
+import urllib.parse
+from dataclasses import dataclass
+
+HUB_SCHEME = "hf://"
+URL_SCHEMES = ("http", "https")
+SOURCE_FORMS = "an https:// URL or hf://owner/repo/path"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class HubFile:
+    repo: str  # owner/name
+    revision: str | None  # branch, tag or commit; None: the default branch
+    path: str  # inside the repo
+
+
+@dataclass(frozen=True)
+class Source:
+    """A URL or hub location, and the sha256 the file must have (None: not pinned)."""
+
+    location: str
+    sha256: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, context: str | None = None) -> "Source":
+        """ValueError naming `context` (default: the redacted location) and what is wrong, without secrets."""
+        location, _, fragment = text.strip().partition("#")
+        where = context or redact(location)
+        sha256 = None
+        if fragment:
+            key, _, value = fragment.partition("=")
+            if key != "sha256" or not _SHA256.fullmatch(value.lower()):
+                raise ValueError(f"{where}: expected #sha256=<64 hex digits> after the location, got #{fragment}")
+            sha256 = value.lower()
+        if location.startswith(HUB_SCHEME):
+            _hub_file(location, where)  # raises when incomplete
+        elif urllib.parse.urlsplit(location).scheme not in URL_SCHEMES:
+            raise ValueError(f"{where}: expected {SOURCE_FORMS} (only http(s) and hf:// are supported), "
+                             f"got {redact(location)!r}")
+        return cls(location, sha256)
+
+    @property
+    def is_hub(self) -> bool:
+        return self.location.startswith(HUB_SCHEME)
+
+    @property
+    def shown(self) -> str:
+        """What may be logged and recorded: a hub path as is, a URL without query, fragment or credentials."""
+        return self.location if self.is_hub else redact(self.location)
+
+    def hub_file(self) -> HubFile:
+        return _hub_file(self.location, self.location)
+
+
+def _hub_file(location: str, where: str) -> HubFile:
+    """hf://owner/repo[@revision]/path/file -> its repo, revision and path."""
+    parts = location.removeprefix(HUB_SCHEME).split("/", 2)
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"{where}: expected hf://owner/repo/path/to/file (or owner/repo@revision/...)")
+    owner, repo, path = parts
+    repo, _, revision = repo.partition("@")
+    return HubFile(f"{owner}/{repo}", revision or None, path)
+
+
+def redact(url: str) -> str:
+    """The URL without query, fragment or credentials: signed URLs carry secrets there."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
