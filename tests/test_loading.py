@@ -8,13 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from service.config import Settings
-from service.lora.fuse import kohya_targets
-from service.loading import WeightsError, load_base_pipeline
-from service.lora.fuse import check_lora_matches_model, count_lora_layers, fuse_lora
-from service.weights.resolve import resolve_weights
-from service.lora.inspect import LoraError, inspect_lora
 from devtools.smoke import SMOKE_FOLDER, SMOKE_LORA, SMOKE_SINGLE_FILE
+from service.config import Settings
+from service.loading import WeightsError, load_base_pipeline
+from service.lora.fuse import check_lora_matches_model, count_lora_layers, fuse_lora, kohya_targets
+from service.lora.inspect import LoraError, inspect_lora, inspect_sd15_lora
+from service.weights.resolve import resolve_weights
 from tests.lora_files import sdxl_modules, write_lora
 
 ATTENTION = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
@@ -131,10 +130,10 @@ def test_fuse_refuses_sdxl_and_empty_files_before_touching_the_model(smoke_dir, 
     pipe = load_smoke(smoke_dir)
     sdxl = write_lora(tmp_path / "sdxl.safetensors", sdxl_modules(), rank=128, alpha=64)
     with pytest.raises(LoraError, match="SDXL"):
-        fuse_lora(pipe, sdxl, scale=1.0, expected_rank=32)
+        fuse_lora(pipe, inspect_sd15_lora(sdxl, expected_rank=32), scale=1.0)
     empty = write_lora(tmp_path / "empty.safetensors", {})
     with pytest.raises(LoraError, match="no tensors"):
-        fuse_lora(pipe, empty, scale=1.0, expected_rank=32)
+        fuse_lora(pipe, inspect_sd15_lora(empty, expected_rank=32), scale=1.0)
     assert count_lora_layers(pipe) == 0
 
 
@@ -142,7 +141,8 @@ def test_fuse_refuses_sdxl_and_empty_files_before_touching_the_model(smoke_dir, 
 def test_fuse_adds_scaled_delta_and_leaves_no_adapter_wrappers(smoke_dir, scale):
     base = load_smoke(smoke_dir)
     fused = load_smoke(smoke_dir)
-    info = fuse_lora(fused, smoke_dir / SMOKE_LORA, scale=scale, expected_rank=32)
+    info = inspect_sd15_lora(smoke_dir / SMOKE_LORA, expected_rank=32)
+    fuse_lora(fused, info, scale=scale)
     assert len(info.modules) == len(kohya_targets(fused))
     assert count_lora_layers(fused) == 0
     lora = load_file(smoke_dir / SMOKE_LORA)

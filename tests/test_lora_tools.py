@@ -378,6 +378,23 @@ def test_engine_without_lora_folder_refuses_any_name(switching_engine):
         plain.generate(GenerationRequest(PROMPT, seed=1, lora="other"))
 
 
+def test_a_switch_uses_the_start_up_inspection(switching_engine, monkeypatch):
+    """check_loras inspected every file at load; a switch fuses from that, without reading the header again."""
+    import service.lora.inspect
+
+    engine = switching_engine
+    other = engine.loras["other"]
+    assert engine.switcher.loras[other].path == other and engine.switcher.loras[engine.weights.lora] is engine.lora
+
+    def no_reading(path, *args):
+        raise AssertionError(f"{path} was inspected again")
+
+    engine._use_lora(None)
+    monkeypatch.setattr(service.lora.inspect, "read_tensor_table", no_reading)
+    assert engine._use_lora("other") > 0 and engine._active_lora() == other
+    assert engine._use_lora(None) > 0 and engine._active_lora() == engine.weights.lora
+
+
 def test_wrong_lora_in_the_folder_fails_at_startup(switching_engine, runs):
     from service.lora.switch import check_loras, find_loras
 

@@ -2,18 +2,14 @@
 
 diffusers only warns about LoRA keys that match no layer; here a file that does not fit the model is refused,
 every module must be injected, and no adapter wrapper may stay behind (unfused wrappers slow each UNet step).
+The file itself was judged before (service/lora/inspect.py: inspect_sd15_lora), once per file at start-up.
 """
-
-import logging
-from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
 from peft.tuners.lora import LoraLayer
 
-from service.lora.inspect import LoraError, LoraInfo, check_sd15_lora, inspect_lora
-
-log = logging.getLogger(__name__)
+from service.lora.inspect import LoraError, LoraInfo
 
 ADAPTER_NAME = "bespoke_punks"
 # Modules kohya's networks.lora wraps in SD1.x: every Linear / 1x1 Conv inside these blocks.
@@ -24,7 +20,8 @@ TEXT_LORA_PARENTS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 def kohya_targets(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
     """kohya name -> module for every layer a kohya SD1.x LoRA wraps."""
     targets = {}
-    for prefix, model, parents in (("lora_unet", pipe.unet, UNET_LORA_PARENTS), ("lora_te", pipe.text_encoder, TEXT_LORA_PARENTS)):
+    models = (("lora_unet", pipe.unet, UNET_LORA_PARENTS), ("lora_te", pipe.text_encoder, TEXT_LORA_PARENTS))
+    for prefix, model, parents in models:
         for parent_name, parent in model.named_modules():
             if type(parent).__name__ not in parents:
                 continue
@@ -58,24 +55,23 @@ def count_lora_layers(pipe: StableDiffusionPipeline) -> int:
     return sum(isinstance(m, LoraLayer) for model in (pipe.unet, pipe.text_encoder) for m in model.modules())
 
 
-def fuse_lora(pipe: StableDiffusionPipeline, path: Path, scale: float, expected_rank: int) -> LoraInfo:
-    """Check, load, verify every module was injected, fuse at `scale`, and drop the adapter wrappers.
+def fuse_lora(pipe: StableDiffusionPipeline, lora: LoraInfo, scale: float) -> None:
+    """Check the LoRA fits the model, load it, verify every module was injected, fuse at `scale`, and drop the
+    adapter wrappers.
 
     Unfused LoRA wrappers make each UNet step much slower, so nothing of them may stay behind.
     """
-    info = inspect_lora(path)
-    for warning in check_sd15_lora(info, expected_rank):
-        log.warning(warning)
-    check_lora_matches_model(pipe, info)
-    pipe.load_lora_weights(str(path), adapter_name=ADAPTER_NAME)
+    check_lora_matches_model(pipe, lora)
+    pipe.load_lora_weights(str(lora.path), adapter_name=ADAPTER_NAME)
     injected = count_lora_layers(pipe)
-    if injected != len(info.modules):
-        raise LoraError(f"{path}: only {injected} of {len(info.modules)} LoRA modules were injected into the model")
+    if injected != len(lora.modules):
+        raise LoraError(
+            f"{lora.path}: only {injected} of {len(lora.modules)} LoRA modules were injected into the model"
+        )
     pipe.fuse_lora(lora_scale=scale, adapter_names=[ADAPTER_NAME])
     pipe.unload_lora_weights()
     if count_lora_layers(pipe):
         raise RuntimeError("LoRA adapter wrappers are still present after fusing")
-    return info
 
 
 def _kohya_path(prefix: str, parent_name: str, child_name: str) -> str:
