@@ -12,13 +12,14 @@ import pytest
 from PIL import Image
 from safetensors.numpy import save_file
 
+from devtools.random_lora import kohya_metadata
 from service.lora import report as lora_report
 from service.lora.evaluate import TILE, background_adherence, background_colour, image_score, load_prompts, tile_box
-from devtools.random_lora import kohya_metadata
 from service.lora.inspect import LoraError, check_sd15_lora, inspect_lora
 from service.lora.layout import sd15_lora_bytes, sd15_modules
 from service.pixelart import QualitySignals
-from tests.lora_files import sd15_full_modules, sd15_modules as small_sd15, sdxl_full_unet_sample, write_locon, write_lora
+from tests.lora_files import sd15_full_modules, sdxl_full_unet_sample, write_locon, write_lora
+from tests.lora_files import sd15_modules as small_sd15
 
 REPO = Path(__file__).resolve().parents[1]
 TAGS = {"pixel art": 203, "24x24": 203, "portrait of bespoke punk lad": 120, "sharp pixel edges": 203}
@@ -62,13 +63,14 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: int = 3
 
 def test_sd15_layout_is_kohyas_module_list_of_the_real_sd15():
     """The torch-free list equals what kohya wraps in SD1.5 built from the shipped configs (on the meta device)."""
-    import torch
     from types import SimpleNamespace
+
+    import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from service.lora.fuse import kohya_targets
     from service.config import SD15_CONFIG_DIR
+    from service.lora.fuse import kohya_targets
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(json.loads((SD15_CONFIG_DIR / "unet" / "config.json").read_text()))

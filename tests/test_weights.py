@@ -17,7 +17,8 @@ from huggingface_hub.utils import filter_repo_objects
 
 from devtools.smoke import SMOKE_FOLDER, SMOKE_LORA, SMOKE_SINGLE_FILE, build_smoke_pipeline
 from service.cli import main
-from service.config import MANIFEST_FILE as MANIFEST, SD15_FOLDER, Settings
+from service.config import MANIFEST_FILE as MANIFEST
+from service.config import SD15_FOLDER, Settings
 from service.loading import load_base_pipeline
 from service.weights.check import SINGLE_FILE_PREFIXES, check, check_base_model
 from service.weights.download import SD15_PATTERNS, download
@@ -175,7 +176,8 @@ def test_folder_with_full_precision_files_is_loaded_without_variant(smoke_dir: P
 def test_lora_and_upscaler_from_urls_and_hub_paths_with_checksums(fake_hub, served, tmp_path: Path):
     base, folder, _ = served
     (folder / "punks.safetensors").write_bytes(b"lora bytes")
-    settings = Settings(weights_dir=tmp_path, lora_url=f"{base}/punks.safetensors?sig=secret#sha256={sha256(b'lora bytes')}")
+    lora_url = f"{base}/punks.safetensors?sig=secret#sha256={sha256(b'lora bytes')}"
+    settings = Settings(weights_dir=tmp_path, lora_url=lora_url)
     hub_bytes = b"owner/esrgan@v1:models/x2.pth"
     entries = download(settings, base=False, realesrgan=f"hf://owner/esrgan@v1/models/x2.pth#sha256={sha256(hub_bytes)}")
     assert (tmp_path / "bespoke_punks.safetensors").read_bytes() == b"lora bytes"

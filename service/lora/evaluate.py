@@ -281,8 +281,8 @@ def add_command(commands) -> None:
 def run(args) -> int:
     from service.config import Settings
     from service.engine import Engine
-    from service.weights.resolve import resolve_weights
     from service.lora.switch import find_loras
+    from service.weights.resolve import resolve_weights
 
     settings = Settings()
     prompts = load_prompts(args.prompts)

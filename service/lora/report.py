@@ -6,7 +6,7 @@ writes. What the file does not say is reported as "unknown", never guessed.
 
 import json
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from service.lora.inspect import FAMILY_NAMES, LoraInfo, inspect_lora
@@ -303,7 +303,7 @@ def _resolution(meta: dict) -> str:
 
 def _time(meta: dict, key: str) -> str:
     try:
-        return datetime.fromtimestamp(float(meta[key]), timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        return datetime.fromtimestamp(float(meta[key]), UTC).strftime("%Y-%m-%d %H:%M UTC")
     except (KeyError, ValueError, OverflowError, OSError):
         return UNKNOWN
 

@@ -97,7 +97,7 @@ def _download(file: WeightFile, target: Path, timeout: float) -> str:
     digest, done = hashlib.sha256(), 0  # hashed while streaming: no second pass over the file
     started = last_log = time.monotonic()
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (http(s) only: Source.parse)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             resumed = offset and response.status == 206 and response.headers.get("Content-Range", "").startswith(
                 f"bytes {offset}-"
             )

@@ -81,7 +81,8 @@ def read_tensor_table(path: Path) -> TensorTable:
     try:
         with safe_open(str(path), framework="np") as handle:
             tensors = {}
-            for name in handle.keys():
+            names = handle.keys()  # a safe_open handle is no mapping: keys() is its listing
+            for name in names:
                 view = handle.get_slice(name)
                 tensors[name] = TensorSpec(tuple(view.get_shape()), view.get_dtype())
             metadata = handle.metadata() or {}
