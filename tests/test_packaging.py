@@ -205,8 +205,11 @@ def test_dockerfile():
     assert sources == {"requirements", "pyproject.toml", "service"}, sources
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
-    assert re.search(r"^HEALTHCHECK .*\n?.*/healthz", text, re.M)
-    assert 'CMD ["uvicorn", "service.http.app:app", "--host", "0.0.0.0", "--port", "8000"]' in instructions[-1]
+    assert re.search(r"^HEALTHCHECK .*\n?.*/(healthz|readyz)", text, re.M)
+    assert instructions[-1] in (
+        'CMD ["uvicorn", "service.http.app:app", "--host", "0.0.0.0", "--port", "8000"]',
+        'CMD ["python", "-m", "service", "serve", "--host", "0.0.0.0", "--port", "8000"]',
+    )
     assert "PUNKS_WEIGHTS_DIR=/app/weights" in text
     ignored = (ROOT / "Dockerfile.dockerignore").read_text().split()
     assert "weights" in ignored and set(DEV_FOLDERS) <= set(ignored)
