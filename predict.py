@@ -1,41 +1,80 @@
 """Cog runner for Replicate: a description in, 1024 px pixel-art portraits (and optionally their 24x24
-sprites) out. Thin on purpose: parse the input, call the engine, encode the files.
+sprites) out. Thin on purpose: parse the input, submit it to the engine's batcher, write the encoded files.
+
+Concurrent predictions share GPU batches exactly as the HTTP service's requests do: `run` is async and marked
+`@cog.concurrent(max=8)` (cog build bakes that into the image as COG_MAX_CONCURRENCY), so coglet runs up to 8
+of them on its one event loop; each awaits the same Batcher (service/batcher.py), which renders them in shared
+batches on the one GPU thread and snaps them on other threads while the GPU goes on. Cancelling a prediction
+(Replicate's cancel route) cancels its await: a queued one leaves the queue unrendered.
 
 Served by `python -m cog.server.http` (coglet) with COG_PREDICT_TYPE_STUB=predict.py:Runner; cog.yaml says
 `run: "predict.py:Runner"`. Inputs are validated by coglet against .cog/openapi_schema.json, which
-`cog build` writes and `python -m service.cog_schema` regenerates (committed, checked by the tests).
+`cog build` writes and `python -m devtools.cog_schema` regenerates (committed, checked by the tests).
 
 The numbers inside Input(...) are literals, not service.config constants, because `cog build`
 derives the schema by *statically* parsing this file: it silently drops a bound it cannot read as a
-literal (and an unreadable default makes the input required). tests/test_predict.py checks that every literal equals its service.config counterpart.
+literal (and an unreadable default makes the input required). tests/test_predict.py checks that every literal
+equals its service.config counterpart. Empty steps/guidance/output_size/integer_scale mean the deployment's
+PUNKS_* setting.
+
+The output is an object (images, sprites, smooth, seeds), not a flat list: in upload mode coglet uploads the
+files of a returned list concurrently and lists each URL when its upload ends, so a list's order would change
+from run to run. coglet 0.23 sends the files of an object inline as data URLs, in order.
 
 Not an input: the LoRA strength. The engine fuses the LoRA into the weights once at setup and drops
 the adapter, so a per-request scale would mean reloading the model; set PUNKS_LORA_SCALE instead.
 """
 
+import asyncio
 import logging
 import shutil
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path as FsPath
 
-from cog import BaseRunner, Input, Path
+import cog
+from cog import BaseModel, BaseRunner, Input, Path
 
+from service.batcher import Batcher
 from service.config import Settings
 from service.delivery import describe, encode_images, warnings
 from service.engine import Engine, GenerationRequest
+from service.http.metrics import Metrics
 from service.weights.fetch import fetch_weights_from_env
+
+log = logging.getLogger("predict")
+
+KEPT_OUTPUT_FOLDERS = 32  # coglet reads a prediction's files after run() returns: remove only much older ones
+
+
+class Output(BaseModel):
+    images: list[Path]  # the full-size portraits, in seed order
+    sprites: list[Path] | None  # with return_sprites: each grid x grid sprite, same order
+    smooth: list[Path] | None  # with upscaler realesrgan: each raw generation upscaled smoothly, same order
+    seeds: list[int]  # image i's seed
 
 
 class Runner(BaseRunner):
-    def setup(self) -> None:
+    async def setup(self) -> None:
+        """Load the engine on its own GPU thread (CUDA graphs replay only on the thread that recorded them) and
+        start the batcher on coglet's event loop, where every run() awaits it."""
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        started = time.perf_counter()
         settings = Settings()
-        fetch_weights_from_env(settings.weights_dir)  # no-op unless PUNKS_WEIGHTS_URLS is set
-        self.engine = Engine.load(settings)  # WeightsError names every missing file
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, fetch_weights_from_env, settings.weights_dir)  # no-op without the variable
+        log.info("setup: weights ready in %.1fs", time.perf_counter() - started)
+        self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="punks-gpu")
+        self.engine = await loop.run_in_executor(self._gpu_thread, Engine.load, settings)  # WeightsError names files
+        self.batcher = Batcher.for_engine(self.engine, Metrics(), self._gpu_thread)
         self._outputs = FsPath(tempfile.mkdtemp(prefix="punks-cog-"))
+        self._folders: deque[FsPath] = deque()
+        log.info("setup: done in %.1fs", time.perf_counter() - started)
 
-    def run(
+    @cog.concurrent(max=8)
+    async def run(
         self,
         # One plain string literal per description (no implicit concatenation): cog build's static parser
         # takes a concatenated string's source text verbatim, quotes and newline included.
@@ -82,39 +121,57 @@ class Runner(BaseRunner):
             choices=["nearest", "realesrgan"],
             description="realesrgan also returns the raw generation upscaled smoothly (needs PUNKS_UPSCALER=realesrgan).",
         ),
-    ) -> list[Path]:
-        """The full-size images in seed order, then (with return_sprites) their sprites, then (with upscaler
-        realesrgan) the smooth upscales, each in the same order."""
+    ) -> Output:
+        """Up to 8 concurrent predictions are rendered in shared batches (service/batcher.py)."""
         # The schema rejects out-of-bounds values with a 422 before they get here; without it (or for what it
         # cannot say) GenerationRequest.check raises RequestError naming the field: a failed prediction.
         request = GenerationRequest(
-            prompt=prompt, seed=seed, num_outputs=num_outputs, steps=steps, guidance=guidance, lora=lora or None,
-            upscaler=upscaler, output_size=output_size, integer_scale=integer_scale,
+            prompt=prompt, seed=_whole("seed", seed), num_outputs=_whole("num_outputs", num_outputs),
+            steps=_whole("steps", steps), guidance=guidance, lora=lora or None,
+            upscaler=upscaler, output_size=_whole("output_size", output_size), integer_scale=integer_scale,
             output_format=output_format, return_sprites=return_sprites,  # type: ignore[arg-type]  # schema: choices
         )
+        self.engine.check_request(request)
         started = time.perf_counter()
-        result = self.engine.generate(request)
+        done = await self.batcher.submit(request)
+        result = done.result
+        print(f"rendered in a batch of {done.batch_images} image(s) after {done.queue_wait_s:.2f}s in the queue")
         for note in warnings(result, self.engine.is_smoke):
             print(f"warning: {note}")
         for index, image in enumerate(result.images, start=1):
             print(f"image {index}: {describe(image)}")
-        encoded = encode_images(result.images, request.output_format, request.return_sprites)
+        encoded = await asyncio.to_thread(encode_images, result.images, request.output_format, request.return_sprites)
         folder = self._new_output_folder()
-        files = [(f"punk-{i}", item.image) for i, item in enumerate(encoded, start=1)]
-        files += [(f"punk-{i}.sprite", item.sprite) for i, item in enumerate(encoded, start=1) if item.sprite]
-        files += [(f"punk-{i}.smooth", item.smooth) for i, item in enumerate(encoded, start=1) if item.smooth]
-        outputs = []
-        for stem, data in files:
-            path = folder / f"{stem}.{request.output_format}"
+
+        def save(name: str, data: bytes) -> Path:
+            path = folder / f"{name}.{request.output_format}"
             path.write_bytes(data)
-            outputs.append(Path(path))
-        self.record_metric("seeds", [image.seed for image in result.images])
+            return Path(path)
+
+        output = Output(
+            images=[save(f"punk-{i}", item.image) for i, item in enumerate(encoded, start=1)],
+            sprites=[save(f"punk-{i}.sprite", item.sprite) for i, item in enumerate(encoded, start=1) if item.sprite]
+            or None,
+            smooth=[save(f"punk-{i}.smooth", item.smooth) for i, item in enumerate(encoded, start=1) if item.smooth]
+            or None,
+            seeds=[image.seed for image in result.images],
+        )
+        self.record_metric("seeds", output.seeds)
         self.record_metric("pixel_art", [image.art.quality.is_pixel_art for image in result.images])
+        self.record_metric("batch_images", done.batch_images)
         print(f"generated {len(result.images)} image(s), {result.steps} steps, in {time.perf_counter() - started:.1f}s")
-        return outputs
+        return output
 
     def _new_output_folder(self) -> FsPath:
-        """One folder per prediction; the previous ones (already sent by now) are removed."""
-        for old in self._outputs.iterdir():
-            shutil.rmtree(old, ignore_errors=True)
-        return FsPath(tempfile.mkdtemp(dir=self._outputs))
+        """One folder per prediction; the oldest go once KEPT_OUTPUT_FOLDERS newer ones exist (sent long since)."""
+        folder = FsPath(tempfile.mkdtemp(dir=self._outputs))
+        self._folders.append(folder)
+        while len(self._folders) > KEPT_OUTPUT_FOLDERS:
+            shutil.rmtree(self._folders.popleft(), ignore_errors=True)
+        return folder
+
+
+def _whole(field: str, value: int | float | None) -> int | float | None:
+    """Cog's schema lets a whole-number float such as 5.0 through for an integer input: take it as the integer.
+    Any other float stays a float, which GenerationRequest.check refuses naming the field."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from service.engine import GenerationRequest, GenerationResult, Rendered
+from service.engine import Engine, GenerationRequest, GenerationResult, Rendered
 from service.http.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class GenerationFailed(Exception):
 class Done:
     result: GenerationResult
     queue_wait_s: float
+    batch_images: int  # images in the engine call that rendered it (its own and its batch mates')
 
 
 @dataclass(eq=False)  # identity, so a request can be removed from the queue by itself
@@ -81,6 +82,16 @@ class Batcher:
         metrics.queue_depth.set_function(lambda: len(self._pending))
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="punks-batcher")
         self._task.add_done_callback(self._stopped)
+
+    @classmethod
+    def for_engine(cls, engine: Engine, metrics: Metrics, executor: ThreadPoolExecutor) -> "Batcher":
+        """The batcher every surface (HTTP, Cog) puts in front of a loaded engine, sized by its settings."""
+        s = engine.settings
+        return cls(
+            engine.render, engine.finish, metrics, executor,
+            max_images=s.max_batch_size, max_wait_s=s.max_batch_wait_ms / 1000, max_queue=s.max_queue,
+            batch_sizes=s.batch_buckets if s.compile else None,  # compiled: other sizes are padded up
+        )
 
     @property
     def alive(self) -> bool:
@@ -196,7 +207,8 @@ class Batcher:
         """Render the batch on the GPU thread, then hand each request to a finishing task and return."""
         started = time.perf_counter()
         requests = [item.request for item in batch]
-        self._metrics.batch_images.observe(sum(request.num_outputs for request in requests))
+        batch_images = sum(request.num_outputs for request in requests)
+        self._metrics.batch_images.observe(batch_images)
         self._running = batch
         try:
             rendered = await asyncio.get_running_loop().run_in_executor(self._executor, self._render, requests)
@@ -213,11 +225,11 @@ class Batcher:
             return
         self._running = []
         for item, one in zip(batch, rendered, strict=True):
-            task = asyncio.create_task(self._finish_one(item, one, queue_wait_s=started - item.queued_at))
+            task = asyncio.create_task(self._finish_one(item, one, started - item.queued_at, batch_images))
             self._finishing.add(task)
             task.add_done_callback(self._finishing.discard)
 
-    async def _finish_one(self, item: _Pending, rendered: Rendered, queue_wait_s: float) -> None:
+    async def _finish_one(self, item: _Pending, rendered: Rendered, queue_wait_s: float, batch_images: int) -> None:
         if item.future.done():  # timed out while rendering: nobody waits for its snapping
             return
         try:
@@ -226,7 +238,7 @@ class Batcher:
             self._metrics.failures.inc()
             self._fail(item, error)
         else:
-            _settle(item.future, result=Done(result, queue_wait_s=queue_wait_s))
+            _settle(item.future, result=Done(result, queue_wait_s, batch_images))
         finally:  # interrupted (cancelled): answer anyway; a no-op when settled above
             _settle(item.future, exception=ShuttingDown() if self._closing else GenerationFailed("interrupted"))
 

@@ -1,6 +1,7 @@
 """The Cog runner as Replicate calls it (the real coglet server on loopback), its schema, its packaging
 files, and the optional weights download at setup (service/fetch.py, against a local http.server)."""
 
+import asyncio
 import base64
 import functools
 import hashlib
@@ -8,6 +9,7 @@ import http.server
 import io
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -16,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -34,6 +37,7 @@ from service.errors import WeightsError
 from tests.live_server import subprocess_server
 
 GRID = 24
+COG_MAX_CONCURRENCY = 8  # predict.py's @cog.concurrent(max=8); test_concurrency_is_declared checks it
 SERVER_START_S = 180
 
 
@@ -75,16 +79,18 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
 class CogServer:
     """`python -m cog.server.http` (coglet), as `cog build` images start it, on a loopback port."""
 
-    def __init__(self, name: str, env: dict[str, str], cwd: Path, log_dir: Path, runner_ref: str = "predict.py:Runner"):
+    def __init__(self, name: str, env: dict[str, str], cwd: Path, log_dir: Path, runner_ref: str = "predict.py:Runner",
+                 args: tuple[str, ...] = ()):
         self.port = free_port()
         self.log = log_dir / f"cog-{name}.log"
         tmp = log_dir / f"tmp-{name}"
         tmp.mkdir()
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+                [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *args],
                 cwd=cwd,
                 env=env | {"COG_PREDICT_TYPE_STUB": runner_ref, "PORT": str(self.port), "PYTHONUNBUFFERED": "1",
+                           "COG_MAX_CONCURRENCY": str(COG_MAX_CONCURRENCY),  # what cog build bakes into the image
                            "TMPDIR": str(tmp),  # the runner's output files
                            # coglet starts its worker as `python` from PATH: it must be this venv's python
                            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])},
@@ -229,8 +235,11 @@ def test_input_bounds_are_the_shared_ones(schema: dict):
     assert schema["components"]["schemas"]["output_format"]["enum"] == ["png", "webp"]
     assert "lora_scale" not in props  # fused once at setup: PUNKS_LORA_SCALE, not an input
     assert all(prop.get("description") for prop in props.values())
-    assert schema["components"]["schemas"]["Output"] == {
-        "title": "Output", "type": "array", "items": {"type": "string", "format": "uri"}
+    output = schema["components"]["schemas"]["Output"]
+    files = {"type": "array", "items": {"type": "string", "format": "uri"}}
+    assert output["type"] == "object" and output["required"] == ["images", "seeds"]
+    assert {name: {k: v for k, v in prop.items() if k in files} for name, prop in output["properties"].items()} == {
+        "images": files, "sprites": files, "smooth": files, "seeds": {"type": "array", "items": {"type": "integer"}}
     }
 
 
@@ -251,8 +260,10 @@ def test_prediction_returns_1024_images_of_flat_cells_then_sprites(server: CogSe
     status, body = server.predict(prompt="lad with a red beanie, green background", seed=7, num_outputs=2,
                                   steps=2, return_sprites=True)
     assert status == 200 and body["status"] == "succeeded", body.get("error") or body
-    assert len(body["output"]) == 4  # two images, then their two sprites
-    decoded = [decode_data_url(url) for url in body["output"]]
+    output = body["output"]
+    assert len(output["images"]) == len(output["sprites"]) == 2 and output["seeds"] == [7, 8]
+    assert output["smooth"] is None
+    decoded = [decode_data_url(url) for url in output["images"] + output["sprites"]]
     assert [mime for mime, _ in decoded] == ["image/png"] * 4
     images = [Image.open(io.BytesIO(data)) for _, data in decoded]
     assert [im.size for im in images] == [(1024, 1024)] * 2 + [(GRID, GRID)] * 2
@@ -272,7 +283,7 @@ def test_webp_and_integer_scale(server: CogServer):
     status, body = server.predict(prompt="a punk", seed=3, steps=1, output_format="webp", output_size=512,
                                   integer_scale=True, return_sprites=True)
     assert status == 200 and body["status"] == "succeeded", body.get("error") or body
-    (mime, image_data), (sprite_mime, sprite_data) = [decode_data_url(url) for url in body["output"]]
+    (mime, image_data), (sprite_mime, sprite_data) = [decode_data_url(body["output"][key][0]) for key in ("images", "sprites")]
     assert mime == sprite_mime == "image/webp"
     image, sprite = Image.open(io.BytesIO(image_data)), Image.open(io.BytesIO(sprite_data))
     assert image.format == "WEBP" and image.size == (504, 504)  # 21 px cells: floor(512 / 24)
@@ -287,7 +298,7 @@ def test_same_request_gives_the_same_bytes_from_the_cli_the_http_api_and_cog(
     inputs = {"prompt": "lad with a red beanie", "seed": 9, "steps": 2, "output_size": 480, "return_sprites": True}
     status, body = server.predict(**inputs)
     assert status == 200 and body["status"] == "succeeded", body
-    cog_image, cog_sprite = (decode_data_url(url)[1] for url in body["output"])
+    cog_image, cog_sprite = (decode_data_url(body["output"][key][0])[1] for key in ("images", "sprites"))
 
     with subprocess_server(smoke_env) as url:
         response = httpx.post(f"{url}/v1/generate", json=inputs, timeout=120)
@@ -316,6 +327,91 @@ def test_same_seed_same_image_and_unknown_inputs_are_dropped(server: CogServer):
     assert first[1]["status"] == second[1]["status"] == "succeeded"
     assert first[1]["output"] == second[1]["output"]
     assert "Stripped unknown input fields" in server.log_tail(100_000)
+
+
+def test_concurrency_is_declared():
+    import predict
+
+    assert predict.Runner.run.__cog_concurrent_max__ == COG_MAX_CONCURRENCY  # type: ignore[attr-defined]
+
+
+def post_together(server: CogServer, bodies: list[tuple[str, dict]]) -> list[tuple[int, dict]]:
+    """PUT /predictions/<id> for each (id, input) at once, each on its own thread, synchronously; no retry on 409."""
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(server.request, "PUT", f"/predictions/{id_}", {"input": inputs}) for id_, inputs in bodies]
+        return [future.result() for future in futures]
+
+
+def test_concurrent_predictions_all_succeed_in_shared_batches(server: CogServer):
+    answers = post_together(server, [(f"together-{seed}", {"prompt": "a punk", "seed": seed, "steps": 2})
+                                     for seed in range(6)])
+    assert [status for status, _ in answers] == [200] * 6, answers  # no 409: six slots, one GPU batcher
+    assert all(body["status"] == "succeeded" for _, body in answers), [body.get("error") for _, body in answers]
+    assert [body["output"]["seeds"] for _, body in answers] == [[seed] for seed in range(6)]
+    batch_sizes = [body["metrics"]["batch_images"] for _, body in answers]
+    assert max(batch_sizes) >= 2, batch_sizes  # fewer engine calls than predictions
+
+
+def test_a_cancelled_queued_prediction_is_never_rendered(server: CogServer):
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(server.request, "PUT", "/predictions/busy",
+                           {"input": {"prompt": "a punk", "seed": 1, "steps": 20, "num_outputs": 4}})
+        time.sleep(2)  # the busy batch is on the GPU thread now
+        queued = pool.submit(server.request, "PUT", "/predictions/queued", {"input": {"prompt": "a punk", "seed": 2}})
+        time.sleep(1)
+        assert server.request("POST", "/predictions/queued/cancel")[0] == 200
+        (busy_status, busy_body), (queued_status, queued_body) = busy.result(), queued.result()
+    assert busy_status == 200 and busy_body["status"] == "succeeded"
+    assert busy_body["metrics"]["batch_images"] == 4  # rendered alone: the queued one never joined a batch
+    assert queued_body["status"] == "canceled", queued_body
+    assert "rendered in a batch" not in queued_body["logs"]
+
+
+def test_whole_number_floats_are_taken_as_integers(server: CogServer, cog_servers):
+    status, body = server.predict(prompt="a punk", seed=5.0, num_outputs=2.0, steps=1.0)
+    assert status == 200 and body["status"] == "succeeded", body
+    assert body["output"]["seeds"] == [5, 6]
+    no_schema = cog_servers["no_schema"]
+    assert no_schema.wait_until_settled()["status"] == "READY"
+    status, body = no_schema.predict(prompt="a punk", seed=5.5)
+    assert body["status"] == "failed" and "seed: must be a whole number" in body["error"], body
+
+
+class _SlowUploads(http.server.BaseHTTPRequestHandler):
+    """An upload endpoint like Replicate's: PUT <url><name>, answered after a random delay, Location = the file."""
+
+    received: list[str] = []
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.received.append(self.path)
+        time.sleep(random.random() * 0.3)
+        self.send_response(201)
+        self.send_header("Location", f"http://127.0.0.1/files{self.path}")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_output_order_holds_in_upload_mode(server: CogServer, smoke_env: dict[str, str], tmp_path: Path):
+    """Replicate starts coglet with --upload-url; the named output keeps each file in its place on every run."""
+    uploads = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowUploads)
+    threading.Thread(target=uploads.serve_forever, daemon=True).start()
+    upload_url = f"http://127.0.0.1:{uploads.server_address[1]}/upload/"
+    uploading = CogServer("upload", smoke_env, ROOT, tmp_path, args=("--upload-url", upload_url))
+    try:
+        assert uploading.wait_until_settled()["status"] == "READY", uploading.log_tail()
+        inputs = {"prompt": "a punk", "seed": 40, "steps": 1, "num_outputs": 3, "return_sprites": True}
+        status, reference = server.predict(**inputs)
+        assert status == 200, reference
+        for _ in range(5):
+            status, body = uploading.predict(**inputs)
+            assert status == 200 and body["status"] == "succeeded", body
+            assert body["output"] == reference["output"]  # images and sprites each in seed order
+    finally:
+        uploading.stop()
+        uploads.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -504,25 +600,33 @@ def runner_env(monkeypatch: pytest.MonkeyPatch, weights: Path, urls: str) -> Non
 def test_setup_downloads_the_weights_then_run_writes_images_then_sprites(
     http_files, smoke_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from predict import Runner
+    import predict
 
     base, _, _ = http_files
     sources = [p for p in smoke_dir.rglob("*") if p.is_file() and p.relative_to(smoke_dir).parts[0] != "v1-5-smoke.safetensors"]
     urls = ",".join(f"{p.relative_to(smoke_dir)}={base}/smoke/{p.relative_to(smoke_dir)}#sha256={sha256(p)}" for p in sources)
     runner_env(monkeypatch, tmp_path / "weights", urls)
-    runner = Runner()
-    runner.setup()
-    assert not runner.engine.weights.is_smoke  # loaded the downloaded files as real weights
-    assert runner.engine.weights.base_model == tmp_path / "weights" / "stable-diffusion-v1-5"
+    monkeypatch.setattr(predict, "KEPT_OUTPUT_FOLDERS", 1)
+    runner = predict.Runner()
+    inputs = {"prompt": "a punk", "seed": 5, "num_outputs": 2, "steps": 1, "guidance": 7.5, "output_size": 1024,
+              "integer_scale": False, "return_sprites": True, "output_format": "png", "lora": "", "upscaler": "nearest"}
 
-    outputs = runner.run(prompt="a punk", seed=5, num_outputs=2, steps=1, guidance=7.5, output_size=1024,
-                         integer_scale=False, return_sprites=True, output_format="png", lora="", upscaler="nearest")
-    assert [Path(p).name for p in outputs] == ["punk-1.png", "punk-2.png", "punk-1.sprite.png", "punk-2.sprite.png"]
-    assert [Image.open(p).size for p in outputs] == [(1024, 1024)] * 2 + [(GRID, GRID)] * 2
-    # the next prediction removes the previous one's files (already sent by then)
-    again = runner.run(prompt="a punk", seed=5, num_outputs=1, steps=1, guidance=7.5, output_size=48,
-                       integer_scale=False, return_sprites=False, output_format="png", lora="", upscaler="nearest")
-    assert not any(Path(p).exists() for p in outputs) and Image.open(again[0]).size == (48, 48)
+    async def setup_then_run_twice():  # as coglet does: setup and every run on one event loop
+        await runner.setup()
+        first = await runner.run(**inputs)
+        sizes = [Image.open(p).size for p in first.images + first.sprites]
+        return first, sizes, await runner.run(**inputs | {"num_outputs": 1, "output_size": 48, "return_sprites": False})
+
+    output, sizes, again = asyncio.run(setup_then_run_twice())
+    assert not runner.engine.is_smoke  # loaded the downloaded files as real weights
+    assert runner.engine.weights.base_model == tmp_path / "weights" / "stable-diffusion-v1-5"
+    assert [Path(p).name for p in output.images + output.sprites] == [
+        "punk-1.png", "punk-2.png", "punk-1.sprite.png", "punk-2.sprite.png"
+    ]
+    assert sizes == [(1024, 1024)] * 2 + [(GRID, GRID)] * 2
+    assert output.seeds == [5, 6] and output.smooth is None and again.sprites is None
+    # with KEPT_OUTPUT_FOLDERS 1, the next prediction removed this one's files (sent by then)
+    assert not any(Path(p).exists() for p in output.images) and Image.open(again.images[0]).size == (48, 48)
 
 
 def test_setup_fails_on_a_bad_checksum_before_loading(http_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -531,7 +635,7 @@ def test_setup_fails_on_a_bad_checksum_before_loading(http_files, tmp_path: Path
     base, _, _ = http_files
     runner_env(monkeypatch, tmp_path / "weights", f"bespoke_punks.safetensors={base}/b.bin#sha256={'1' * 64}")
     with pytest.raises(FetchError, match="bespoke_punks.safetensors: checksum mismatch"):
-        Runner().setup()
+        asyncio.run(Runner().setup())
     assert not (tmp_path / "weights" / "bespoke_punks.safetensors").exists()
 
 
@@ -540,4 +644,4 @@ def test_setup_without_weights_names_them(tmp_path: Path, monkeypatch: pytest.Mo
 
     runner_env(monkeypatch, tmp_path / "weights", "")
     with pytest.raises(WeightsError, match=r"missing weights: .*stable-diffusion-v1-5.*bespoke_punks\.safetensors"):
-        Runner().setup()
+        asyncio.run(Runner().setup())

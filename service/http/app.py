@@ -60,12 +60,7 @@ class _Service:
             log.exception("the engine failed to load")
             self.load_error = type(error).__name__
             return
-        s = self.settings
-        self.batcher = Batcher(
-            engine.render, engine.finish, self.metrics, self.gpu_thread,
-            max_images=s.max_batch_size, max_wait_s=s.max_batch_wait_ms / 1000, max_queue=s.max_queue,
-            batch_sizes=s.batch_buckets if s.compile else None,  # compiled: other sizes are padded up
-        )
+        self.batcher = Batcher.for_engine(engine, self.metrics, self.gpu_thread)
         self.engine = engine
 
     def broken(self) -> str | None:
@@ -254,7 +249,7 @@ async def _disconnected(request: Request) -> None:
 
 def _public_reason(engine: Engine, request: GenerationRequest, error: RequestError) -> str:
     """The engine's reason, minus what anonymous callers must not see (server paths)."""
-    if error.field == "lora" and request.lora not in engine.lora_names:
+    if error.field == "lora" and error.reason.startswith("unknown LoRA"):
         names = engine.lora_names
         return f"unknown LoRA; allowed: {', '.join(names)}" if names else "unknown LoRA; this server offers no others"
     return PATH_LIKE.sub("<path>", error.reason)
