@@ -21,7 +21,10 @@ The output is an object (images, sprites, smooth, seeds), not a flat list: in up
 files of a returned list concurrently and lists each URL when its upload ends, so a list's order would change
 from run to run. coglet 0.23 sends the files of an object inline as data URLs, in order.
 
-Not an input: the LoRA strength. The engine fuses the LoRA into the weights once at setup and drops
+Not an input: the smooth Real-ESRGAN upscale. A deployment offers it by setting PUNKS_UPSCALER=realesrgan (and
+shipping its weights); every prediction then also returns `smooth`. An input would offer it where it fails.
+
+Not an input either: the LoRA strength. The engine fuses the LoRA into the weights once at setup and drops
 the adapter, so a per-request scale would mean reloading the model; set PUNKS_LORA_SCALE instead.
 """
 
@@ -52,7 +55,7 @@ KEPT_OUTPUT_FOLDERS = 32  # coglet reads a prediction's files after run() return
 class Output(BaseModel):
     images: list[Path]  # the full-size portraits, in seed order
     sprites: list[Path] | None  # with return_sprites: each grid x grid sprite, same order
-    smooth: list[Path] | None  # with upscaler realesrgan: each raw generation upscaled smoothly, same order
+    smooth: list[Path] | None  # deployments with PUNKS_UPSCALER=realesrgan: each raw generation upscaled smoothly
     seeds: list[int]  # image i's seed
 
 
@@ -112,15 +115,10 @@ class Runner(BaseRunner):
         ),
         return_sprites: bool = Input(
             default=False,
-            description="Also return each 24x24 sprite (one pixel per cell), after all the full-size images, in the same order.",
+            description="Also return each 24x24 sprite (one pixel per cell), in `sprites`, in the same order as `images`.",
         ),
         output_format: str = Input(default="png", choices=["png", "webp"], description="Lossless PNG or lossless WebP."),
         lora: str = Input(default="", description="A LoRA name from weights/loras (empty: the served default LoRA)."),
-        upscaler: str = Input(
-            default="nearest",
-            choices=["nearest", "realesrgan"],
-            description="realesrgan also returns the raw generation upscaled smoothly (needs PUNKS_UPSCALER=realesrgan).",
-        ),
     ) -> Output:
         """Up to 8 concurrent predictions are rendered in shared batches (service/batcher.py)."""
         # The schema rejects out-of-bounds values with a 422 before they get here; without it (or for what it
@@ -128,7 +126,7 @@ class Runner(BaseRunner):
         request = GenerationRequest(
             prompt=prompt, seed=_whole("seed", seed), num_outputs=_whole("num_outputs", num_outputs),
             steps=_whole("steps", steps), guidance=guidance, lora=lora or None,
-            upscaler=upscaler, output_size=_whole("output_size", output_size), integer_scale=integer_scale,
+            output_size=_whole("output_size", output_size), integer_scale=integer_scale,
             output_format=output_format, return_sprites=return_sprites,  # type: ignore[arg-type]  # schema: choices
         )
         self.engine.check_request(request)

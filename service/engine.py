@@ -205,17 +205,16 @@ class Engine:
         stages.lap(f"to {settings.torch_device}")
         loras = find_loras(settings.loras_path()) if loras is None else loras
         switcher = None
+        lora = inspect_sd15_lora(weights.lora, settings.expected_lora_rank)
         if loras:
             if settings.compile:
                 raise ValueError("compile: switching LoRAs (loras_dir) is not supported with torch.compile yet")
-            lora = inspect_sd15_lora(weights.lora, settings.expected_lora_rank)
             selectable = check_loras(pipe, loras, settings.expected_lora_rank)  # a wrong file fails now
             switcher = LoraSwitcher(pipe, settings.lora_scale, [lora, *selectable.values()])
             log.info("selectable LoRAs: %s (base copy of %.0f MB kept for switching)",
                      ", ".join(sorted(loras)), switcher.base_bytes / 1e6)
             switcher.fuse(lora.path)
         else:
-            lora = inspect_sd15_lora(weights.lora, settings.expected_lora_rank)
             fuse_lora(pipe, lora, settings.lora_scale)
         stages.lap("fuse LoRA")
         accelerate(pipe, settings)
