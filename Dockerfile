@@ -51,5 +51,5 @@ ENV PUNKS_WEIGHTS_DIR=/app/weights \
 EXPOSE 8000
 # Loading SD1.5 and fusing the LoRA takes a while on a cold start: the start period covers it.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
-CMD ["uvicorn", "service.http.app:app", "--host", "0.0.0.0", "--port", "8000"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
+CMD ["python", "-m", "service", "serve", "--host", "0.0.0.0", "--port", "8000"]

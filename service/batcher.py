@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from service.config import Settings
 from service.engine import Engine, GenerationRequest, GenerationResult, Rendered
 from service.http.metrics import Metrics
 
@@ -84,9 +85,12 @@ class Batcher:
         self._task.add_done_callback(self._stopped)
 
     @classmethod
-    def for_engine(cls, engine: Engine, metrics: Metrics, executor: ThreadPoolExecutor) -> "Batcher":
-        """The batcher every surface (HTTP, Cog) puts in front of a loaded engine, sized by its settings."""
-        s = engine.settings
+    def for_engine(
+        cls, engine: Engine, metrics: Metrics, executor: ThreadPoolExecutor, settings: Settings | None = None
+    ) -> "Batcher":
+        """The batcher every surface (HTTP, Cog) puts in front of a loaded engine, sized by `settings` (default: the
+        engine's; the HTTP app passes its own, which may set other limits than the engine it was given)."""
+        s = settings or engine.settings
         return cls(
             engine.render, engine.finish, metrics, executor,
             max_images=s.max_batch_size, max_wait_s=s.max_batch_wait_ms / 1000, max_queue=s.max_queue,

@@ -154,7 +154,8 @@ def test_json_path_images_sprites_seeds_and_truncation(deployed: str):
     timings = result["timings"]
     assert min(timings.values()) >= 0 and timings["total_s"] >= timings["pipeline_s"]
 
-    again = post(deployed, {"prompt": prompt, "seed": 12})  # image 2 of the first request, made alone
+    # image 2 of the first request is seed 12's image: made first in another batch of 2 (tests/test_http_determinism.py)
+    again = post(deployed, {"prompt": prompt, "seed": 12, "num_outputs": 2})
     assert again.json()["images"][0]["image"] == result["images"][1]["image"]
 
 
@@ -249,20 +250,6 @@ def test_health_and_docs(deployed: str):
 
 
 # --- batching, failures and metrics, on an in-process server -------------------------------------
-
-
-def test_seed_gives_the_same_image_alone_or_batched(live: str, fresh: SpyEngine):
-    alone = post(live, {"prompt": "ape with a cap", "seed": 42}).json()["images"][0]["image"]
-    responses = behind_blocker(
-        live, fresh,
-        [
-            {"prompt": "zombie", "seed": 5},
-            {"prompt": "ape with a cap", "seed": 42},
-            {"prompt": "alien", "num_outputs": 2},
-        ],
-    )
-    assert sorted(fresh.calls[-1]) == ["alien", "ape with a cap", "zombie"]  # the three shared one call
-    assert responses[1].json()["images"][0]["image"] == alone
 
 
 def test_concurrent_requests_share_pipeline_calls(live: str, fresh: SpyEngine):
@@ -365,9 +352,9 @@ def test_failed_load_keeps_readyz_503(smoke_settings: Settings):
         while "failed" not in (ready := httpx.get(f"{url}/readyz")).json()["detail"]:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert ready.status_code == 503 and ready.json()["error"] == "FileNotFoundError: no weights here"
+        assert ready.status_code == 503 and ready.json()["error"] == "FileNotFoundError"  # the message: in the log
         assert post(url, {"prompt": "lad"}).status_code == 503
-        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert httpx.get(f"{url}/healthz").status_code == 503  # it never will be ready: restart or fix it
 
 
 def test_shutdown_finishes_running_and_queued_work(smoke_settings: Settings, fast_engine: Engine):

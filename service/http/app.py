@@ -60,7 +60,7 @@ class _Service:
             log.exception("the engine failed to load")
             self.load_error = type(error).__name__
             return
-        self.batcher = Batcher.for_engine(engine, self.metrics, self.gpu_thread)
+        self.batcher = Batcher.for_engine(engine, self.metrics, self.gpu_thread, self.settings)
         self.engine = engine
 
     def broken(self) -> str | None:

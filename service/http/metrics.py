@@ -22,3 +22,12 @@ class Metrics:
         )
         self.queue_depth = Gauge("punks_queue_depth", "Requests waiting for the GPU.", registry=self.registry)
         self.failures = Counter("punks_generation_failures", "Engine calls (render or finish) that raised.", registry=self.registry)
+        self.unrendered = Counter(
+            "punks_unrendered_requests", "Requests that left the queue before their batch started, so were never "
+            "rendered: reason client_gone (the client hung up) or other (timeout, shutdown).", ["reason"],
+            registry=self.registry,
+        )
+        self.disconnects = Counter(
+            "punks_client_disconnects", "Generation requests whose client hung up before the answer (counted as "
+            "status 499 in punks_http_requests).", registry=self.registry,
+        )

@@ -1,9 +1,11 @@
 """Plain ASGI middleware: they must see every response, including those no route produced (413, 404)."""
 
+import asyncio
 import time
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
+from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.metrics import Metrics
@@ -13,11 +15,15 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 class BodyLimit:
     """413 for a body over max_bytes: on its Content-Length, and on the bytes actually sent (a chunked
-    body has no Content-Length). The body is read here, at most max_bytes of it, and replayed to the app."""
+    body has no Content-Length). The body is read here, at most max_bytes of it, and replayed to the app.
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    408 and a closed connection for a body not complete within timeout_s: uvicorn would wait for the rest
+    forever, and a few thousand such connections exhaust the file descriptors."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -26,16 +32,21 @@ class BodyLimit:
         if length.isdigit() and int(length) > self.max_bytes:
             return await self._reject(scope, receive, send)
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._reject(scope, receive, send)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client went away
+                        return
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.max_bytes:
+                        return await self._reject(scope, receive, send)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            error = {"type": "timeout", "loc": ["body"], "msg": f"Body not received within {self.timeout_s:g}s"}
+            return await JSONResponse({"detail": [error]}, 408, {"Connection": "close"})(scope, receive, send)
         body = b"".join(chunks)
         replayed = False
 
@@ -56,9 +67,11 @@ class BodyLimit:
 class RequestMetrics:
     """Count every answer by route template (not raw path, so unknown URLs cannot explode the label set)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
+    def __init__(self, app: ASGIApp, metrics: Metrics, router: Router):
+        """`router`: to name the plain Starlette routes (/docs, /openapi.json), which do not set scope["route"]."""
         self.app = app
         self.metrics = metrics
+        self.router = router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,6 +89,12 @@ class RequestMetrics:
             await self.app(scope, receive, observe)
         finally:
             method = scope["method"] if scope["method"] in METHODS else "other"  # clients choose the method
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = getattr(scope.get("route"), "path", None) or self._route_of(scope)
             self.metrics.requests.labels(method, route, str(status)).inc()
             self.metrics.latency.labels(method, route).observe(time.perf_counter() - started)
+
+    def _route_of(self, scope: Scope) -> str:
+        for route in self.router.routes:
+            if route.matches(scope)[0] == Match.FULL:
+                return getattr(route, "path", "unmatched")
+        return "unmatched"
