@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -77,19 +77,18 @@ def served_process(env: dict[str, str], log: Path | None = None) -> Iterator[tup
     with _loopback_socket() as sock:
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    output = open(log, "wb") if log else None
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=env | {"PYTHONPATH": str(ROOT)}, stdout=output, stderr=output and subprocess.STDOUT
-    )
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", process)
-        yield f"http://127.0.0.1:{port}", process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        process.wait(timeout=60)
-        if output:
-            output.close()
+    with ExitStack() as files:
+        output = files.enter_context(open(log, "wb")) if log else None
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env | {"PYTHONPATH": str(ROOT)}, stdout=output, stderr=output and subprocess.STDOUT
+        )
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", process)
+            yield f"http://127.0.0.1:{port}", process
+        finally:
+            if process.poll() is None:
+                process.terminate()
+            process.wait(timeout=60)
 
 
 def wait_ready(url: str, process: subprocess.Popen | None = None) -> None:

@@ -22,10 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
 
 from service import config
-from service.http.app import create_app
-from service.config import Settings
-from service.config import MAX_SEED
+from service.config import MAX_SEED, Settings
 from service.engine import Engine
+from service.http.app import create_app
 from tests.live_server import SpyEngine, ThreadServer, subprocess_server, thread_server, wait_ready
 
 TIMEOUT = httpx.Timeout(180.0)

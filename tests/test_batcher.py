@@ -1,9 +1,9 @@
 """The batcher's scheduling with a fake engine (no model): grouping, leftovers, isolation, overlap, shutdown."""
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 

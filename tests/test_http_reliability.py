@@ -142,7 +142,10 @@ def test_a_client_that_hangs_up_while_queued_is_never_rendered(fast_engine: Engi
         blocker = pool.submit(post, url, {"prompt": "blocker"})
         assert spy.entered.wait(30)
         body = b'{"prompt": "gone away", "num_outputs": 4}'
-        head = f"POST /v1/generate HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\nContent-Length: {len(body)}\n"
+        head = (
+            "POST /v1/generate HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
+            f"Content-Length: {len(body)}\n"
+        )
         gone = [raw_request(url, head, body) for _ in range(3)]
         wait_queued(url, 3)
         for sock in gone:

@@ -21,7 +21,9 @@ class Metrics:
             "punks_batch_images", "Images generated per engine call.", buckets=BATCH_BUCKETS, registry=self.registry
         )
         self.queue_depth = Gauge("punks_queue_depth", "Requests waiting for the GPU.", registry=self.registry)
-        self.failures = Counter("punks_generation_failures", "Engine calls (render or finish) that raised.", registry=self.registry)
+        self.failures = Counter(
+            "punks_generation_failures", "Engine calls (render or finish) that raised.", registry=self.registry
+        )
         self.unrendered = Counter(
             "punks_unrendered_requests", "Requests that left the queue before their batch started, so were never "
             "rendered: reason client_gone (the client hung up) or other (timeout, shutdown).", ["reason"],

@@ -41,7 +41,8 @@ class GenerateRequest(BaseModel):
     output_format: OutputFormat = Field("png", description="Encoding of the returned images (WebP is lossless).")
     return_sprites: bool = Field(False, description="Also return each grid x grid sprite.")
     lora: str | None = Field(
-        None, max_length=200, description="A LoRA name from GET /v1/loras (files in PUNKS_LORAS_DIR); default: the served one."
+        None, max_length=200,
+        description="A LoRA name from GET /v1/loras (files in PUNKS_LORAS_DIR); default: the served one.",
     )
     upscaler: config.UpscalerName | None = Field(
         None, description="'realesrgan' also returns the raw generation upscaled smoothly (when the server enables it)."
@@ -96,7 +97,8 @@ class GenerateResponse(BaseModel):
             | {
                 "media_type": media_type,
                 "images": [
-                    image.summary | {"image": _b64(image.image), "sprite": _b64(image.sprite), "smooth": _b64(image.smooth)}
+                    image.summary
+                    | {"image": _b64(image.image), "sprite": _b64(image.sprite), "smooth": _b64(image.smooth)}
                     for image in images
                 ],
                 "timings": timings,
