@@ -96,6 +96,14 @@ class Settings(BaseSettings):
         "that no request ever waits for a new compile. The largest must hold max_batch_size and a 4-image request.",
     )
     warmup: bool = Field(True, description="Run one tiny generation at start so the first request is not slow.")
+    lora_url_cache_size: int = Field(
+        0, ge=0, description="Cog's `lora_url` input: how many downloaded LoRA files are kept (least recently used go "
+        "first). 0: lora_url is refused. Above 0 the engine keeps a CPU copy of the base weights for switching "
+        "(service/lora/switch.py), which torch.compile does not support yet.",
+    )
+    lora_url_cache_dir: Path = Field(
+        Path(".cache/loras"), description="Where the `lora_url` downloads are kept (emptied of them at start)."
+    )
 
     # Weights download (service/weights.py: `python -m service weights download`) and the optional upscaler
     base_model_repo: str = Field(

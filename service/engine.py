@@ -206,13 +206,17 @@ class Engine:
         loras = find_loras(settings.loras_path()) if loras is None else loras
         switcher = None
         lora = inspect_sd15_lora(weights.lora, settings.expected_lora_rank)
-        if loras:
+        if loras or settings.lora_url_cache_size:  # lora_url: LoRAs are added at run time (add_lora)
             if settings.compile:
-                raise ValueError("compile: switching LoRAs (loras_dir) is not supported with torch.compile yet")
+                raise ValueError(
+                    "compile: switching LoRAs (loras_dir, or lora_url with PUNKS_LORA_URL_CACHE_SIZE > 0) is not "
+                    "supported with torch.compile yet; to compile, set PUNKS_LORA_URL_CACHE_SIZE=0 and leave "
+                    f"{settings.loras_path()} empty"
+                )
             selectable = check_loras(pipe, loras, settings.expected_lora_rank)  # a wrong file fails now
             switcher = LoraSwitcher(pipe, settings.lora_scale, [lora, *selectable.values()])
             log.info("selectable LoRAs: %s (base copy of %.0f MB kept for switching)",
-                     ", ".join(sorted(loras)), switcher.base_bytes / 1e6)
+                     ", ".join(sorted(loras)) or "none yet (lora_url)", switcher.base_bytes / 1e6)
             switcher.fuse(lora.path)
         else:
             fuse_lora(pipe, lora, settings.lora_scale)
@@ -229,6 +233,31 @@ class Engine:
             stages, " [SMOKE MODEL: images are not meaningful]" if weights.is_smoke else "",
         )
         return engine
+
+    def add_lora(self, name: str, path: Path) -> LoraInfo:
+        """Make the LoRA file at `path` selectable as `name` at run time (Cog's lora_url), after the guard start-up
+        runs on every LoRA (family, rank, keys, shapes): LoraError with the guard's message when it does not fit.
+
+        Call it on the GPU thread (the batcher's executor), as render is: registering is then never interleaved
+        with a batch. `loras` is replaced, not changed in place, so check_request on the event loop thread reads
+        the old or the new allow-list, never one half-changed."""
+        if self.switcher is None:
+            raise RuntimeError("adding LoRAs needs the switcher: start with PUNKS_LORA_URL_CACHE_SIZE > 0")
+        if name in self.loras:
+            raise ValueError(f"a LoRA named {name!r} is already served")
+        info = check_loras(self.pipe, {name: path}, self.settings.expected_lora_rank)[name]
+        self.switcher.add(info)
+        self.loras = self.loras | {name: path}
+        return info
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving a LoRA added with add_lora; its file may be deleted once this returns. On the GPU thread,
+        like add_lora: a batch that uses it has been rendered by then."""
+        path = self.loras[name]
+        self.loras = {known: file for known, file in self.loras.items() if known != name}
+        if path not in self.loras.values() and self.switcher is not None:
+            self.switcher.remove(path)
+            self._negative_embeddings = {key: e for key, e in self._negative_embeddings.items() if key[0] != path}
 
     def warm_up(self) -> None:
         """Generate once per batch bucket (compile: record each CUDA graph) so no user request pays for it."""

@@ -7,7 +7,8 @@ layers and fuses the other LoRA through the same checked path as at start-up (ev
 the model, fused, no wrappers left). Switching back therefore reproduces the first fuse bit for bit.
 
 Every selectable file is inspected once, at start-up (check_loras): a wrong file fails then, not on a request,
-and a switch uses that inspection instead of reading the file's header again.
+and a switch uses that inspection instead of reading the file's header again. A LoRA added at run time (`add`,
+Cog's lora_url) is checked the same way before it is added.
 
 Cost: a CPU copy of the targeted layers (~350M parameters, ~0.7 GB in fp16 for SD1.5) and per switch
 a host-to-device copy of them plus one fuse.
@@ -54,6 +55,16 @@ class LoraSwitcher:
         self.loras = {info.path: info for info in loras}
         self._base = {name: module.weight.detach().to("cpu", copy=True) for name, module in kohya_targets(pipe).items()}
         self.active: Path | None = None
+
+    def add(self, info: LoraInfo) -> None:
+        """Make a checked LoRA (check_loras) switchable. A new dict, not an update in place: a thread reading
+        `loras` sees the old or the new one, never one being changed."""
+        self.loras = self.loras | {info.path: info}
+
+    def remove(self, path: Path) -> None:
+        """Forget a LoRA. If it is the fused one, its fuse stays until the next switch, which restores the base
+        weights first: removing costs nothing, and the next fuse is the same as from a fresh start."""
+        self.loras = {known: info for known, info in self.loras.items() if known != path}
 
     @property
     def base_bytes(self) -> int:

@@ -1,0 +1,165 @@
+"""LoRA files from URLs (Cog's `lora_url` input), downloaded once and kept in a bounded LRU cache.
+
+A URL is downloaded (service/weights/fetch.py: https or hf://, optional #sha256 pin) into the cache folder,
+registered with the engine under a fresh name (Engine.add_lora, which runs the start-up LoRA guard), and from then
+on reused by every request naming the same URL, with no download. A file the guard refuses is deleted and not
+kept, so its request fails with the guard's message.
+
+Eviction is simple on purpose: only entries nobody holds are evicted. A prediction holds its entry from before its
+request is queued until its result is back (`use`), so a queued or rendering request never loses its LoRA. With
+every entry held the cache briefly holds more than `capacity` files; the next download evicts back down to it.
+Eviction runs in the downloading thread, never on the event loop (unregistering waits for the GPU thread).
+
+Names and file names are built from a counter and a hash of the URL, and the logs show the URL without its
+query string (Source.shown): signed URLs carry secrets there. A name is never reused, so a file evicted while a
+newer download of the same URL arrives cannot be mistaken for it.
+"""
+
+import asyncio
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+
+from service.errors import RequestError
+from service.lora.inspect import LoraError, LoraInfo
+from service.lora.switch import LORA_SUFFIX
+from service.weights.fetch import FetchError, WeightFile, fetch_one
+from service.weights.source import Source
+
+log = logging.getLogger(__name__)
+
+FIELD = "lora_url"
+NAME_PREFIX = "url-"  # of the cache's files: only those are removed from the folder at start
+
+Register = Callable[[str, Path], LoraInfo]  # Engine.add_lora, run on the GPU thread
+Unregister = Callable[[str], None]  # Engine.remove_lora, likewise
+
+
+@dataclass(eq=False)
+class CachedLora:
+    name: str  # what the request names as its `lora` (the engine's allow-list)
+    path: Path
+    info: LoraInfo  # the guard's inspection
+    shown: str  # the URL as it may be logged
+    users: int = 0  # predictions holding it; only an entry with none may be evicted
+
+
+class LoraUrlCache:
+    def __init__(self, folder: Path, capacity: int, register: Register, unregister: Unregister):
+        """`register`/`unregister` add a checked file to the engine and remove it; called from worker threads."""
+        self.folder = folder
+        self.capacity = capacity
+        self._register = register
+        self._unregister = unregister
+        self._entries: OrderedDict[tuple[str, str | None], CachedLora] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()  # guards _entries, _loading and every entry's users
+        self._loading: dict[tuple[str, str | None], threading.Lock] = {}  # one download per URL at a time
+        self._names = count(1)
+        if folder.is_dir():  # files of an earlier process are in no index: they would never be evicted
+            for stale in folder.glob(f"{NAME_PREFIX}*"):
+                stale.unlink(missing_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def acquire(self, url: str) -> CachedLora:
+        """The checked, registered LoRA at `url`, held until `release` (blocking: call it off the event loop).
+        RequestError("lora_url", ...) when the cache is off, the URL is malformed, the download fails or the guard
+        refuses the file."""
+        if self.capacity <= 0:
+            raise RequestError(FIELD, "not enabled on this deployment (PUNKS_LORA_URL_CACHE_SIZE is 0)")
+        try:
+            source = Source.parse(url, context=FIELD)
+        except ValueError as error:
+            raise RequestError(FIELD, str(error).removeprefix(f"{FIELD}: ")) from None
+        key = (source.location, source.sha256)
+        with self._lock:
+            if cached := self._hold(key):
+                return cached
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # a second request for a URL being downloaded waits for that download
+            with self._lock:
+                if cached := self._hold(key):
+                    return cached
+            try:
+                entry = self._download(source)
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+        with self._lock:
+            self._entries[key] = entry
+            entry.users = 1
+            victims = self._overflow()
+        for victim in victims:
+            self._evict(victim)
+        return entry
+
+    def release(self, entry: CachedLora) -> None:
+        """The holder's request is done: the entry may be evicted again (by a later download)."""
+        with self._lock:
+            entry.users -= 1
+
+    @asynccontextmanager
+    async def use(self, url: str) -> AsyncIterator[CachedLora]:
+        """Hold the LoRA at `url` for the body (download and registration in a worker thread). A prediction
+        cancelled while its download runs releases the entry once the download is done."""
+        acquiring = asyncio.ensure_future(asyncio.to_thread(self.acquire, url))
+        try:
+            entry = await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            acquiring.add_done_callback(self._release_when_acquired)
+            raise
+        try:
+            yield entry
+        finally:
+            self.release(entry)
+
+    def _release_when_acquired(self, acquiring: asyncio.Future) -> None:
+        if not acquiring.cancelled() and acquiring.exception() is None:
+            self.release(acquiring.result())
+
+    def _hold(self, key: tuple[str, str | None]) -> CachedLora | None:
+        """The cached entry, held and made the most recent; None when absent. Under self._lock."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.users += 1
+            self._entries.move_to_end(key)
+        return entry
+
+    def _download(self, source: Source) -> CachedLora:
+        digest = hashlib.sha256(source.location.encode()).hexdigest()[:12]
+        name = f"{NAME_PREFIX}{digest}-{next(self._names)}"
+        try:
+            path = fetch_one(WeightFile.of(name + LORA_SUFFIX, source), self.folder)
+        except FetchError as error:
+            raise RequestError(FIELD, str(error)) from None
+        try:
+            info = self._register(name, path)
+        except BaseException as error:  # a refused file is not kept
+            path.unlink(missing_ok=True)
+            if isinstance(error, LoraError):  # the guard's message: family, keys, shapes
+                raise RequestError(FIELD, f"{source.shown}: {error}") from None
+            raise
+        log.info("lora_url: %s downloaded, checked and cached as %s", source.shown, name)
+        return CachedLora(name, path, info, source.shown)
+
+    def _overflow(self) -> list[CachedLora]:
+        """Take out the least recently used entries nobody holds until at most `capacity` are left. Under the lock."""
+        victims = []
+        for key, entry in list(self._entries.items()):
+            if len(self._entries) <= self.capacity:
+                break
+            if entry.users == 0:
+                victims.append(self._entries.pop(key))
+        return victims
+
+    def _evict(self, entry: CachedLora) -> None:
+        self._unregister(entry.name)  # returns once no batch uses it: the file may go
+        entry.path.unlink(missing_ok=True)
+        log.info("lora_url: evicted %s (%s), least recently used", entry.name, entry.shown)
