@@ -24,18 +24,28 @@ from run to run. coglet 0.23 sends the files of an object inline as data URLs, i
 Not an input: the smooth Real-ESRGAN upscale. A deployment offers it by setting PUNKS_UPSCALER=realesrgan (and
 shipping its weights); every prediction then also returns `smooth`. An input would offer it where it fails.
 
+`lora_url` takes a LoRA the way production Replicate models do (cog-flux, cog-sdxl): an SD1.5 kohya file at an
+https:// or hf:// URL, downloaded once into a bounded LRU cache (service/lora/cache.py, PUNKS_LORA_URL_CACHE_SIZE;
+cog.yaml enables it), checked by the start-up LoRA guard (family, keys, shapes: a wrong file is a failed
+prediction with the guard's message), then fused like any LoRA of weights/loras.
+
 Not an input either: the LoRA strength. The engine fuses the LoRA into the weights once at setup and drops
 the adapter, so a per-request scale would mean reloading the model; set PUNKS_LORA_SCALE instead.
 """
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import shutil
 import tempfile
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path as FsPath
+from typing import TypeVar
 
 import cog
 from cog import BaseModel, BaseRunner, Input, Path
@@ -44,12 +54,16 @@ from service.batcher import Batcher
 from service.config import Settings
 from service.delivery import describe, encode_images, warnings
 from service.engine import Engine, GenerationRequest
+from service.errors import RequestError
 from service.http.metrics import Metrics
+from service.lora.cache import CachedLora, LoraUrlCache
+from service.lora.inspect import check_sd15_lora
 from service.weights.fetch import fetch_weights_from_env
 
 log = logging.getLogger("predict")
 
 KEPT_OUTPUT_FOLDERS = 32  # coglet reads a prediction's files after run() returns: remove only much older ones
+T = TypeVar("T")
 
 
 class Output(BaseModel):
@@ -72,6 +86,9 @@ class Runner(BaseRunner):
         self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="punks-gpu")
         self.engine = await loop.run_in_executor(self._gpu_thread, Engine.load, settings)  # WeightsError names files
         self.batcher = Batcher.for_engine(self.engine, Metrics(), self._gpu_thread)
+        self.lora_cache = LoraUrlCache(settings.lora_url_cache_dir, settings.lora_url_cache_size,
+                                       self._on_gpu_thread(self.engine.add_lora),
+                                       self._on_gpu_thread(self.engine.remove_lora))
         self._outputs = FsPath(tempfile.mkdtemp(prefix="punks-cog-"))
         self._folders: deque[FsPath] = deque()
         log.info("setup: done in %.1fs", time.perf_counter() - started)
@@ -119,10 +136,16 @@ class Runner(BaseRunner):
         ),
         output_format: str = Input(default="png", choices=["png", "webp"], description="Lossless PNG or lossless WebP."),
         lora: str = Input(default="", description="A LoRA name from weights/loras (empty: the served default LoRA)."),
+        lora_url: str = Input(
+            default="",
+            description="Or the URL of an SD1.5 kohya LoRA (.safetensors): https://... or hf://owner/repo/path, optionally ending in #sha256=<hex>. Downloaded once and cached; a LoRA for SDXL/SD2 or with layers the model lacks fails the prediction. Not together with lora.",
+        ),
     ) -> Output:
         """Up to 8 concurrent predictions are rendered in shared batches (service/batcher.py)."""
         # The schema rejects out-of-bounds values with a 422 before they get here; without it (or for what it
         # cannot say) GenerationRequest.check raises RequestError naming the field: a failed prediction.
+        if lora and lora_url:
+            raise RequestError("lora_url", "give either lora (a served name) or lora_url, not both")
         request = GenerationRequest(
             prompt=prompt, seed=_whole("seed", seed), num_outputs=_whole("num_outputs", num_outputs),
             steps=_whole("steps", steps), guidance=guidance, lora=lora or None,
@@ -131,7 +154,17 @@ class Runner(BaseRunner):
         )
         self.engine.check_request(request)
         started = time.perf_counter()
-        done = await self.batcher.submit(request)
+        # Held from download to result: the cache evicts no LoRA a queued or rendering request uses.
+        held: AbstractAsyncContextManager[CachedLora | None] = (
+            self.lora_cache.use(lora_url) if lora_url else contextlib.nullcontext()
+        )
+        async with held as cached:
+            if cached is not None:
+                print(f"lora_url: {cached.shown}: {cached.info.describe()}")
+                for note in check_sd15_lora(cached.info, self.engine.settings.expected_lora_rank):
+                    print(f"warning: {note}")
+                request = dataclasses.replace(request, lora=cached.name)
+            done = await self.batcher.submit(request)
         result = done.result
         print(f"rendered in a batch of {done.batch_images} image(s) after {done.queue_wait_s:.2f}s in the queue")
         for note in warnings(result, self.engine.is_smoke):
@@ -159,6 +192,11 @@ class Runner(BaseRunner):
         self.record_metric("batch_images", done.batch_images)
         print(f"generated {len(result.images)} image(s), {result.steps} steps, in {time.perf_counter() - started:.1f}s")
         return output
+
+    def _on_gpu_thread(self, call: Callable[..., T]) -> Callable[..., T]:
+        """`call` run on the engine's GPU thread, between batches (Engine.add_lora says why); blocks the calling
+        thread, so the LoRA cache calls it from its worker threads, never from the event loop."""
+        return lambda *args: self._gpu_thread.submit(call, *args).result()
 
     def _new_output_folder(self) -> FsPath:
         """One folder per prediction; the oldest go once KEPT_OUTPUT_FOLDERS newer ones exist (sent long since)."""

@@ -165,13 +165,14 @@ class CogServer:
 @pytest.fixture(scope="module")
 def cog_servers(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     """Three servers, started together (they load in parallel), each test waits for the one it uses:
-    ready: the committed schema and the smoke model, as on Replicate but without weights;
+    ready: the committed schema and the smoke model, as on Replicate but without weights (lora_url on, as cog.yaml);
     no_schema: same runner without .cog/openapi_schema.json, so bad input reaches run();
     no_weights: smoke fallback disallowed (as cog.yaml sets it) and no weights: setup fails."""
     logs = tmp_path_factory.mktemp("cog-logs")
     bare = tmp_path_factory.mktemp("no-schema-cwd")
+    lora_url_cache = {"PUNKS_LORA_URL_CACHE_SIZE": "2", "PUNKS_LORA_URL_CACHE_DIR": str(logs / "lora-url-cache")}
     servers = {
-        "ready": CogServer("ready", smoke_env, ROOT, logs),
+        "ready": CogServer("ready", smoke_env | lora_url_cache, ROOT, logs),
         "no_schema": CogServer(
             "no-schema", smoke_env | {"PYTHONPATH": str(ROOT)}, bare, logs, runner_ref=f"{ROOT / 'predict.py'}:Runner"
         ),
@@ -468,6 +469,85 @@ def test_setup_without_weights_fails_naming_the_missing_files(cog_servers):
     assert "v1-5-pruned-emaonly.safetensors" in logs and "bespoke_punks.safetensors" in logs
     status, body = server.predict(prompt="a punk")
     assert status == 503 and body["status"] == "failed"
+
+
+# --- lora_url through the real cog server, from a local http.server -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_urls(http_files) -> tuple[str, Path, list[str]]:
+    """http_files plus LoRAs: good.safetensors (a random rank-32 kohya LoRA for the smoke model), sdxl.safetensors
+    (SDXL-shaped) and real-sd15.safetensors (SD1.5's real widths: no layer of the smoke model has them)."""
+    from safetensors.torch import save_file
+
+    from devtools.random_lora import kohya_metadata, random_kohya_lora
+    from devtools.smoke import build_smoke_pipeline
+    from tests.lora_files import sd15_modules, sdxl_modules, write_lora
+
+    base, folder, requests = http_files
+    save_file(random_kohya_lora(build_smoke_pipeline(), seed=3), str(folder / "good.safetensors"),
+              metadata=kohya_metadata(32, 16))
+    write_lora(folder / "sdxl.safetensors", sdxl_modules())
+    write_lora(folder / "real-sd15.safetensors", sd15_modules())
+    return base, folder, requests
+
+
+def guard_message(path: Path) -> str:
+    """What the start-up LoRA guard says of the file, less its path (the server names its cached copy)."""
+    from devtools.smoke import build_smoke_pipeline
+    from service.lora.fuse import check_lora_matches_model
+    from service.lora.inspect import LoraError, inspect_sd15_lora
+
+    with pytest.raises(LoraError) as refused:
+        check_lora_matches_model(build_smoke_pipeline(), inspect_sd15_lora(path, 32))
+    return str(refused.value).replace(str(path), "")
+
+
+@pytest.mark.parametrize(("name", "what"), [("sdxl.safetensors", "is a SDXL LoRA"),
+                                            ("real-sd15.safetensors", "but the model's layer is")])
+def test_lora_url_to_a_wrong_file_fails_with_the_guards_message(server: CogServer, lora_urls, name: str, what: str):
+    base, folder, _ = lora_urls
+    status, body = server.predict(prompt="a punk", steps=1, lora_url=f"{base}/{name}?sig=secret")
+    assert status == 200 and body["status"] == "failed", body
+    error = body["error"]
+    assert f"lora_url: {base}/{name}: " in error and what in error  # coglet puts "Prediction failed: ..." first
+    assert guard_message(folder / name) in error and "secret" not in error
+    assert "rendered in a batch" not in body["logs"]
+
+
+def test_lora_url_to_a_good_file_is_fused_and_cached(server: CogServer, lora_urls):
+    base, _, requests = lora_urls
+    inputs = {"prompt": "lad with a red beanie", "seed": 5, "steps": 1}
+    status, default = server.predict(**inputs)
+    assert status == 200 and default["status"] == "succeeded", default
+    downloads = lambda: [r for r in requests if r.startswith("/good.safetensors")]  # noqa: E731
+    before = len(downloads())
+    first = server.predict(**inputs, lora_url=f"{base}/good.safetensors")
+    second = server.predict(**inputs, lora_url=f"{base}/good.safetensors")
+    for status, body in (first, second):
+        assert status == 200 and body["status"] == "succeeded", body.get("error") or body
+        assert f"lora_url: {base}/good.safetensors: SD1.5 LoRA" in body["logs"]
+    assert len(downloads()) == before + 1  # the second prediction used the cached file
+    assert first[1]["output"] == second[1]["output"]
+    assert first[1]["output"]["images"] != default["output"]["images"]  # the URL's LoRA was fused
+    assert server.predict(**inputs)[1]["output"] == default["output"]  # and the default one is back
+
+
+def test_lora_and_lora_url_together_fail_naming_both(server: CogServer, lora_urls):
+    base, _, _ = lora_urls
+    status, body = server.predict(prompt="a punk", lora="other", lora_url=f"{base}/good.safetensors")
+    assert status == 200 and body["status"] == "failed"
+    assert "lora_url: give either lora (a served name) or lora_url, not both" in body["error"]
+
+
+def test_lora_url_is_refused_where_the_cache_is_off(cog_servers, lora_urls):
+    server = cog_servers["no_schema"]  # PUNKS_LORA_URL_CACHE_SIZE unset: 0
+    assert server.wait_until_settled()["status"] == "READY"
+    status, body = server.predict(prompt="a punk", lora_url=f"{lora_urls[0]}/good.safetensors")
+    assert status == 200 and body["status"] == "failed"
+    assert "lora_url: not enabled on this deployment (PUNKS_LORA_URL_CACHE_SIZE is 0)" in body["error"]
+
+
 
 
 # --- weights download (service/fetch.py) against a local http.server --------------------------------------
