@@ -685,7 +685,7 @@ def test_setup_downloads_the_weights_then_run_writes_images_then_sprites(
     monkeypatch.setattr(predict, "KEPT_OUTPUT_FOLDERS", 1)
     runner = predict.Runner()
     inputs = {"prompt": "a punk", "seed": 5, "num_outputs": 2, "steps": 1, "guidance": 7.5, "output_size": 1024,
-              "integer_scale": False, "return_sprites": True, "output_format": "png", "lora": ""}
+              "integer_scale": False, "return_sprites": True, "output_format": "png", "lora": "", "lora_url": ""}
 
     async def setup_then_run_twice():  # as coglet does: setup and every run on one event loop
         await runner.setup()
