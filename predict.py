@@ -43,7 +43,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path as FsPath
 from typing import TypeVar
 
@@ -155,7 +154,7 @@ class Runner(BaseRunner):
         self.engine.check_request(request)
         started = time.perf_counter()
         # Held from download to result: the cache evicts no LoRA a queued or rendering request uses.
-        held: AbstractAsyncContextManager[CachedLora | None] = (
+        held: contextlib.AbstractAsyncContextManager[CachedLora | None] = (
             self.lora_cache.use(lora_url) if lora_url else contextlib.nullcontext()
         )
         async with held as cached:
