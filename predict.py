@@ -85,9 +85,12 @@ class Runner(BaseRunner):
         self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="punks-gpu")
         self.engine = await loop.run_in_executor(self._gpu_thread, Engine.load, settings)  # WeightsError names files
         self.batcher = Batcher.for_engine(self.engine, Metrics(), self._gpu_thread)
-        self.lora_cache = LoraUrlCache(settings.lora_url_cache_dir, settings.lora_url_cache_size,
-                                       self._on_gpu_thread(self.engine.add_lora),
-                                       self._on_gpu_thread(self.engine.remove_lora))
+        self.lora_cache = LoraUrlCache(
+            settings.lora_url_cache_dir,
+            settings.lora_url_cache_size,
+            self._on_gpu_thread(self.engine.add_lora),
+            self._on_gpu_thread(self.engine.remove_lora),
+        )
         self._outputs = FsPath(tempfile.mkdtemp(prefix="punks-cog-"))
         self._folders: deque[FsPath] = deque()
         log.info("setup: done in %.1fs", time.perf_counter() - started)
@@ -133,7 +136,9 @@ class Runner(BaseRunner):
             default=False,
             description="Also return each 24x24 sprite (one pixel per cell), in `sprites`, in the same order as `images`.",
         ),
-        output_format: str = Input(default="png", choices=["png", "webp"], description="Lossless PNG or lossless WebP."),
+        output_format: str = Input(
+            default="png", choices=["png", "webp"], description="Lossless PNG or lossless WebP."
+        ),
         lora: str = Input(default="", description="A LoRA name from weights/loras (empty: the served default LoRA)."),
         lora_url: str = Input(
             default="",
@@ -146,10 +151,16 @@ class Runner(BaseRunner):
         if lora and lora_url:
             raise RequestError("lora_url", "give either lora (a served name) or lora_url, not both")
         request = GenerationRequest(
-            prompt=prompt, seed=_whole("seed", seed), num_outputs=_whole("num_outputs", num_outputs),
-            steps=_whole("steps", steps), guidance=guidance, lora=lora or None,
-            output_size=_whole("output_size", output_size), integer_scale=integer_scale,
-            output_format=output_format, return_sprites=return_sprites,  # type: ignore[arg-type]  # schema: choices
+            prompt=prompt,
+            seed=_whole("seed", seed),
+            num_outputs=_whole("num_outputs", num_outputs),
+            steps=_whole("steps", steps),
+            guidance=guidance,
+            lora=lora or None,
+            output_size=_whole("output_size", output_size),
+            integer_scale=integer_scale,
+            output_format=output_format,
+            return_sprites=return_sprites,  # type: ignore[arg-type]  # schema: choices
         )
         self.engine.check_request(request)
         started = time.perf_counter()

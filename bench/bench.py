@@ -53,7 +53,9 @@ def worker_baseline(args: argparse.Namespace) -> dict:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(args.weights / "stable-diffusion-v1-5", dtype=dtype, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.weights / "stable-diffusion-v1-5", dtype=dtype, safety_checker=None
+    )
     pipe.load_lora_weights(str(args.weights / "bespoke_punks.safetensors"))
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -101,8 +103,12 @@ def render_by_batch(engine, args: argparse.Namespace, sizes: tuple[int, ...], re
     for size in sizes:
         seconds = []
         for seed in range(repeats):
-            requests = [GenerationRequest(PROMPT, seed=seed * 100 + first, num_outputs=min(MAX_IMAGES, size - first),
-                                          steps=args.steps) for first in range(0, size, MAX_IMAGES)]
+            requests = [
+                GenerationRequest(
+                    PROMPT, seed=seed * 100 + first, num_outputs=min(MAX_IMAGES, size - first), steps=args.steps
+                )
+                for first in range(0, size, MAX_IMAGES)
+            ]
             started = time.perf_counter()
             engine.render(requests)
             seconds.append(time.perf_counter() - started)
@@ -141,8 +147,18 @@ def free_port() -> int:
 
 def run_worker(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict:
     """Start a worker process; cold start = spawn -> its READY line."""
-    command = [sys.executable, __file__, "--worker", kind, "--weights", str(args.weights), "--runs", str(args.runs),
-               "--steps", str(args.steps)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--weights",
+        str(args.weights),
+        "--runs",
+        str(args.runs),
+        "--steps",
+        str(args.steps),
+    ]
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
     cold_start = None
@@ -164,7 +180,11 @@ def throughput(args: argparse.Namespace, env: dict[str, str], clients: int = 8) 
     started = time.perf_counter()
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "service.http.app:app", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -183,8 +203,11 @@ def throughput(args: argparse.Namespace, env: dict[str, str], clients: int = 8) 
         def client(index: int) -> int:
             with httpx.Client(timeout=600) as http:
                 for round_ in range(args.rounds):
-                    response = http.post(f"{url}/v1/generate", json=body | {"seed": index * 100 + round_},
-                                         headers={"Accept": "image/png"})
+                    response = http.post(
+                        f"{url}/v1/generate",
+                        json=body | {"seed": index * 100 + round_},
+                        headers={"Accept": "image/png"},
+                    )
                     response.raise_for_status()
             return args.rounds
 
@@ -197,13 +220,22 @@ def throughput(args: argparse.Namespace, env: dict[str, str], clients: int = 8) 
     finally:
         server.terminate()
         server.wait(timeout=60)
-    batch = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-             if line.startswith(("punks_batch_images_sum", "punks_batch_images_count"))}
-    return {"clients": clients, "images": images, "seconds": round(elapsed, 2),
-            "images_per_s": round(images / elapsed, 2), "server_cold_start_s": round(cold_start, 2),
-            "engine_calls": batch.get("punks_batch_images_count"),
-            "mean_images_per_call": round(batch["punks_batch_images_sum"] / batch["punks_batch_images_count"], 2)
-            if batch.get("punks_batch_images_count") else None}
+    batch = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith(("punks_batch_images_sum", "punks_batch_images_count"))
+    }
+    return {
+        "clients": clients,
+        "images": images,
+        "seconds": round(elapsed, 2),
+        "images_per_s": round(images / elapsed, 2),
+        "server_cold_start_s": round(cold_start, 2),
+        "engine_calls": batch.get("punks_batch_images_count"),
+        "mean_images_per_call": round(batch["punks_batch_images_sum"] / batch["punks_batch_images_count"], 2)
+        if batch.get("punks_batch_images_count")
+        else None,
+    }
 
 
 def prepare_weights(args: argparse.Namespace) -> None:
@@ -224,12 +256,18 @@ def environment() -> dict:
     import torch
     import transformers
 
-    info = {"date": date.today().isoformat(), "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    info = {
+        "date": date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-        info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                        capture_output=True, text=True).stdout.strip()
+        info["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
         info["cuda"] = torch.version.cuda
     else:
         info["gpu"] = "none (cpu)"
@@ -244,8 +282,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=8, help="requests per client in the throughput test")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--variants", default="baseline,engine,engine-compile",
-                        help="comma list of baseline, engine, engine-compile, engine-compile-again")
+    parser.add_argument(
+        "--variants",
+        default="baseline,engine,engine-compile",
+        help="comma list of baseline, engine, engine-compile, engine-compile-again",
+    )
     parser.add_argument("--throughput", default="engine,engine-compile", help="variants also measured through the API")
     parser.add_argument("--out", type=Path, help="folder (or .json file) for the results")
     args = parser.parse_args()
@@ -255,16 +296,25 @@ def main() -> None:
         return
 
     prepare_weights(args)
-    base_env = os.environ | {"PUNKS_WEIGHTS_DIR": str(args.weights), "PUNKS_BASE_MODEL": str(args.weights / "stable-diffusion-v1-5"),
-                             "PUNKS_STEPS": str(args.steps),
-                             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    base_env = os.environ | {
+        "PUNKS_WEIGHTS_DIR": str(args.weights),
+        "PUNKS_BASE_MODEL": str(args.weights / "stable-diffusion-v1-5"),
+        "PUNKS_STEPS": str(args.steps),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     envs = {
         "baseline": base_env,
         "engine": base_env | {"PUNKS_COMPILE": "false"},
         "engine-compile": base_env | {"PUNKS_COMPILE": "true"},
         "engine-compile-again": base_env | {"PUNKS_COMPILE": "true"},  # second start: reuses the compile cache
     }
-    report = {"environment": environment(), "steps": args.steps, "runs": args.runs, "model": "smoke" if args.smoke else "full-size SD1.5, random weights, rank-32 LoRA", "results": {}}
+    report = {
+        "environment": environment(),
+        "steps": args.steps,
+        "runs": args.runs,
+        "model": "smoke" if args.smoke else "full-size SD1.5, random weights, rank-32 LoRA",
+        "results": {},
+    }
     path = None
     if args.out:
         name = f"{report['environment']['date']}-{report['environment']['gpu'].replace(' ', '-')}.json"

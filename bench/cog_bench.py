@@ -65,21 +65,32 @@ def load(send: Callable[[int], dict], clients: int, rounds: int) -> dict:
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     elapsed = time.perf_counter() - started
-    return {"clients": clients, "images": len(latencies), "seconds": round(elapsed, 2),
-            "images_per_s": round(len(latencies) / elapsed, 2), "request_s": percentiles(latencies), "answers": answers}
+    return {
+        "clients": clients,
+        "images": len(latencies),
+        "seconds": round(elapsed, 2),
+        "images_per_s": round(len(latencies) / elapsed, 2),
+        "request_s": percentiles(latencies),
+        "answers": answers,
+    }
 
 
 def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with log.open("wb") as out:
-        return subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def bench_cog(args: argparse.Namespace, env: dict[str, str]) -> dict:
     port = free_port()
     log = args.logs / "cog.log"
     started = time.perf_counter()
-    server = start([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
-                   env | {"PORT": str(port), "COG_PREDICT_TYPE_STUB": "predict.py:Runner"}, log)
+    server = start(
+        [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+        env | {"PORT": str(port), "COG_PREDICT_TYPE_STUB": "predict.py:Runner"},
+        log,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: call(f"{url}/health-check", method="GET", timeout=5)["status"] == "READY", server, log)
@@ -106,22 +117,27 @@ def bench_cog(args: argparse.Namespace, env: dict[str, str]) -> dict:
         server.wait(timeout=60)
     answers = result.pop("answers")
     batches = [answer["batch_images"] for answer in answers]
-    return result | {"cold_start_s": round(cold_start, 1), "mean_batch_images": round(sum(batches) / len(batches), 2),
-                     "retried_409": sum(answer["retries"] for answer in answers)}
+    return result | {
+        "cold_start_s": round(cold_start, 1),
+        "mean_batch_images": round(sum(batches) / len(batches), 2),
+        "retried_409": sum(answer["retries"] for answer in answers),
+    }
 
 
 def bench_http(args: argparse.Namespace, env: dict[str, str]) -> dict:
     port = free_port()
     log = args.logs / "uvicorn.log"
     started = time.perf_counter()
-    server = start([sys.executable, "-m", "uvicorn", "service.http.app:app", "--host", "127.0.0.1", "--port", str(port)],
-                   env, log)
+    server = start(
+        [sys.executable, "-m", "uvicorn", "service.http.app:app", "--host", "127.0.0.1", "--port", str(port)], env, log
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: urllib.request.urlopen(f"{url}/readyz", timeout=5).status == 200, server, log)
         cold_start = time.perf_counter() - started
-        result = load(lambda seed: call(f"{url}/v1/generate", {"prompt": PROMPT, "seed": seed}), args.clients,
-                      args.rounds)
+        result = load(
+            lambda seed: call(f"{url}/v1/generate", {"prompt": PROMPT, "seed": seed}), args.clients, args.rounds
+        )
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -144,14 +160,22 @@ def main() -> None:
     args.logs.mkdir(parents=True, exist_ok=True)
     prepare_weights(args)
     env = os.environ | {
-        "PUNKS_WEIGHTS_DIR": str(args.weights), "PUNKS_STEPS": str(args.steps),
-        "PUNKS_COMPILE": str(args.compile).lower(), "COG_MAX_CONCURRENCY": "8",  # predict.py's @cog.concurrent(max=8)
-        "TORCHINDUCTOR_CACHE_DIR": "/tmp/cog-bench-inductor", "PYTHONUNBUFFERED": "1",
+        "PUNKS_WEIGHTS_DIR": str(args.weights),
+        "PUNKS_STEPS": str(args.steps),
+        "PUNKS_COMPILE": str(args.compile).lower(),
+        "COG_MAX_CONCURRENCY": "8",  # predict.py's @cog.concurrent(max=8)
+        "TORCHINDUCTOR_CACHE_DIR": "/tmp/cog-bench-inductor",
+        "PYTHONUNBUFFERED": "1",
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # coglet's worker
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    report = {"environment": environment(), "steps": args.steps, "compile": args.compile,
-              "model": "smoke" if args.smoke else "full-size SD1.5, random weights, rank-32 LoRA", "results": {}}
+    report = {
+        "environment": environment(),
+        "steps": args.steps,
+        "compile": args.compile,
+        "model": "smoke" if args.smoke else "full-size SD1.5, random weights, rank-32 LoRA",
+        "results": {},
+    }
     for surface in args.surfaces.split(","):
         try:
             report["results"][surface] = (bench_cog if surface == "cog" else bench_http)(args, env)

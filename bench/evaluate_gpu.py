@@ -25,8 +25,11 @@ def main(out: Path) -> None:
     pipe = build_full_size_pipeline().to(torch.float16)
     save_random_model(weights, pipe, single_file=False)
     (weights / "loras").mkdir(exist_ok=True)
-    save_file(random_kohya_lora(pipe, seed=1), str(weights / "loras" / "epoch-000009.safetensors"),
-              metadata=kohya_metadata(32, 16, ss_epoch="9"))
+    save_file(
+        random_kohya_lora(pipe, seed=1),
+        str(weights / "loras" / "epoch-000009.safetensors"),
+        metadata=kohya_metadata(32, 16, ss_epoch="9"),
+    )
     import os
 
     os.environ.update(PUNKS_WEIGHTS_DIR=str(weights), PUNKS_BASE_MODEL=str(weights / "stable-diffusion-v1-5"))

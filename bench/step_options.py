@@ -92,15 +92,22 @@ def main() -> None:
     vae.to(memory_format=torch.channels_last)
     generator = torch.Generator("cuda").manual_seed(0)
     inputs = {
-        n: (torch.randn(2 * n, 4, 64, 64, device="cuda", dtype=torch.float16, generator=generator),
-            torch.randn(2 * n, 77, 768, device="cuda", dtype=torch.float16, generator=generator))
+        n: (
+            torch.randn(2 * n, 4, 64, 64, device="cuda", dtype=torch.float16, generator=generator),
+            torch.randn(2 * n, 77, 768, device="cuda", dtype=torch.float16, generator=generator),
+        )
         for n in sizes
     }
     timestep = torch.tensor(500, device="cuda")
     latents = torch.randn(4, 4, 64, 64, device="cuda", dtype=torch.float16, generator=generator)
 
-    report = {"date": date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "unit": "GPU ms per call (CUDA graph replay), median of 15", "options": {}}
+    report = {
+        "date": date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "unit": "GPU ms per call (CUDA graph replay), median of 15",
+        "options": {},
+    }
     reference = None
     fused = False
     for name, (context, fuse_qkv) in OPTIONS.items():
@@ -111,8 +118,10 @@ def main() -> None:
             unet.unfuse_qkv_projections()
             fused = False
         row = {}
-        for part, call in [*((f"unet_{n}_images", partial(unet, inputs[n][0], timestep, inputs[n][1])) for n in sizes),
-                           ("vae_decode_4_images", partial(vae.decode, latents))]:
+        for part, call in [
+            *((f"unet_{n}_images", partial(unet, inputs[n][0], timestep, inputs[n][1])) for n in sizes),
+            ("vae_decode_4_images", partial(vae.decode, latents)),
+        ]:
             try:
                 with context():
                     row[part] = graphed_ms(call)

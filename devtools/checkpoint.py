@@ -25,7 +25,13 @@ UNET_TOP_LEVEL = {
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
 }
-VAE_ATTENTION_PARTS = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")]
+VAE_ATTENTION_PARTS = [
+    ("group_norm.", "norm."),
+    ("to_q.", "q."),
+    ("to_k.", "k."),
+    ("to_v.", "v."),
+    ("to_out.0.", "proj_out."),
+]
 
 
 def _unet_block_prefixes() -> list[tuple[str, str]]:
@@ -49,7 +55,11 @@ def _unet_block_prefixes() -> list[tuple[str, str]]:
 
 
 def _vae_prefixes() -> list[tuple[str, str]]:
-    pairs = [("conv_shortcut", "nin_shortcut"), ("conv_norm_out", "norm_out"), ("mid_block.attentions.0.", "mid.attn_1.")]
+    pairs = [
+        ("conv_shortcut", "nin_shortcut"),
+        ("conv_norm_out", "norm_out"),
+        ("mid_block.attentions.0.", "mid.attn_1."),
+    ]
     for i in range(4):
         pairs += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.") for j in range(2)]
         if i < 3:

@@ -138,7 +138,11 @@ def build_schema(ref: str = RUNNER_REF) -> dict:
             "title": "HTTPValidationError",
             "type": "object",
             "properties": {
-                "detail": {"title": "Detail", "type": "array", "items": {"$ref": "#/components/schemas/ValidationError"}}
+                "detail": {
+                    "title": "Detail",
+                    "type": "array",
+                    "items": {"$ref": "#/components/schemas/ValidationError"},
+                }
             },
         },
         "ValidationError": {
@@ -159,7 +163,11 @@ def build_schema(ref: str = RUNNER_REF) -> dict:
     paths = {
         "/": {"get": {"summary": "Root", "operationId": "root__get", "responses": {"200": ok_any}}},
         "/health-check": {
-            "get": {"summary": "Healthcheck", "operationId": "healthcheck_health_check_get", "responses": {"200": ok_any}}
+            "get": {
+                "summary": "Healthcheck",
+                "operationId": "healthcheck_health_check_get",
+                "responses": {"200": ok_any},
+            }
         },
         "/predictions": {
             "post": {

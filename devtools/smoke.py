@@ -43,14 +43,23 @@ def build_smoke_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(
         UNet2DConditionModel.load_config(SD15_CONFIG_DIR / "unet"),
-        block_out_channels=(32, 32, 64, 64), norm_num_groups=8, cross_attention_dim=TEXT_WIDTH, attention_head_dim=1,
+        block_out_channels=(32, 32, 64, 64),
+        norm_num_groups=8,
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=1,
     )
     vae = AutoencoderKL.from_config(
         AutoencoderKL.load_config(SD15_CONFIG_DIR / "vae"), block_out_channels=(16, 16, 32, 32), norm_num_groups=8
     )
     text_config = CLIPTextConfig(
-        vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=TEXT_WIDTH,
+        vocab_size=49408,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=TEXT_WIDTH,
     )
     return _pipeline(unet, vae, CLIPTextModel(text_config))
 
@@ -90,6 +99,8 @@ def ensure_smoke_model(folder: Path) -> Path:
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="python -m devtools.smoke", description="Build and save the tiny random smoke model and its LoRA.")
+    cli = argparse.ArgumentParser(
+        prog="python -m devtools.smoke", description="Build and save the tiny random smoke model and its LoRA."
+    )
     cli.add_argument("--dir", type=Path, default=Settings().smoke_dir)
     print(save_smoke_model(cli.parse_args().dir))

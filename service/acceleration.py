@@ -52,7 +52,11 @@ def load_compile_artifacts(path: Path) -> None:
     if info is None:
         log.warning("ignoring the compile cache %s (%s); compiling from scratch", path, why)
         return
-    log.info("compile cache loaded from %s: %s", path, ", ".join(f"{len(keys)} {kind}" for kind, keys in info.artifacts.items()))
+    log.info(
+        "compile cache loaded from %s: %s",
+        path,
+        ", ".join(f"{len(keys)} {kind}" for kind, keys in info.artifacts.items()),
+    )
 
 
 def save_compile_artifacts(path: Path) -> int:

@@ -60,8 +60,16 @@ class Batcher:
     """Create inside the running event loop; `close()` finishes the queued work (within a bound), then stops."""
 
     def __init__(
-        self, render: Render, finish: Finish, metrics: Metrics, executor: ThreadPoolExecutor, *,
-        max_images: int, max_wait_s: float, max_queue: int, batch_sizes: tuple[int, ...] | None = None,
+        self,
+        render: Render,
+        finish: Finish,
+        metrics: Metrics,
+        executor: ThreadPoolExecutor,
+        *,
+        max_images: int,
+        max_wait_s: float,
+        max_queue: int,
+        batch_sizes: tuple[int, ...] | None = None,
     ):
         """`executor` is the one GPU thread that runs `render`: CUDA graphs recorded at load time replay only on
         the thread that recorded them, so the engine must be loaded and run on the same single thread.
@@ -92,8 +100,13 @@ class Batcher:
         engine's; the HTTP app passes its own, which may set other limits than the engine it was given)."""
         s = settings or engine.settings
         return cls(
-            engine.render, engine.finish, metrics, executor,
-            max_images=s.max_batch_size, max_wait_s=s.max_batch_wait_ms / 1000, max_queue=s.max_queue,
+            engine.render,
+            engine.finish,
+            metrics,
+            executor,
+            max_images=s.max_batch_size,
+            max_wait_s=s.max_batch_wait_ms / 1000,
+            max_queue=s.max_queue,
             batch_sizes=s.batch_buckets if s.compile else None,  # compiled: other sizes are padded up
         )
 
@@ -137,8 +150,12 @@ class Batcher:
                 while self._finishing:
                     await asyncio.wait(self._finishing)
         except TimeoutError:
-            log.warning("shutdown: %d queued and %d started requests not answered within %gs get 503",
-                        len(self._pending), len(self._running) + len(self._finishing), timeout_s)
+            log.warning(
+                "shutdown: %d queued and %d started requests not answered within %gs get 503",
+                len(self._pending),
+                len(self._running) + len(self._finishing),
+                timeout_s,
+            )
             self._abandon(ShuttingDown())
             self._task.cancel()
             for task in self._finishing:
@@ -148,8 +165,9 @@ class Batcher:
     def _stopped(self, task: asyncio.Task) -> None:
         """The scheduling task ended: if by a bug, fail what waits now instead of letting it time out."""
         if not task.cancelled() and task.exception() is not None:
-            log.error("the batcher stopped; generation requests get 503 until the service restarts",
-                      exc_info=task.exception())
+            log.error(
+                "the batcher stopped; generation requests get 503 until the service restarts", exc_info=task.exception()
+            )
             self._abandon(GenerationFailed("the batcher stopped"))
 
     def _abandon(self, error: Exception) -> None:

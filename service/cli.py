@@ -50,8 +50,14 @@ def generate(args: argparse.Namespace) -> int:
     from service.engine import Engine, GenerationRequest  # torch: imported only by the commands that need it
 
     request = GenerationRequest(
-        prompt=args.prompt, seed=args.seed, num_outputs=args.num_outputs, steps=args.steps, guidance=args.guidance,
-        upscaler=args.upscaler, output_size=args.output_size, integer_scale=args.integer_scale,
+        prompt=args.prompt,
+        seed=args.seed,
+        num_outputs=args.num_outputs,
+        steps=args.steps,
+        guidance=args.guidance,
+        upscaler=args.upscaler,
+        output_size=args.output_size,
+        integer_scale=args.integer_scale,
         output_format=args.output_format,
     )
     request.check()  # before the slow load
@@ -90,7 +96,9 @@ def compile_cache(args: argparse.Namespace) -> int:
         os.environ["TRITON_CACHE_DIR"] = os.path.join(empty, "triton")
         Engine.load(settings.model_copy(update={"compile_artifacts": Path(empty) / "none"}))  # warm-up compiles
         size = save_compile_artifacts(output)
-    print(f"{output} ({size / 1e6:.1f} MB): start with PUNKS_COMPILE=true and this file in place to skip most of the compile")
+    print(
+        f"{output} ({size / 1e6:.1f} MB): start with PUNKS_COMPILE=true and this file in place to skip most of the compile"
+    )
     return 0
 
 
@@ -103,25 +111,49 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="random when omitted; printed and saved in the JSON")
     gen.add_argument("--num-outputs", type=int, default=1, help=f"1-{config.MAX_IMAGES}")
     gen.add_argument("--steps", type=int, help=f"{config.MIN_STEPS}-{config.MAX_STEPS} (default PUNKS_STEPS)")
-    gen.add_argument("--guidance", type=float, help=f"{config.MIN_GUIDANCE}-{config.MAX_GUIDANCE} (default PUNKS_GUIDANCE)")
-    gen.add_argument("--upscaler", choices=config.UPSCALERS,
-                     help="realesrgan: also out.smooth.png, the raw generation upscaled (default PUNKS_UPSCALER)")
-    gen.add_argument("--output-size", type=int, help=f"{config.MIN_OUTPUT_SIZE}-{config.MAX_OUTPUT_SIZE} px "
-                     "(default PUNKS_OUTPUT_SIZE)")
-    gen.add_argument("--integer-scale", action=argparse.BooleanOptionalAction,
-                     help="cells of exactly floor(output_size / 24) px (default PUNKS_INTEGER_SCALE)")
-    gen.add_argument("--output-format", choices=config.OUTPUT_FORMATS, default="png", help="lossless png (default) or webp")
-    gen.add_argument("-o", "--output", type=Path, default=Path("out.png"),
-                     help="output path; its suffix is replaced by the format's (default out.png)")
+    gen.add_argument(
+        "--guidance", type=float, help=f"{config.MIN_GUIDANCE}-{config.MAX_GUIDANCE} (default PUNKS_GUIDANCE)"
+    )
+    gen.add_argument(
+        "--upscaler",
+        choices=config.UPSCALERS,
+        help="realesrgan: also out.smooth.png, the raw generation upscaled (default PUNKS_UPSCALER)",
+    )
+    gen.add_argument(
+        "--output-size",
+        type=int,
+        help=f"{config.MIN_OUTPUT_SIZE}-{config.MAX_OUTPUT_SIZE} px (default PUNKS_OUTPUT_SIZE)",
+    )
+    gen.add_argument(
+        "--integer-scale",
+        action=argparse.BooleanOptionalAction,
+        help="cells of exactly floor(output_size / 24) px (default PUNKS_INTEGER_SCALE)",
+    )
+    gen.add_argument(
+        "--output-format", choices=config.OUTPUT_FORMATS, default="png", help="lossless png (default) or webp"
+    )
+    gen.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("out.png"),
+        help="output path; its suffix is replaced by the format's (default out.png)",
+    )
     gen.set_defaults(run=generate)
 
-    cache = commands.add_parser("compile-cache", help="compile every batch bucket on this GPU and save the portable "
-                                "compile cache that later starts load (PUNKS_COMPILE=true)")
-    cache.add_argument("-o", "--output", type=Path, help="default: PUNKS_COMPILE_ARTIFACTS or weights/torch-compile-artifacts.bin")
+    cache = commands.add_parser(
+        "compile-cache",
+        help="compile every batch bucket on this GPU and save the portable "
+        "compile cache that later starts load (PUNKS_COMPILE=true)",
+    )
+    cache.add_argument(
+        "-o", "--output", type=Path, help="default: PUNKS_COMPILE_ARTIFACTS or weights/torch-compile-artifacts.bin"
+    )
     cache.set_defaults(run=compile_cache)
 
-    serve = commands.add_parser("serve", help="run the HTTP API with the PUNKS_* limits (host, port, timeouts, "
-                                "concurrency, bounded shutdown)")
+    serve = commands.add_parser(
+        "serve", help="run the HTTP API with the PUNKS_* limits (host, port, timeouts, concurrency, bounded shutdown)"
+    )
     serve.add_argument("--host", help="default PUNKS_HOST (127.0.0.1)")
     serve.add_argument("--port", type=int, help="default PUNKS_PORT (8000)")
     # imported when it runs: the other commands need neither uvicorn nor FastAPI

@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     )
     lora: Path | None = Field(None, description="Kohya LoRA file. Default: weights_dir/bespoke_punks.safetensors.")
     loras_dir: Path | None = Field(
-        None, description="Folder of further LoRAs a request may pick by file stem (`lora`). Default: weights_dir/loras."
+        None,
+        description="Folder of further LoRAs a request may pick by file stem (`lora`). Default: weights_dir/loras.",
     )
     lora_scale: float = Field(1.0, ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE, description="Strength the LoRA is fused at.")
     expected_lora_rank: int = Field(32, description="The rank that worked (dim 32 / alpha 16); others only warn.")
@@ -69,7 +70,9 @@ class Settings(BaseSettings):
     generation_size: int = Field(512, description="SD1.5 resolution the LoRA was trained at.")
     grid: int = Field(24, description="Cells per side of the sprite.")
     output_size: int = Field(
-        1024, ge=MIN_OUTPUT_SIZE, le=MAX_OUTPUT_SIZE,
+        1024,
+        ge=MIN_OUTPUT_SIZE,
+        le=MAX_OUTPUT_SIZE,
         description="Default side of the delivered image (a request may ask for another).",
     )
     integer_scale: bool = Field(
@@ -82,11 +85,13 @@ class Settings(BaseSettings):
         "Start-up compiles once per batch-size bucket; the compile cache is kept on disk (compile_cache_dir).",
     )
     compile_cache_dir: Path = Field(
-        Path(".cache/torch-compile"), description="Inductor/Triton cache, reused by the next start on this disk (a fresh "
-        "machine: compile_artifacts)."
+        Path(".cache/torch-compile"),
+        description="Inductor/Triton cache, reused by the next start on this disk (a fresh "
+        "machine: compile_artifacts).",
     )
     compile_artifacts: Path | None = Field(
-        None, description="Portable compile cache (torch.compiler.save_cache_artifacts) loaded before compiling, so a "
+        None,
+        description="Portable compile cache (torch.compiler.save_cache_artifacts) loaded before compiling, so a "
         "fresh machine (a Replicate cold boot) skips most of the compile. Made by `python -m service compile-cache` "
         "on the GPU type and image that will serve. Default: weights_dir/torch-compile-artifacts.bin.",
     )
@@ -97,7 +102,9 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run one tiny generation at start so the first request is not slow.")
     lora_url_cache_size: int = Field(
-        0, ge=0, description="Cog's `lora_url` input: how many downloaded LoRA files are kept (least recently used go "
+        0,
+        ge=0,
+        description="Cog's `lora_url` input: how many downloaded LoRA files are kept (least recently used go "
         "first). 0: lora_url is refused. Above 0 the engine keeps a CPU copy of the base weights for switching "
         "(service/lora/switch.py), which torch.compile does not support yet.",
     )
@@ -111,7 +118,8 @@ class Settings(BaseSettings):
         description="Hugging Face repo `weights download` fetches SD1.5 from (diffusers layout, fp16 files only).",
     )
     lora_url: str | None = Field(
-        None, description="Where `weights download` gets the LoRA: https://... or hf://owner/repo/path, "
+        None,
+        description="Where `weights download` gets the LoRA: https://... or hf://owner/repo/path, "
         "optionally followed by #sha256=<hex>.",
     )
     realesrgan_url: str = Field(
@@ -129,7 +137,9 @@ class Settings(BaseSettings):
 
     # HTTP service (service/api.py)
     max_batch_size: int = Field(
-        4, ge=1, description="Most images one pipeline call generates for grouped requests. On the H100, 8 gives only "
+        4,
+        ge=1,
+        description="Most images one pipeline call generates for grouped requests. On the H100, 8 gives only "
         "5% more images/s than 4 for twice the wait, and 4 leaves room to snap one batch while the next renders "
         "(bench/results/2026-11-25-NVIDIA-H100-80GB-HBM3-batch8.json).",
     )
@@ -144,19 +154,27 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(
         None, description="When set, generation requires `Authorization: Bearer <token>`; health endpoints stay open."
     )
-    host: str = Field("127.0.0.1", description="Address `python -m service serve` listens on (the Docker image: 0.0.0.0).")
+    host: str = Field(
+        "127.0.0.1", description="Address `python -m service serve` listens on (the Docker image: 0.0.0.0)."
+    )
     port: int = Field(8000, ge=0, le=65535, description="Port `python -m service serve` listens on.")
     body_timeout_s: float = Field(
-        10.0, gt=0, description="A request body not fully received by then gets 408 and its connection is closed "
+        10.0,
+        gt=0,
+        description="A request body not fully received by then gets 408 and its connection is closed "
         "(uvicorn itself waits for a slow body forever).",
     )
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this.")
     limit_concurrency: int = Field(
-        256, ge=1, description="Open connections plus running requests beyond which uvicorn answers 503 at once "
+        256,
+        ge=1,
+        description="Open connections plus running requests beyond which uvicorn answers 503 at once "
         "(bounds file descriptors; keep it above max_queue).",
     )
     shutdown_timeout_s: float = Field(
-        5.0, ge=0, description="On SIGTERM new requests get 503 at once; the queued ones have this long to be answered, "
+        5.0,
+        ge=0,
+        description="On SIGTERM new requests get 503 at once; the queued ones have this long to be answered, "
         "then get 503. The process exits once the batch on the GPU returns (under Docker's default `stop -t 10`).",
     )
 

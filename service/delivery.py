@@ -41,9 +41,7 @@ class EncodedImage:
     summary: dict[str, Any]  # seed, palette, quality
 
 
-def encode_images(
-    images: list[GeneratedImage], output_format: OutputFormat, sprites: bool
-) -> list[EncodedImage]:
+def encode_images(images: list[GeneratedImage], output_format: OutputFormat, sprites: bool) -> list[EncodedImage]:
     return [
         EncodedImage(
             seed=image.seed,

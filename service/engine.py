@@ -159,9 +159,16 @@ class Rendered:
 
 
 class Engine:
-    def __init__(self, pipe: StableDiffusionPipeline, settings: Settings, weights: WeightsSource, lora: LoraInfo,
-                 loras: dict[str, Path] | None = None, switcher: LoraSwitcher | None = None,
-                 upscaler: Upscaler | None = None):
+    def __init__(
+        self,
+        pipe: StableDiffusionPipeline,
+        settings: Settings,
+        weights: WeightsSource,
+        lora: LoraInfo,
+        loras: dict[str, Path] | None = None,
+        switcher: LoraSwitcher | None = None,
+        upscaler: Upscaler | None = None,
+    ):
         self.pipe = pipe
         self.settings = settings
         self.weights = weights
@@ -215,8 +222,11 @@ class Engine:
                 )
             selectable = check_loras(pipe, loras, settings.expected_lora_rank)  # a wrong file fails now
             switcher = LoraSwitcher(pipe, settings.lora_scale, [lora, *selectable.values()])
-            log.info("selectable LoRAs: %s (base copy of %.0f MB kept for switching)",
-                     ", ".join(sorted(loras)) or "none yet (lora_url)", switcher.base_bytes / 1e6)
+            log.info(
+                "selectable LoRAs: %s (base copy of %.0f MB kept for switching)",
+                ", ".join(sorted(loras)) or "none yet (lora_url)",
+                switcher.base_bytes / 1e6,
+            )
             switcher.fuse(lora.path)
         else:
             fuse_lora(pipe, lora, settings.lora_scale)
@@ -229,8 +239,13 @@ class Engine:
             stages.lap("warm-up")
         log.info(
             "loaded %s + %s (%s) on %s/%s in %s%s",
-            weights.base_model, weights.lora, lora.describe(), settings.torch_device, settings.torch_dtype_name,
-            stages, " [SMOKE MODEL: images are not meaningful]" if weights.is_smoke else "",
+            weights.base_model,
+            weights.lora,
+            lora.describe(),
+            settings.torch_device,
+            settings.torch_dtype_name,
+            stages,
+            " [SMOKE MODEL: images are not meaningful]" if weights.is_smoke else "",
         )
         return engine
 
@@ -283,7 +298,9 @@ class Engine:
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         return self.generate_batch([request], progress)[0]
 
-    def generate_batch(self, requests: Sequence[GenerationRequest], progress: Progress | None = None) -> list[GenerationResult]:
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], progress: Progress | None = None
+    ) -> list[GenerationResult]:
         """Both halves on the calling thread (CLI, Cog); the API overlaps them instead (service/batcher.py)."""
         return [self.finish(rendered) for rendered in self.render(requests, progress)]
 
@@ -421,7 +438,9 @@ class Engine:
 
     def _snap(self, raw: Image.Image, job: _Job) -> PixelArt:
         s = self.settings
-        return to_pixel_art(raw, grid=s.grid, size=job.output_size, max_colors=s.max_colors, integer_scale=job.integer_scale)
+        return to_pixel_art(
+            raw, grid=s.grid, size=job.output_size, max_colors=s.max_colors, integer_scale=job.integer_scale
+        )
 
 
 class _Stopwatch:

@@ -36,13 +36,22 @@ def load_base_pipeline(path: Path, config_dir: Path, dtype: torch.dtype) -> Stab
             if not (path / "model_index.json").is_file():
                 raise WeightsError(f"{path} is not a diffusers folder: model_index.json is missing")
             pipe = StableDiffusionPipeline.from_pretrained(
-                path, dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False,
-                feature_extractor=None, variant=folder_variant(path),  # the safety checker's; not downloaded
+                path,
+                dtype=dtype,
+                local_files_only=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+                feature_extractor=None,
+                variant=folder_variant(path),  # the safety checker's; not downloaded
             )
         elif path.suffix in SINGLE_FILE_SUFFIXES:
             pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config_dir), dtype=dtype, local_files_only=True,
-                safety_checker=None, requires_safety_checker=False,
+                str(path),
+                config=str(config_dir),
+                dtype=dtype,
+                local_files_only=True,
+                safety_checker=None,
+                requires_safety_checker=False,
             )
         else:
             raise WeightsError(f"{path}: expected a diffusers folder or a {'/'.join(SINGLE_FILE_SUFFIXES)} file")

@@ -67,11 +67,7 @@ def _is_pixel_art(grid_fit: float, edge_alignment: float, palette_size: int) -> 
     """One place for the verdict. grid_fit alone is not enough: a smooth photo is also mostly
     explained by 24x24 cell means. Pixel art additionally has its edges *on* the grid lines
     (a photo's edges are everywhere) and a small palette."""
-    return (
-        grid_fit >= MIN_GRID_FIT
-        and edge_alignment >= MIN_EDGE_ALIGNMENT
-        and palette_size <= MAX_PALETTE_SIZE
-    )
+    return grid_fit >= MIN_GRID_FIT and edge_alignment >= MIN_EDGE_ALIGNMENT and palette_size <= MAX_PALETTE_SIZE
 
 
 # --- input ----------------------------------------------------------------------------------------

@@ -53,7 +53,9 @@ def _plain_import() -> types.ModuleType:
     try:
         import spandrel
     except ImportError as error:
-        raise WeightsError(f"upscaler=realesrgan needs spandrel, which is not installed ({error}): {INSTALL_HELP}") from None
+        raise WeightsError(
+            f"upscaler=realesrgan needs spandrel, which is not installed ({error}): {INSTALL_HELP}"
+        ) from None
     return spandrel
 
 
@@ -100,14 +102,18 @@ def load_upscaler(path: Path, device: str | torch.device = "cpu", dtype: torch.d
             "expected RealESRGAN_x2plus.pth or RealESRGAN_x4plus.pth"
         ) from None
     if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.purpose != "SR":
-        raise WeightsError(f"{path}: a {descriptor.architecture.name} {descriptor.purpose} model, not a super-resolution model")
+        raise WeightsError(
+            f"{path}: a {descriptor.architecture.name} {descriptor.purpose} model, not a super-resolution model"
+        )
     if descriptor.input_channels != 3 or descriptor.output_channels != 3 or descriptor.scale < 2:
         raise WeightsError(
             f"{path}: {descriptor.input_channels}->{descriptor.output_channels} channels at x{descriptor.scale}; "
             "expected an RGB x2 or x4 upscaler"
         )
-    supported = dtype == torch.float32 or (dtype == torch.float16 and descriptor.supports_half) or (
-        dtype == torch.bfloat16 and descriptor.supports_bfloat16
+    supported = (
+        dtype == torch.float32
+        or (dtype == torch.float16 and descriptor.supports_half)
+        or (dtype == torch.bfloat16 and descriptor.supports_bfloat16)
     )
     dtype = dtype if supported else torch.float32
     descriptor.to(device).to(dtype).eval()

@@ -9,16 +9,19 @@ from pathlib import Path
 import torch
 
 
-def realesrgan_state_dict(scale: int = 2, num_block: int = 23, num_feat: int = 64, num_grow: int = 32,
-                          seed: int = 0) -> dict[str, torch.Tensor]:
+def realesrgan_state_dict(
+    scale: int = 2, num_block: int = 23, num_feat: int = 64, num_grow: int = 32, seed: int = 0
+) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     in_channels = 3 * {1: 16, 2: 4, 4: 1}[scale]
     shapes = {"conv_first": (num_feat, in_channels)}
     for block in range(num_block):
         for rdb in (1, 2, 3):
             for conv in range(1, 6):
-                shapes[f"body.{block}.rdb{rdb}.conv{conv}"] = (num_grow if conv < 5 else num_feat,
-                                                               num_feat + (conv - 1) * num_grow)
+                shapes[f"body.{block}.rdb{rdb}.conv{conv}"] = (
+                    num_grow if conv < 5 else num_feat,
+                    num_feat + (conv - 1) * num_grow,
+                )
     for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
         shapes[name] = (num_feat, num_feat)
     shapes["conv_last"] = (3, num_feat)

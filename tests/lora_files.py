@@ -17,8 +17,13 @@ def kohya_module(name: str, in_features: int, out_features: int, rank: int, alph
     }
 
 
-def write_lora(path: Path, modules: dict[str, tuple[int, int]], rank: int = 32, alpha: float = 16.0,
-               metadata: dict[str, str] | None = None) -> Path:
+def write_lora(
+    path: Path,
+    modules: dict[str, tuple[int, int]],
+    rank: int = 32,
+    alpha: float = 16.0,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """modules: kohya name -> (in_features, out_features)."""
     tensors = {}
     for name, (in_features, out_features) in modules.items():

@@ -58,7 +58,7 @@ def _draw_roles(rng: np.random.Generator, n_colors: int) -> np.ndarray:
     eye_row, eye_col = top + rng.integers(4, 6), left + 2
     gap = rng.integers(3, 5)
     if has(GLASSES):
-        canvas[eye_row, left : right] = GLASSES
+        canvas[eye_row, left:right] = GLASSES
         canvas[eye_row - 1, eye_col - 1 : eye_col + gap + 2] = GLASSES
     canvas[eye_row, [eye_col, eye_col + gap]] = EYES
     mouth_row, centre = bottom - 3, (left + right) // 2

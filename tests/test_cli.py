@@ -20,7 +20,9 @@ def test_generate_writes_png_sprite_and_json(smoke_env, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = smoke_env | {"PYTHONPATH": str(repo)}
     output = tmp_path / "out" / "punk.png"
-    done = run_cli(["generate", "lad with a red beanie, green background", "--seed", "7", "-o", str(output)], env, tmp_path)
+    done = run_cli(
+        ["generate", "lad with a red beanie, green background", "--seed", "7", "-o", str(output)], env, tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert "SMOKE" in done.stderr  # the fallback is loud
     image = np.asarray(Image.open(output).convert("RGB"))

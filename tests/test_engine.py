@@ -35,7 +35,9 @@ class CountingPipe:
 
 def test_generation_returns_sprite_upscale_palette_and_quality(engine):
     steps_seen = []
-    result = engine.generate(GenerationRequest(PROMPT, seed=7), progress=lambda done, total: steps_seen.append((done, total)))
+    result = engine.generate(
+        GenerationRequest(PROMPT, seed=7), progress=lambda done, total: steps_seen.append((done, total))
+    )
     assert steps_seen == [(1, 2), (2, 2)]
     assert result.prompt.startswith("pixel art, 24x24, portrait of bespoke punk " + PROMPT)
     (image,) = result.images

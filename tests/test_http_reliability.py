@@ -29,8 +29,10 @@ LIMIT_CONCURRENCY = 6
 def served(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     log = tmp_path_factory.mktemp("served") / "server.log"
     env = smoke_env | {
-        "PUNKS_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), "PUNKS_LIMIT_CONCURRENCY": str(LIMIT_CONCURRENCY),
-        "PUNKS_GENERATION_SIZE": "256", "PUNKS_STEPS": "1",
+        "PUNKS_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+        "PUNKS_LIMIT_CONCURRENCY": str(LIMIT_CONCURRENCY),
+        "PUNKS_GENERATION_SIZE": "256",
+        "PUNKS_STEPS": "1",
     }
     with served_process(env, log) as (url, _):
         yield url, log
@@ -214,7 +216,7 @@ def test_unknown_lora_message_names_no_server_path(served: tuple[str, Path], smo
 
 def test_docker_checks_readiness_and_starts_with_the_serve_command():
     dockerfile = (ROOT / "Dockerfile").read_text()
-    healthcheck = dockerfile[dockerfile.index("HEALTHCHECK"):].split("\nCMD")[0]
+    healthcheck = dockerfile[dockerfile.index("HEALTHCHECK") :].split("\nCMD")[0]
     assert "/readyz" in healthcheck and "/healthz" not in healthcheck
     assert re.search(r'^CMD \["python", "-m", "service", "serve"', dockerfile, re.M)
 
@@ -225,7 +227,9 @@ def test_docker_checks_readiness_and_starts_with_the_serve_command():
 def test_sigterm_with_a_full_queue_refuses_the_rest_and_exits_within_the_bound(smoke_env: dict[str, str]):
     shutdown_s, queued = 2.0, 12
     env = smoke_env | {
-        "PUNKS_SHUTDOWN_TIMEOUT_S": str(shutdown_s), "PUNKS_MAX_BATCH_SIZE": "1", "PUNKS_MAX_QUEUE": str(queued),
+        "PUNKS_SHUTDOWN_TIMEOUT_S": str(shutdown_s),
+        "PUNKS_MAX_BATCH_SIZE": "1",
+        "PUNKS_MAX_QUEUE": str(queued),
         "PUNKS_GENERATION_SIZE": "256",
     }
     with served_process(env) as (url, process), ThreadPoolExecutor(queued + 1) as pool:
@@ -278,8 +282,10 @@ def test_docs_routes_are_counted_by_name(served: tuple[str, Path]):
 def test_openapi_marks_the_token_required_only_when_one_is_configured(smoke_settings: Settings):
     def security(app) -> list:
         schema = app.openapi()
-        return [schema["paths"]["/v1/generate"]["post"].get("security"), schema.get("components", {})
-                .get("securitySchemes")]
+        return [
+            schema["paths"]["/v1/generate"]["post"].get("security"),
+            schema.get("components", {}).get("securitySchemes"),
+        ]
 
     assert security(make_app(smoke_settings, lambda: None)) == [None, None]
     with_token = security(make_app(smoke_settings, lambda: None, api_token="s3cret"))

@@ -26,8 +26,13 @@ def test_family_from_shapes_wins_over_missing_metadata(tmp_path):
 
 
 def test_sdxl_lora_is_refused_with_what_it_is_and_what_is_expected(tmp_path):
-    path = write_lora(tmp_path / "sdxl.safetensors", sdxl_modules(), rank=128, alpha=64,
-                      metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    path = write_lora(
+        tmp_path / "sdxl.safetensors",
+        sdxl_modules(),
+        rank=128,
+        alpha=64,
+        metadata={"ss_base_model_version": "sdxl_base_v1-0"},
+    )
     info = inspect_lora(path)
     assert info.family == "sdxl"
     assert info.module_counts == {"unet": 1, "te1": 1, "te2": 1}
@@ -50,8 +55,11 @@ def test_other_rank_is_accepted_with_a_warning(tmp_path):
 
 
 def test_metadata_disagreeing_with_shapes_is_reported(tmp_path):
-    info = inspect_lora(write_lora(tmp_path / "mislabelled.safetensors", sd15_modules(),
-                                   metadata={"ss_base_model_version": "sdxl_base_v1-0"}))
+    info = inspect_lora(
+        write_lora(
+            tmp_path / "mislabelled.safetensors", sd15_modules(), metadata={"ss_base_model_version": "sdxl_base_v1-0"}
+        )
+    )
     assert info.family == "sd1"
     assert any("metadata says SDXL" in w for w in check_sd15_lora(info, expected_rank=32))
 

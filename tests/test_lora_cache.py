@@ -78,8 +78,11 @@ def test_off_by_default_and_malformed_urls_name_the_field(tmp_path: Path):
     with pytest.raises(RequestError, match=r"^lora_url: not enabled on this deployment \(PUNKS_LORA_URL_CACHE_SIZE"):
         off.acquire("https://host/a.safetensors")
     cache, _ = make_cache(tmp_path, 2)
-    for url, message in [("ftp://host/a", "only http(s) and hf:// are supported"), ("https://h/a#sha256=12", "64 hex"),
-                         ("hf://owner/repo", "expected hf://owner/repo/path")]:
+    for url, message in [
+        ("ftp://host/a", "only http(s) and hf:// are supported"),
+        ("https://h/a#sha256=12", "64 hex"),
+        ("hf://owner/repo", "expected hf://owner/repo/path"),
+    ]:
         with pytest.raises(RequestError, match=f"^lora_url: .*{re.escape(message)}") as refused:
             cache.acquire(url)
         assert refused.value.field == "lora_url"
@@ -228,10 +231,13 @@ def test_an_added_lora_is_checked_fused_and_removed(url_engine, tmp_path: Path):
     assert np.array_equal(raw(), default)
 
 
-@pytest.mark.parametrize(("modules", "message"), [
-    (sdxl_modules(), "is a SDXL LoRA"),
-    (sd15_modules(), "but the model's layer is"),  # SD1.5's real widths: not the smoke model's layers
-])
+@pytest.mark.parametrize(
+    ("modules", "message"),
+    [
+        (sdxl_modules(), "is a SDXL LoRA"),
+        (sd15_modules(), "but the model's layer is"),  # SD1.5's real widths: not the smoke model's layers
+    ],
+)
 def test_adding_a_wrong_lora_raises_the_guards_error(url_engine, tmp_path: Path, modules: dict, message: str):
     path = write_lora(tmp_path / "wrong.safetensors", modules)
     with pytest.raises(LoraError, match=message):

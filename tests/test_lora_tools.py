@@ -29,10 +29,14 @@ log = logging.getLogger(__name__)
 def run_meta(rank: int, alpha: float, version: str, folder: str, tags: dict | None = None, **extra) -> dict[str, str]:
     """kohya metadata of one run; the captions live in `folder` (the runs copied them to different folders)."""
     return kohya_metadata(
-        rank, alpha, version,
+        rank,
+        alpha,
+        version,
         ss_tag_frequency=json.dumps({folder: tags or TAGS}),
         ss_dataset_dirs=json.dumps({folder: {"n_repeats": 10, "img_count": 203}}),
-        ss_learning_rate="0.0001", ss_session_id=str(rank), **extra,
+        ss_learning_rate="0.0001",
+        ss_session_id=str(rank),
+        **extra,
     )
 
 
@@ -41,12 +45,27 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     """The training analysis's three runs: same captions, dim 32 / 64 (SD1.5) and dim 128 (SDXL)."""
     folder = tmp_path_factory.mktemp("runs")
     return {
-        "dim32": write_lora(folder / "bespoke_punks_SD15_PERFECT.safetensors", sd15_full_modules(), 32, 16,
-                            run_meta(32, 16, "sd_v1", "10_civitai_v2_7_training")),
-        "dim64": write_lora(folder / "bespoke_baby_sd15-000009.safetensors", sd15_full_modules(), 64, 32,
-                            run_meta(64, 32, "sd_v1", "10_sd15_training_512", ss_epoch="9")),
-        "dim128": write_lora(folder / "bespoke_baby_sdxl-000004.safetensors", sdxl_full_unet_sample(), 128, 64,
-                             run_meta(128, 64, "sdxl_base_v1-0", "10_training_data", ss_resolution="(1024, 1024)")),
+        "dim32": write_lora(
+            folder / "bespoke_punks_SD15_PERFECT.safetensors",
+            sd15_full_modules(),
+            32,
+            16,
+            run_meta(32, 16, "sd_v1", "10_civitai_v2_7_training"),
+        ),
+        "dim64": write_lora(
+            folder / "bespoke_baby_sd15-000009.safetensors",
+            sd15_full_modules(),
+            64,
+            32,
+            run_meta(64, 32, "sd_v1", "10_sd15_training_512", ss_epoch="9"),
+        ),
+        "dim128": write_lora(
+            folder / "bespoke_baby_sdxl-000004.safetensors",
+            sdxl_full_unet_sample(),
+            128,
+            64,
+            run_meta(128, 64, "sdxl_base_v1-0", "10_training_data", ss_resolution="(1024, 1024)"),
+        ),
     }
 
 
@@ -54,8 +73,14 @@ def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: int = 3
     env = (env or {}) | {"PYTHONPATH": str(REPO)}
     import os
 
-    return subprocess.run([sys.executable, "-m", "service", *args], env=os.environ | env, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        env=os.environ | env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # --- the SD1.5 layout and the expected size ----------------------------------------------------------
@@ -77,7 +102,9 @@ def test_sd15_layout_is_kohyas_module_list_of_the_real_sd15():
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG_DIR / "text_encoder"))
     targets = kohya_targets(SimpleNamespace(unet=unet, text_encoder=text_encoder))
     assert {name: (m.weight.shape[1], m.weight.shape[0]) for name, m in targets.items()} == sd15_modules()
-    assert sum(n.startswith("lora_unet_") for n in targets) == 192 and sum(n.startswith("lora_te_") for n in targets) == 72
+    assert (
+        sum(n.startswith("lora_unet_") for n in targets) == 192 and sum(n.startswith("lora_te_") for n in targets) == 72
+    )
     assert round(sd15_lora_bytes(32) / 2**20) == 36 and round(sd15_lora_bytes(64) / 2**20) == 72
 
 
@@ -133,8 +160,12 @@ def test_inspect_without_metadata_says_unknown(tmp_path):
 
 def test_diffusers_and_peft_layouts_are_read_but_not_served(tmp_path):
     peft = {
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": np.zeros((16, 768), np.float32),
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": np.zeros((320, 16), np.float32),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": np.zeros(
+            (16, 768), np.float32
+        ),
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight": np.zeros(
+            (320, 16), np.float32
+        ),
         "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora.down.weight": np.zeros((16, 768), np.float32),
         "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora.up.weight": np.zeros((3072, 16), np.float32),
         "text_encoder.text_model.encoder.layers.0.mlp.fc1.alpha": np.array(8.0, np.float32),
@@ -153,9 +184,14 @@ def test_bf16_alpha_is_read_without_torch(tmp_path):
     import torch
     from safetensors.torch import save_file as save_torch
 
-    save_torch({"lora_te_x.lora_down.weight": torch.zeros(4, 768, dtype=torch.bfloat16),
-                "lora_te_x.lora_up.weight": torch.zeros(768, 4, dtype=torch.bfloat16),
-                "lora_te_x.alpha": torch.tensor(2.5, dtype=torch.bfloat16)}, str(tmp_path / "bf16.safetensors"))
+    save_torch(
+        {
+            "lora_te_x.lora_down.weight": torch.zeros(4, 768, dtype=torch.bfloat16),
+            "lora_te_x.lora_up.weight": torch.zeros(768, 4, dtype=torch.bfloat16),
+            "lora_te_x.alpha": torch.tensor(2.5, dtype=torch.bfloat16),
+        },
+        str(tmp_path / "bf16.safetensors"),
+    )
     assert inspect_lora(tmp_path / "bf16.safetensors").modules["lora_te_x"].alpha == 2.5
 
 
@@ -216,12 +252,18 @@ def test_diff_of_the_three_runs(runs):
 
 
 def test_diff_with_different_and_missing_captions(tmp_path, runs, capsys):
-    other = write_lora(tmp_path / "recaptioned.safetensors", small_sd15(),
-                       metadata=run_meta(32, 16, "sd_v1", "10_civitai_v2_7_training", tags=TAGS | {"pixel art": 150}))
+    other = write_lora(
+        tmp_path / "recaptioned.safetensors",
+        small_sd15(),
+        metadata=run_meta(32, 16, "sd_v1", "10_civitai_v2_7_training", tags=TAGS | {"pixel art": 150}),
+    )
     bare = write_lora(tmp_path / "bare.safetensors", small_sd15())
     assert lora_report.diff([runs["dim32"], other])["training_data"]["captions"] == "different"
     assert lora_report.diff([runs["dim32"], bare])["training_data"] == {
-        "captions": "unknown", "dataset_dirs": "unknown", "images": "unknown"}
+        "captions": "unknown",
+        "dataset_dirs": "unknown",
+        "images": "unknown",
+    }
     assert lora_report.diff([runs["dim32"], other, bare])["training_data"]["captions"] == "different"
     done = run_cli(["lora", "diff", str(runs["dim32"]), str(other), "--json"])
     assert done.returncode == 0, done.stderr
@@ -279,7 +321,9 @@ def other_lora(tmp_path_factory) -> Path:
     from devtools.smoke import build_smoke_pipeline
 
     path = tmp_path_factory.mktemp("loras") / "other.safetensors"
-    save_torch(random_kohya_lora(build_smoke_pipeline(), seed=1), str(path), metadata=kohya_metadata(32, 16, ss_epoch="9"))
+    save_torch(
+        random_kohya_lora(build_smoke_pipeline(), seed=1), str(path), metadata=kohya_metadata(32, 16, ss_epoch="9")
+    )
     return path
 
 
@@ -288,8 +332,22 @@ def test_evaluate_two_checkpoints_writes_sheet_and_ranking(smoke_env, smoke_dir,
     prompts.write_text("# two prompts\nlad, green background (#4e8f3a)\nlass with a red beanie, pink background\n")
     out = tmp_path / "eval"
     checkpoints = [smoke_dir / "bespoke_punks.safetensors", other_lora]
-    done = run_cli(["evaluate", "--loras", *map(str, checkpoints), "--prompts", str(prompts), "--seeds", "3",
-                    "--steps", "1", "--out", str(out)], smoke_env | {"PUNKS_WARMUP": "false"})
+    done = run_cli(
+        [
+            "evaluate",
+            "--loras",
+            *map(str, checkpoints),
+            "--prompts",
+            str(prompts),
+            "--seeds",
+            "3",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        smoke_env | {"PUNKS_WARMUP": "false"},
+    )
     assert done.returncode == 0, done.stderr
     assert "evaluating" in done.stderr and "SMOKE" in done.stderr  # tqdm bar, and the loud smoke warning
     ranking = json.loads((out / "ranking.json").read_text())
@@ -351,7 +409,9 @@ def test_mixed_batch_is_grouped_by_lora(switching_engine, monkeypatch):
     engine._use_lora("other")
     calls = []
     run = engine._run_pipeline
-    monkeypatch.setattr(engine, "_run_pipeline", lambda group, *args: calls.append([j.lora for j in group]) or run(group, *args))
+    monkeypatch.setattr(
+        engine, "_run_pipeline", lambda group, *args: calls.append([j.lora for j in group]) or run(group, *args)
+    )
     requests = [GenerationRequest(PROMPT, seed=5, steps=1, lora=lora) for lora in (None, "other", None)]
     results = engine.generate_batch(requests)
     assert calls == [["other"], [None, None]]  # one pipeline call per LoRA, the active one first: one switch
@@ -413,6 +473,9 @@ def test_switch_cost_is_measured(switching_engine):
         started = time.perf_counter()
         engine._use_lora(name)
         costs.append(time.perf_counter() - started)
-    log.warning("LoRA switch on the CPU smoke model: %s s; base copy %.1f MB",
-                ", ".join(f"{c:.3f}" for c in costs), engine.switcher.base_bytes / 1e6)
+    log.warning(
+        "LoRA switch on the CPU smoke model: %s s; base copy %.1f MB",
+        ", ".join(f"{c:.3f}" for c in costs),
+        engine.switcher.base_bytes / 1e6,
+    )
     assert all(c > 0 for c in costs) and engine._active_lora() == engine.weights.lora

@@ -160,8 +160,10 @@ def test_incremental_merge_equals_the_full_recompute(colours):
     for trial in range(400):
         n = int(rng.integers(0, 60))
         counts = rng.integers(1, 5, n)
-        members = [rng.uniform(0, 255, (m, 3)) if colours == "continuous" else rng.integers(0, 7, (m, 3)) * 40.0
-                   for m in counts]
+        members = [
+            rng.uniform(0, 255, (m, 3)) if colours == "continuous" else rng.integers(0, 7, (m, 3)) * 40.0
+            for m in counts
+        ]
         sums = np.array([m.sum(axis=0) for m in members]).reshape(n, 3)
         limit = [n, 1, 3, 8][trial % 4]
         expected = merge_by_full_recompute(sums, counts.astype(float), limit)

@@ -79,8 +79,15 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
 class CogServer:
     """`python -m cog.server.http` (coglet), as `cog build` images start it, on a loopback port."""
 
-    def __init__(self, name: str, env: dict[str, str], cwd: Path, log_dir: Path, runner_ref: str = "predict.py:Runner",
-                 args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        cwd: Path,
+        log_dir: Path,
+        runner_ref: str = "predict.py:Runner",
+        args: tuple[str, ...] = (),
+    ):
         self.port = free_port()
         self.log = log_dir / f"cog-{name}.log"
         tmp = log_dir / f"tmp-{name}"
@@ -89,11 +96,16 @@ class CogServer:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *args],
                 cwd=cwd,
-                env=env | {"COG_PREDICT_TYPE_STUB": runner_ref, "PORT": str(self.port), "PYTHONUNBUFFERED": "1",
-                           "COG_MAX_CONCURRENCY": str(COG_MAX_CONCURRENCY),  # what cog build bakes into the image
-                           "TMPDIR": str(tmp),  # the runner's output files
-                           # coglet starts its worker as `python` from PATH: it must be this venv's python
-                           "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])},
+                env=env
+                | {
+                    "COG_PREDICT_TYPE_STUB": runner_ref,
+                    "PORT": str(self.port),
+                    "PYTHONUNBUFFERED": "1",
+                    "COG_MAX_CONCURRENCY": str(COG_MAX_CONCURRENCY),  # what cog build bakes into the image
+                    "TMPDIR": str(tmp),  # the runner's output files
+                    # coglet starts its worker as `python` from PATH: it must be this venv's python
+                    "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+                },
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: coglet's worker subprocess is stopped with it
@@ -178,7 +190,8 @@ def cog_servers(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
         ),
         "no_weights": CogServer(
             "no-weights",
-            smoke_env | {"PUNKS_ALLOW_SMOKE_MODEL": "false", "PUNKS_WEIGHTS_DIR": str(tmp_path_factory.mktemp("empty"))},
+            smoke_env
+            | {"PUNKS_ALLOW_SMOKE_MODEL": "false", "PUNKS_WEIGHTS_DIR": str(tmp_path_factory.mktemp("empty"))},
             ROOT,
             logs,
         ),
@@ -240,7 +253,10 @@ def test_input_bounds_are_the_shared_ones(schema: dict):
     files = {"type": "array", "items": {"type": "string", "format": "uri"}}
     assert output["type"] == "object" and output["required"] == ["images", "seeds"]
     assert {name: {k: v for k, v in prop.items() if k in files} for name, prop in output["properties"].items()} == {
-        "images": files, "sprites": files, "smooth": files, "seeds": {"type": "array", "items": {"type": "integer"}}
+        "images": files,
+        "sprites": files,
+        "smooth": files,
+        "seeds": {"type": "array", "items": {"type": "integer"}},
     }
 
 
@@ -254,12 +270,16 @@ def requirement_lines(path: Path) -> list[str]:
 def test_serves_the_committed_schema(server: CogServer):
     status, served = server.request("GET", "/openapi.json")
     assert status == 200
-    assert served["components"]["schemas"]["Input"] == json.loads(SCHEMA_PATH.read_text())["components"]["schemas"]["Input"]
+    assert (
+        served["components"]["schemas"]["Input"]
+        == json.loads(SCHEMA_PATH.read_text())["components"]["schemas"]["Input"]
+    )
 
 
 def test_prediction_returns_1024_images_of_flat_cells_then_sprites(server: CogServer):
-    status, body = server.predict(prompt="lad with a red beanie, green background", seed=7, num_outputs=2,
-                                  steps=2, return_sprites=True)
+    status, body = server.predict(
+        prompt="lad with a red beanie, green background", seed=7, num_outputs=2, steps=2, return_sprites=True
+    )
     assert status == 200 and body["status"] == "succeeded", body.get("error") or body
     output = body["output"]
     assert len(output["images"]) == len(output["sprites"]) == 2 and output["seeds"] == [7, 8]
@@ -281,10 +301,13 @@ def test_prediction_returns_1024_images_of_flat_cells_then_sprites(server: CogSe
 
 
 def test_webp_and_integer_scale(server: CogServer):
-    status, body = server.predict(prompt="a punk", seed=3, steps=1, output_format="webp", output_size=512,
-                                  integer_scale=True, return_sprites=True)
+    status, body = server.predict(
+        prompt="a punk", seed=3, steps=1, output_format="webp", output_size=512, integer_scale=True, return_sprites=True
+    )
     assert status == 200 and body["status"] == "succeeded", body.get("error") or body
-    (mime, image_data), (sprite_mime, sprite_data) = [decode_data_url(body["output"][key][0]) for key in ("images", "sprites")]
+    (mime, image_data), (sprite_mime, sprite_data) = [
+        decode_data_url(body["output"][key][0]) for key in ("images", "sprites")
+    ]
     assert mime == sprite_mime == "image/webp"
     image, sprite = Image.open(io.BytesIO(image_data)), Image.open(io.BytesIO(sprite_data))
     assert image.format == "WEBP" and image.size == (504, 504)  # 21 px cells: floor(512 / 24)
@@ -307,9 +330,26 @@ def test_same_request_gives_the_same_bytes_from_the_cli_the_http_api_and_cog(
     (http_image,) = response.json()["images"]
 
     cli = subprocess.run(
-        [sys.executable, "-m", "service", "generate", inputs["prompt"], "--seed", "9", "--steps", "2",
-         "--output-size", "480", "-o", str(tmp_path / "punk.png")],
-        env=smoke_env | {"PYTHONPATH": str(ROOT)}, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "generate",
+            inputs["prompt"],
+            "--seed",
+            "9",
+            "--steps",
+            "2",
+            "--output-size",
+            "480",
+            "-o",
+            str(tmp_path / "punk.png"),
+        ],
+        env=smoke_env | {"PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert cli.returncode == 0, cli.stderr
 
@@ -339,13 +379,16 @@ def test_concurrency_is_declared():
 def post_together(server: CogServer, bodies: list[tuple[str, dict]]) -> list[tuple[int, dict]]:
     """PUT /predictions/<id> for each (id, input) at once, each on its own thread, synchronously; no retry on 409."""
     with ThreadPoolExecutor(len(bodies)) as pool:
-        futures = [pool.submit(server.request, "PUT", f"/predictions/{id_}", {"input": inputs}) for id_, inputs in bodies]
+        futures = [
+            pool.submit(server.request, "PUT", f"/predictions/{id_}", {"input": inputs}) for id_, inputs in bodies
+        ]
         return [future.result() for future in futures]
 
 
 def test_concurrent_predictions_all_succeed_in_shared_batches(server: CogServer):
-    answers = post_together(server, [(f"together-{seed}", {"prompt": "a punk", "seed": seed, "steps": 2})
-                                     for seed in range(6)])
+    answers = post_together(
+        server, [(f"together-{seed}", {"prompt": "a punk", "seed": seed, "steps": 2}) for seed in range(6)]
+    )
     assert [status for status, _ in answers] == [200] * 6, answers  # no 409: six slots, one GPU batcher
     assert all(body["status"] == "succeeded" for _, body in answers), [body.get("error") for _, body in answers]
     assert [body["output"]["seeds"] for _, body in answers] == [[seed] for seed in range(6)]
@@ -355,8 +398,12 @@ def test_concurrent_predictions_all_succeed_in_shared_batches(server: CogServer)
 
 def test_a_cancelled_queued_prediction_is_never_rendered(server: CogServer):
     with ThreadPoolExecutor(2) as pool:
-        busy = pool.submit(server.request, "PUT", "/predictions/busy",
-                           {"input": {"prompt": "a punk", "seed": 1, "steps": 20, "num_outputs": 4}})
+        busy = pool.submit(
+            server.request,
+            "PUT",
+            "/predictions/busy",
+            {"input": {"prompt": "a punk", "seed": 1, "steps": 20, "num_outputs": 4}},
+        )
         time.sleep(2)  # the busy batch is on the GPU thread now
         queued = pool.submit(server.request, "PUT", "/predictions/queued", {"input": {"prompt": "a punk", "seed": 2}})
         time.sleep(1)
@@ -485,8 +532,11 @@ def lora_urls(http_files) -> tuple[str, Path, list[str]]:
     from tests.lora_files import sd15_modules, sdxl_modules, write_lora
 
     base, folder, requests = http_files
-    save_file(random_kohya_lora(build_smoke_pipeline(), seed=3), str(folder / "good.safetensors"),
-              metadata=kohya_metadata(32, 16))
+    save_file(
+        random_kohya_lora(build_smoke_pipeline(), seed=3),
+        str(folder / "good.safetensors"),
+        metadata=kohya_metadata(32, 16),
+    )
     write_lora(folder / "sdxl.safetensors", sdxl_modules())
     write_lora(folder / "real-sd15.safetensors", sd15_modules())
     return base, folder, requests
@@ -503,8 +553,9 @@ def guard_message(path: Path) -> str:
     return str(refused.value).replace(str(path), "")
 
 
-@pytest.mark.parametrize(("name", "what"), [("sdxl.safetensors", "is a SDXL LoRA"),
-                                            ("real-sd15.safetensors", "but the model's layer is")])
+@pytest.mark.parametrize(
+    ("name", "what"), [("sdxl.safetensors", "is a SDXL LoRA"), ("real-sd15.safetensors", "but the model's layer is")]
+)
 def test_lora_url_to_a_wrong_file_fails_with_the_guards_message(server: CogServer, lora_urls, name: str, what: str):
     base, folder, _ = lora_urls
     status, body = server.predict(prompt="a punk", steps=1, lora_url=f"{base}/{name}?sig=secret")
@@ -546,8 +597,6 @@ def test_lora_url_is_refused_where_the_cache_is_off(cog_servers, lora_urls):
     status, body = server.predict(prompt="a punk", lora_url=f"{lora_urls[0]}/good.safetensors")
     assert status == 200 and body["status"] == "failed"
     assert "lora_url: not enabled on this deployment (PUNKS_LORA_URL_CACHE_SIZE is 0)" in body["error"]
-
-
 
 
 # --- weights download (service/fetch.py) against a local http.server --------------------------------------
@@ -679,13 +728,28 @@ def test_setup_downloads_the_weights_then_run_writes_images_then_sprites(
     import predict
 
     base, _, _ = http_files
-    sources = [p for p in smoke_dir.rglob("*") if p.is_file() and p.relative_to(smoke_dir).parts[0] != "v1-5-smoke.safetensors"]
-    urls = ",".join(f"{p.relative_to(smoke_dir)}={base}/smoke/{p.relative_to(smoke_dir)}#sha256={sha256(p)}" for p in sources)
+    sources = [
+        p for p in smoke_dir.rglob("*") if p.is_file() and p.relative_to(smoke_dir).parts[0] != "v1-5-smoke.safetensors"
+    ]
+    urls = ",".join(
+        f"{p.relative_to(smoke_dir)}={base}/smoke/{p.relative_to(smoke_dir)}#sha256={sha256(p)}" for p in sources
+    )
     runner_env(monkeypatch, tmp_path / "weights", urls)
     monkeypatch.setattr(predict, "KEPT_OUTPUT_FOLDERS", 1)
     runner = predict.Runner()
-    inputs = {"prompt": "a punk", "seed": 5, "num_outputs": 2, "steps": 1, "guidance": 7.5, "output_size": 1024,
-              "integer_scale": False, "return_sprites": True, "output_format": "png", "lora": "", "lora_url": ""}
+    inputs = {
+        "prompt": "a punk",
+        "seed": 5,
+        "num_outputs": 2,
+        "steps": 1,
+        "guidance": 7.5,
+        "output_size": 1024,
+        "integer_scale": False,
+        "return_sprites": True,
+        "output_format": "png",
+        "lora": "",
+        "lora_url": "",
+    }
 
     async def setup_then_run_twice():  # as coglet does: setup and every run on one event loop
         await runner.setup()
@@ -697,7 +761,10 @@ def test_setup_downloads_the_weights_then_run_writes_images_then_sprites(
     assert not runner.engine.is_smoke  # loaded the downloaded files as real weights
     assert runner.engine.weights.base_model == tmp_path / "weights" / "stable-diffusion-v1-5"
     assert [Path(p).name for p in output.images + output.sprites] == [
-        "punk-1.png", "punk-2.png", "punk-1.sprite.png", "punk-2.sprite.png"
+        "punk-1.png",
+        "punk-2.png",
+        "punk-1.sprite.png",
+        "punk-2.sprite.png",
     ]
     assert sizes == [(1024, 1024)] * 2 + [(GRID, GRID)] * 2
     assert output.seeds == [5, 6] and output.smooth is None and again.sprites is None

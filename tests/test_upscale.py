@@ -19,7 +19,8 @@ from tests.conftest import TEST_STEPS
 from tests.esrgan_files import save_realesrgan
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("spandrel") is None, reason="optional extra: pip install --no-deps -r requirements-upscale.txt"
+    importlib.util.find_spec("spandrel") is None,
+    reason="optional extra: pip install --no-deps -r requirements-upscale.txt",
 )
 
 

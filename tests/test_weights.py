@@ -59,7 +59,7 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
         cut = type(self).cut_after.pop(self.path, None)
-        self.wfile.write(data[start:] if cut is None else data[start:start + cut])
+        self.wfile.write(data[start:] if cut is None else data[start : start + cut])
         self.close_connection = cut is not None
 
     def log_message(self, *args):
@@ -82,27 +82,52 @@ def served(tmp_path_factory):
 
 # The file names of the real repo (diffusers layout), including everything `weights download` must leave out.
 HUB_FILES = [
-    "model_index.json", "README.md", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly.fp16.safetensors",
-    "v1-5-pruned.ckpt", "feature_extractor/preprocessor_config.json", "safety_checker/config.json",
-    "safety_checker/model.fp16.safetensors", "safety_checker/model.safetensors", "scheduler/scheduler_config.json",
-    "text_encoder/config.json", "text_encoder/model.fp16.safetensors", "text_encoder/model.safetensors",
-    "text_encoder/pytorch_model.bin", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
-    "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "unet/config.json",
-    "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.safetensors",
-    "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.safetensors",
-    "unet/diffusion_pytorch_model.fp16.bin", "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
-    "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin",
+    "model_index.json",
+    "README.md",
+    "v1-5-pruned-emaonly.safetensors",
+    "v1-5-pruned-emaonly.fp16.safetensors",
+    "v1-5-pruned.ckpt",
+    "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json",
+    "safety_checker/model.fp16.safetensors",
+    "safety_checker/model.safetensors",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/model.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.bin",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
+    "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.bin",
 ]
 
 
 def test_patterns_take_only_configs_tokenizer_and_the_fp16_safetensors():
     chosen = set(filter_repo_objects(HUB_FILES, allow_patterns=list(SD15_PATTERNS)))  # the hub client's own matcher
     assert chosen == {
-        "model_index.json", "scheduler/scheduler_config.json", "tokenizer/merges.txt",
-        "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
-        "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
-        "text_encoder/config.json", "text_encoder/model.fp16.safetensors",
-        "vae/config.json", "vae/diffusion_pytorch_model.fp16.safetensors",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/model.fp16.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
     }
 
 
@@ -113,8 +138,12 @@ def hub_repo(tmp_path_factory) -> Path:
     pipe = build_smoke_pipeline()
     pipe.save_pretrained(folder)
     pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
-    for extra in ("v1-5-pruned-emaonly.fp16.safetensors", "safety_checker/model.fp16.safetensors",
-                  "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.fp16.bin"):
+    for extra in (
+        "v1-5-pruned-emaonly.fp16.safetensors",
+        "safety_checker/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "unet/diffusion_pytorch_model.fp16.bin",
+    ):
         (folder / extra).parent.mkdir(exist_ok=True)
         (folder / extra).write_bytes(b"must not be downloaded")
     return folder
@@ -128,8 +157,15 @@ def fake_hub(hub_repo: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     calls: list[dict] = []
 
     def snapshot_download(repo_id, *, revision=None, allow_patterns=None, local_dir=None, **rest):
-        calls.append({"repo_id": repo_id, "revision": revision, "allow_patterns": allow_patterns,
-                      "local_dir": Path(local_dir), **rest})
+        calls.append(
+            {
+                "repo_id": repo_id,
+                "revision": revision,
+                "allow_patterns": allow_patterns,
+                "local_dir": Path(local_dir),
+                **rest,
+            }
+        )
         files = [str(f.relative_to(hub_repo)) for f in hub_repo.rglob("*") if f.is_file()]
         for name in filter_repo_objects(files, allow_patterns=allow_patterns):
             (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
@@ -156,8 +192,11 @@ def test_download_fetches_the_fp16_folder_which_loads_with_the_fp16_variant(fake
     (call,) = fake_hub
     assert call["repo_id"] == REPO and call["local_dir"] == folder and call["allow_patterns"] == list(SD15_PATTERNS)
     weights = sorted(str(f.relative_to(folder)) for f in folder.rglob("*.safetensors"))
-    assert weights == ["text_encoder/model.fp16.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-                       "vae/diffusion_pytorch_model.fp16.safetensors"]
+    assert weights == [
+        "text_encoder/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
     assert folder_variant(folder) == "fp16"
     pipe = load_base_pipeline(folder, folder, torch.float32)  # diffusers needs variant="fp16" for such a folder
     assert pipe.unet.dtype == torch.float32
@@ -179,7 +218,9 @@ def test_lora_and_upscaler_from_urls_and_hub_paths_with_checksums(fake_hub, serv
     lora_url = f"{base}/punks.safetensors?sig=secret#sha256={sha256(b'lora bytes')}"
     settings = Settings(weights_dir=tmp_path, lora_url=lora_url)
     hub_bytes = b"owner/esrgan@v1:models/x2.pth"
-    entries = download(settings, base=False, realesrgan=f"hf://owner/esrgan@v1/models/x2.pth#sha256={sha256(hub_bytes)}")
+    entries = download(
+        settings, base=False, realesrgan=f"hf://owner/esrgan@v1/models/x2.pth#sha256={sha256(hub_bytes)}"
+    )
     assert (tmp_path / "bespoke_punks.safetensors").read_bytes() == b"lora bytes"
     assert (tmp_path / "RealESRGAN_x2plus.pth").read_bytes() == hub_bytes
     assert fake_hub == [{"repo_id": "owner/esrgan", "filename": "models/x2.pth", "revision": "v1"}]
@@ -240,12 +281,15 @@ def test_a_partial_file_longer_than_the_download_starts_over(served, tmp_path: P
     assert handler.seen[-2:] == [("/short.bin", "bytes=25-"), ("/short.bin", None)]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("ftp://h/x", "expected an https:// URL or hf://"),
-    ("hf://owner/repo", "expected hf://owner/repo/path/to/file"),
-    ("https://h/x#sha256=12", "64 hex digits"),
-    ("https://h/x?sig=secret#md5=" + "a" * 32, "expected #sha256="),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("ftp://h/x", "expected an https:// URL or hf://"),
+        ("hf://owner/repo", "expected hf://owner/repo/path/to/file"),
+        ("https://h/x#sha256=12", "64 hex digits"),
+        ("https://h/x?sig=secret#md5=" + "a" * 32, "expected #sha256="),
+    ],
+)
 def test_bad_sources_are_refused_before_downloading(text: str, message: str):
     with pytest.raises(ValueError, match=message) as error:
         Source.parse(text)
@@ -255,10 +299,14 @@ def test_bad_sources_are_refused_before_downloading(text: str, message: str):
 def test_weights_urls_take_the_same_sources_as_weights_download():
     """PUNKS_WEIGHTS_URLS (Cog's setup) parses each source with Source.parse: hub paths too."""
     digest = "cd" * 32
-    files = parse_spec(f"bespoke_punks.safetensors=hf://owner/punks@v1/loras/punks.safetensors#sha256={digest} "
-                       "sd/v1-5.safetensors=hf://owner/sd15/v1-5.safetensors")
-    assert files == [WeightFile("bespoke_punks.safetensors", "hf://owner/punks@v1/loras/punks.safetensors", digest),
-                     WeightFile("sd/v1-5.safetensors", "hf://owner/sd15/v1-5.safetensors")]
+    files = parse_spec(
+        f"bespoke_punks.safetensors=hf://owner/punks@v1/loras/punks.safetensors#sha256={digest} "
+        "sd/v1-5.safetensors=hf://owner/sd15/v1-5.safetensors"
+    )
+    assert files == [
+        WeightFile("bespoke_punks.safetensors", "hf://owner/punks@v1/loras/punks.safetensors", digest),
+        WeightFile("sd/v1-5.safetensors", "hf://owner/sd15/v1-5.safetensors"),
+    ]
     assert files[0].source == Source.parse(f"hf://owner/punks@v1/loras/punks.safetensors#sha256={digest}")
     assert files[0].source.hub_file() == HubFile("owner/punks", "v1", "loras/punks.safetensors")
     assert files[1].source.hub_file() == HubFile("owner/sd15", None, "v1-5.safetensors")

@@ -14,8 +14,11 @@ class Metrics:
             "punks_http_requests", "HTTP requests answered.", ["method", "route", "status"], registry=self.registry
         )
         self.latency = Histogram(
-            "punks_http_request_duration_seconds", "Time to answer an HTTP request.", ["method", "route"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "punks_http_request_duration_seconds",
+            "Time to answer an HTTP request.",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.batch_images = Histogram(
             "punks_batch_images", "Images generated per engine call.", buckets=BATCH_BUCKETS, registry=self.registry
@@ -25,11 +28,15 @@ class Metrics:
             "punks_generation_failures", "Engine calls (render or finish) that raised.", registry=self.registry
         )
         self.unrendered = Counter(
-            "punks_unrendered_requests", "Requests that left the queue before their batch started, so were never "
-            "rendered: reason client_gone (the client hung up) or other (timeout, shutdown).", ["reason"],
+            "punks_unrendered_requests",
+            "Requests that left the queue before their batch started, so were never "
+            "rendered: reason client_gone (the client hung up) or other (timeout, shutdown).",
+            ["reason"],
             registry=self.registry,
         )
         self.disconnects = Counter(
-            "punks_client_disconnects", "Generation requests whose client hung up before the answer (counted as "
-            "status 499 in punks_http_requests).", registry=self.registry,
+            "punks_client_disconnects",
+            "Generation requests whose client hung up before the answer (counted as "
+            "status 499 in punks_http_requests).",
+            registry=self.registry,
         )

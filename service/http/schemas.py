@@ -31,17 +31,21 @@ class GenerateRequest(BaseModel):
         description="Classifier-free guidance (default: PUNKS_GUIDANCE).",
     )
     output_size: int | None = Field(
-        None, ge=config.MIN_OUTPUT_SIZE, le=config.MAX_OUTPUT_SIZE,
+        None,
+        ge=config.MIN_OUTPUT_SIZE,
+        le=config.MAX_OUTPUT_SIZE,
         description="Side of each delivered image in px (default: PUNKS_OUTPUT_SIZE, 1024).",
     )
     integer_scale: bool | None = Field(
-        None, description="Cells of exactly floor(output_size / 24) px; the image is then a little smaller "
+        None,
+        description="Cells of exactly floor(output_size / 24) px; the image is then a little smaller "
         "(1008 px for 1024). Default: PUNKS_INTEGER_SCALE.",
     )
     output_format: OutputFormat = Field("png", description="Encoding of the returned images (WebP is lossless).")
     return_sprites: bool = Field(False, description="Also return each grid x grid sprite.")
     lora: str | None = Field(
-        None, max_length=200,
+        None,
+        max_length=200,
         description="A LoRA name from GET /v1/loras (files in PUNKS_LORAS_DIR); default: the served one.",
     )
     upscaler: config.UpscalerName | None = Field(

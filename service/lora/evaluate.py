@@ -37,13 +37,33 @@ MIN_SATURATION = 0.2  # below: achromatic (black/grey/white), compared by bright
 VALUE_TOLERANCE = 0.25
 TILE, GAP, LABEL_WIDTH, HEADER_HEIGHT = 144, 6, 240, 48  # contact sheet layout (144 = 24 cells x 6 px)
 COLOURS = {
-    "black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128), "gray": (128, 128, 128),
-    "silver": (192, 192, 192), "red": (210, 40, 40), "maroon": (128, 0, 0), "brick": (192, 97, 72),
-    "orange": (245, 140, 30), "yellow": (240, 210, 60), "gold": (212, 175, 55), "green": (60, 160, 60),
-    "lime": (50, 205, 50), "olive": (128, 128, 0), "teal": (0, 128, 128), "cyan": (0, 200, 220),
-    "turquoise": (64, 224, 208), "blue": (50, 100, 210), "navy": (20, 30, 110), "purple": (130, 60, 170),
-    "violet": (140, 80, 200), "magenta": (220, 0, 220), "pink": (245, 160, 190), "brown": (120, 72, 40),
-    "beige": (225, 205, 170), "tan": (210, 180, 140), "cream": (250, 240, 210),
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "grey": (128, 128, 128),
+    "gray": (128, 128, 128),
+    "silver": (192, 192, 192),
+    "red": (210, 40, 40),
+    "maroon": (128, 0, 0),
+    "brick": (192, 97, 72),
+    "orange": (245, 140, 30),
+    "yellow": (240, 210, 60),
+    "gold": (212, 175, 55),
+    "green": (60, 160, 60),
+    "lime": (50, 205, 50),
+    "olive": (128, 128, 0),
+    "teal": (0, 128, 128),
+    "cyan": (0, 200, 220),
+    "turquoise": (64, 224, 208),
+    "blue": (50, 100, 210),
+    "navy": (20, 30, 110),
+    "purple": (130, 60, 170),
+    "violet": (140, 80, 200),
+    "magenta": (220, 0, 220),
+    "pink": (245, 160, 190),
+    "brown": (120, 72, 40),
+    "beige": (225, 205, 170),
+    "tan": (210, 180, 140),
+    "cream": (250, 240, 210),
 }
 BACKGROUND = re.compile(r"((?:[a-z]+[ -]){0,3})background\b(?:\s*\(\s*(#[0-9a-f]{6})\s*\))?", re.IGNORECASE)
 
@@ -73,8 +93,11 @@ class CheckpointScore:
     def summary(self) -> dict:
         backgrounds = [i.background for i in self.images if i.background is not None]
         return {
-            "name": self.name, "file": self.file, "score": round(self.score, 4),
-            "pixel_art": sum(i.quality.is_pixel_art for i in self.images), "images": len(self.images),
+            "name": self.name,
+            "file": self.file,
+            "score": round(self.score, 4),
+            "pixel_art": sum(i.quality.is_pixel_art for i in self.images),
+            "images": len(self.images),
             "grid_fit": round(mean(i.quality.grid_fit for i in self.images), 4),
             "edge_alignment": round(mean(i.quality.edge_alignment for i in self.images), 4),
             "palette_size_median": median(i.quality.palette_size for i in self.images),
@@ -87,7 +110,9 @@ class CheckpointScore:
 
 
 def load_prompts(path: Path = PROMPTS_FILE) -> list[str]:
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    prompts = [
+        line.strip() for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not prompts:
         raise ValueError(f"prompts: {path} has no prompts")
     return prompts
@@ -124,8 +149,11 @@ def background_adherence(sprite: Image.Image, target: tuple[int, int, int]) -> f
 def image_score(quality: QualitySignals, background: float | None) -> float:
     palette = float(np.clip((MAX_PALETTE_SIZE - quality.palette_size) / (MAX_PALETTE_SIZE - GOOD_PALETTE), 0, 1))
     parts = {
-        "is_pixel_art": float(quality.is_pixel_art), "grid_fit": quality.grid_fit,
-        "edge_alignment": quality.edge_alignment, "palette": palette, "background": background,
+        "is_pixel_art": float(quality.is_pixel_art),
+        "grid_fit": quality.grid_fit,
+        "edge_alignment": quality.edge_alignment,
+        "palette": palette,
+        "background": background,
     }
     used = {k: v for k, v in parts.items() if v is not None}
     return sum(WEIGHTS[k] * v for k, v in used.items()) / sum(WEIGHTS[k] for k in used)
@@ -146,8 +174,15 @@ def checkpoint_names(paths: list[Path]) -> dict[str, Path]:
     return names
 
 
-def evaluate(engine, checkpoints: dict[str, Path], prompts: list[str], seeds: list[int], steps: int | None,
-             out: Path, show_progress: bool = True) -> list[CheckpointScore]:
+def evaluate(
+    engine,
+    checkpoints: dict[str, Path],
+    prompts: list[str],
+    seeds: list[int],
+    steps: int | None,
+    out: Path,
+    show_progress: bool = True,
+) -> list[CheckpointScore]:
     """Generate every prompt x seed with every checkpoint; returns them best first. Writes sprites/."""
     from service.engine import GenerationRequest
 
@@ -171,12 +206,19 @@ def evaluate(engine, checkpoints: dict[str, Path], prompts: list[str], seeds: li
                 target = background_colour(request.prompt)
                 adherence = None if target is None else background_adherence(art.sprite, target)
                 art.sprite.save(folder / f"p{prompt_index + 1}-s{request.seed}.png")
-                scored.images.append(ImageScore(
-                    prompt_index=prompt_index, seed=request.seed, quality=art.quality,
-                    background_target=None if target is None else "#%02x%02x%02x" % target,
-                    background=adherence, score=image_score(art.quality, adherence),
-                ))
-            scored.sprites = {(i.prompt_index, i.seed): r.images[0].art.sprite for i, r in zip(scored.images, generated)}
+                scored.images.append(
+                    ImageScore(
+                        prompt_index=prompt_index,
+                        seed=request.seed,
+                        quality=art.quality,
+                        background_target=None if target is None else "#%02x%02x%02x" % target,
+                        background=adherence,
+                        score=image_score(art.quality, adherence),
+                    )
+                )
+            scored.sprites = {
+                (i.prompt_index, i.seed): r.images[0].art.sprite for i, r in zip(scored.images, generated)
+            }
             results.append(scored)
             bar.n = (index + 1) * per_checkpoint
             bar.set_postfix_str(f"{name}: {scored.score:.3f}")
@@ -206,8 +248,11 @@ def contact_sheet(results: list[CheckpointScore], prompts: list[str], seeds: lis
         draw.text((left, 22), f"seed {seed}", fill="black", font=font)
     for row, result in enumerate(results):
         top = tile_box(row, 0)[1]
-        lines = [f"#{ranks[result.name]} {result.name}", f"score {result.score:.3f}",
-                 f"pixel art {result.summary()['pixel_art']}/{len(result.images)}"]
+        lines = [
+            f"#{ranks[result.name]} {result.name}",
+            f"score {result.score:.3f}",
+            f"pixel art {result.summary()['pixel_art']}/{len(result.images)}",
+        ]
         for line_index, line in enumerate(lines):
             draw.text((6, top + 4 + 18 * line_index), _fit(draw, font, line, LABEL_WIDTH - 12), fill="black", font=font)
         for column, key in enumerate(columns):
@@ -235,17 +280,26 @@ def ranking_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: list[CheckpointScore], prompts: list[str], seeds: list[int], steps: int,
-                  out: Path, smoke: bool) -> dict[str, Path]:
+def write_outputs(
+    results: list[CheckpointScore], prompts: list[str], seeds: list[int], steps: int, out: Path, smoke: bool
+) -> dict[str, Path]:
     rows = ranking(results)
     paths = {"sheet": out / "contact_sheet.png", "markdown": out / "ranking.md", "json": out / "ranking.json"}
     contact_sheet(results, prompts, seeds).save(paths["sheet"])
     note = "\n\n**SMOKE MODEL: random weights, the ranking is meaningless.**" if smoke else ""
     paths["markdown"].write_text(ranking_markdown(rows) + note + "\n\nScore: see service/evaluate.py.\n")
     details = {
-        "score": {"weights": WEIGHTS, "good_palette": GOOD_PALETTE, "max_palette": MAX_PALETTE_SIZE,
-                  "formula": "weighted mean of the signals that apply per image; checkpoint = mean of its images"},
-        "smoke_model": smoke, "prompts": prompts, "seeds": seeds, "steps": steps, "ranking": rows,
+        "score": {
+            "weights": WEIGHTS,
+            "good_palette": GOOD_PALETTE,
+            "max_palette": MAX_PALETTE_SIZE,
+            "formula": "weighted mean of the signals that apply per image; checkpoint = mean of its images",
+        },
+        "smoke_model": smoke,
+        "prompts": prompts,
+        "seeds": seeds,
+        "steps": steps,
+        "ranking": rows,
         "images": {r.name: [asdict(i) for i in r.images] for r in results},
     }
     paths["json"].write_text(json.dumps(details, indent=2) + "\n")
@@ -269,8 +323,13 @@ def _safe(name: str) -> str:
 
 def add_command(commands) -> None:
     parser = commands.add_parser("evaluate", help="rank LoRA checkpoints on fixed prompts and seeds; contact sheet")
-    parser.add_argument("--loras", type=Path, nargs="+", metavar="FILE",
-                        help="checkpoints to compare (default: the configured LoRA and those in the LoRA folder)")
+    parser.add_argument(
+        "--loras",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="checkpoints to compare (default: the configured LoRA and those in the LoRA folder)",
+    )
     parser.add_argument("--prompts", type=Path, default=PROMPTS_FILE, help="one description per line (# comments)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--steps", type=int, help="denoising steps (default PUNKS_STEPS)")

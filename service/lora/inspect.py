@@ -29,8 +29,15 @@ PAIR_SUFFIXES = (
 )
 # Which model a module belongs to, by name prefix: kohya and diffusers/PEFT spellings.
 TARGET_PREFIXES = (
-    ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te"),
-    ("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te"), ("te1.", "te1"), ("te2.", "te2"),
+    ("lora_unet_", "unet"),
+    ("lora_te1_", "te1"),
+    ("lora_te2_", "te2"),
+    ("lora_te_", "te"),
+    ("unet.", "unet"),
+    ("text_encoder_2.", "te2"),
+    ("text_encoder.", "te"),
+    ("te1.", "te1"),
+    ("te2.", "te2"),
 )
 LYCORIS_MARKERS = ("hada_w1_a", "lokr_w1", "oft_blocks", "oft_diag")
 
@@ -179,13 +186,25 @@ def inspect_lora(path: Path) -> LoraInfo:
         raise LoraError(f"{path}: not a LoRA ({kinds}); expected keys like lora_unet_*.lora_down.weight")
     alphas = _alphas(path, table, list(pairs))
     modules = {
-        name: LoraModule(name=name, rank=down.shape[0], alpha=alphas.get(name), down_shape=down.shape,
-                         up_shape=up.shape, target=_target(name), dtype=down.dtype)
+        name: LoraModule(
+            name=name,
+            rank=down.shape[0],
+            alpha=alphas.get(name),
+            down_shape=down.shape,
+            up_shape=up.shape,
+            target=_target(name),
+            dtype=down.dtype,
+        )
         for name, (down, up) in pairs.items()
     }
     return LoraInfo(
-        path=path, file_size=path.stat().st_size, modules=modules, dtypes=table.dtypes, metadata=table.metadata,
-        format="+".join(sorted(formats)), tensor_bytes=table.data_bytes,
+        path=path,
+        file_size=path.stat().st_size,
+        modules=modules,
+        dtypes=table.dtypes,
+        metadata=table.metadata,
+        format="+".join(sorted(formats)),
+        tensor_bytes=table.data_bytes,
     )
 
 

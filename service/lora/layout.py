@@ -60,7 +60,9 @@ def text_encoder_modules(config: dict, prefix: str = "lora_te") -> dict[str, tup
 @cache
 def sd15_modules() -> dict[str, tuple[int, int]]:
     """The 264 modules (192 UNet + 72 text encoder) of a full kohya SD1.5 LoRA."""
-    return unet_modules(_config(SD15_CONFIG_DIR / "unet")) | text_encoder_modules(_config(SD15_CONFIG_DIR / "text_encoder"))
+    return unet_modules(_config(SD15_CONFIG_DIR / "unet")) | text_encoder_modules(
+        _config(SD15_CONFIG_DIR / "text_encoder")
+    )
 
 
 def sd15_lora_bytes(rank: int = SD15_DIM, bytes_per_value: int = 2) -> int:

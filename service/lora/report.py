@@ -74,8 +74,11 @@ def report(info: LoraInfo) -> dict:
         "tensor_bytes": info.tensor_bytes,
         "expected": _expected(info, weight_dtypes),
         "training": {label: _first(meta, keys) for label, keys in TRAINING_FIELDS}
-        | {"resolution": _resolution(meta), "training started": _time(meta, "ss_training_started_at"),
-           "training finished": _time(meta, "ss_training_finished_at")},
+        | {
+            "resolution": _resolution(meta),
+            "training started": _time(meta, "ss_training_started_at"),
+            "training finished": _time(meta, "ss_training_finished_at"),
+        },
         "dataset": {"dirs": _dataset_dirs(meta), "images": _image_count(meta), "tag_frequency": _tag_summary(meta)},
         "metadata_keys": len(meta),
     }
@@ -115,7 +118,10 @@ def format_report(data: dict) -> str:
         ("alpha", _spread_line(data["alpha"])),
         ("scale (alpha/rank)", _spread_line(data["scale"])),
         ("modules", _modules_line(data["modules"])),
-        ("conv (LoCon) modules", str(len(data["conv_modules"])) + (f" (e.g. {data['conv_modules'][0]})" if data["conv_modules"] else "")),
+        (
+            "conv (LoCon) modules",
+            str(len(data["conv_modules"])) + (f" (e.g. {data['conv_modules'][0]})" if data["conv_modules"] else ""),
+        ),
         ("dtype", ", ".join(data["dtypes"]) or UNKNOWN),
         ("file size", format_size(data["file_size"])),
         (f"expected (dim {SD15_DIM} SD1.5)", _expected_line(data["expected"])),
@@ -160,7 +166,9 @@ def diff(paths: list[Path], show_all: bool = False) -> dict:
 
 def format_diff(data: dict) -> str:
     names = [Path(f).name for f in data["files"]]
-    lines = [_table([("parameter", *names)] + [(row["parameter"], *map(_str, row["values"])) for row in data["parameters"]])]
+    lines = [
+        _table([("parameter", *names)] + [(row["parameter"], *map(_str, row["values"])) for row in data["parameters"]])
+    ]
     if not data["parameters"]:
         lines.append("(no parameter differs)")
     td = data["training_data"]
@@ -270,8 +278,10 @@ def _expected(info: LoraInfo, weight_dtypes: list[str]) -> dict:
 
 
 def _expected_line(e: dict) -> str:
-    line = (f"{format_size(e['bytes'])} of {e['dtype']} tensors for {e['modules']} modules "
-            f"({e['unet']} UNet + {e['te']} TE); this file {e['ratio']:g}x")
+    line = (
+        f"{format_size(e['bytes'])} of {e['dtype']} tensors for {e['modules']} modules "
+        f"({e['unet']} UNet + {e['te']} TE); this file {e['ratio']:g}x"
+    )
     if "covered" in e:
         line += f"; covers {e['covered']}/{e['modules']} SD1.5 modules"
         if e["extra"]:

@@ -24,7 +24,9 @@ SD15_PARAMETERS = {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_6
 PARAMETER_TOLERANCE = 0.01
 # The same models' key prefixes in a single-file (LDM) checkpoint.
 SINGLE_FILE_PREFIXES = {
-    "unet": "model.diffusion_model.", "text_encoder": "cond_stage_model.", "vae": "first_stage_model.",
+    "unet": "model.diffusion_model.",
+    "text_encoder": "cond_stage_model.",
+    "vae": "first_stage_model.",
 }
 BASE_CONFIGS = ("model_index.json", "scheduler/scheduler_config.json")
 Status = Literal["ok", "warn", "missing", "bad"]
@@ -157,8 +159,12 @@ def _check_tokenizer(folder: Path) -> Finding:
     except (OSError, ValueError, KeyError, TypeError) as error:
         return Finding("bad", "tokenizer", tokenizer, f"unreadable: {error}")
     if vocabulary != CLIP_VOCABULARY_SIZE or not merges:
-        return Finding("bad", "tokenizer", tokenizer,
-                       f"{vocabulary} tokens and {merges} merges; SD1.5's CLIP tokenizer has {CLIP_VOCABULARY_SIZE}")
+        return Finding(
+            "bad",
+            "tokenizer",
+            tokenizer,
+            f"{vocabulary} tokens and {merges} merges; SD1.5's CLIP tokenizer has {CLIP_VOCABULARY_SIZE}",
+        )
     return Finding("ok", "tokenizer", tokenizer, f"{vocabulary} tokens, {merges} merges")
 
 
@@ -174,7 +180,8 @@ def _check_safetensors(what: str, path: Path, expected: Mapping[str, int], prefi
     }
     problems = [
         f"{model} has {counts[model] / 1e6:.1f}M parameters, SD1.5's has {count / 1e6:.1f}M: not SD1.5 (or incomplete)"
-        for model, count in expected.items() if abs(counts[model] - count) > count * PARAMETER_TOLERANCE
+        for model, count in expected.items()
+        if abs(counts[model] - count) > count * PARAMETER_TOLERANCE
     ]
     if problems:
         return Finding("bad", what, path, "; ".join(problems))

@@ -14,13 +14,20 @@ from service.weights.source import SOURCE_FORMS
 def add_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     weights = commands.add_parser("weights", help="download the weights into weights/, or check what is there")
     actions = weights.add_subparsers(dest="weights_command", required=True)
-    get = actions.add_parser("download", help="SD1.5 (fp16, from the Hugging Face Hub), the LoRA, "
-                             "optionally Real-ESRGAN")
-    get.add_argument("--lora", metavar="SOURCE",
-                     help=f"{SOURCE_FORMS}, optionally #sha256=<hex> (default PUNKS_LORA_URL)")
-    get.add_argument("--realesrgan", metavar="SOURCE", nargs="?", const="",
-                     help=f"also the upscaler; without SOURCE: PUNKS_REALESRGAN_URL ({REALESRGAN_FILE} from its "
-                     "GitHub release). Implied by PUNKS_UPSCALER=realesrgan")
+    get = actions.add_parser(
+        "download", help="SD1.5 (fp16, from the Hugging Face Hub), the LoRA, optionally Real-ESRGAN"
+    )
+    get.add_argument(
+        "--lora", metavar="SOURCE", help=f"{SOURCE_FORMS}, optionally #sha256=<hex> (default PUNKS_LORA_URL)"
+    )
+    get.add_argument(
+        "--realesrgan",
+        metavar="SOURCE",
+        nargs="?",
+        const="",
+        help=f"also the upscaler; without SOURCE: PUNKS_REALESRGAN_URL ({REALESRGAN_FILE} from its "
+        "GitHub release). Implied by PUNKS_UPSCALER=realesrgan",
+    )
     get.add_argument("--repo", help="SD1.5 diffusers repo on the hub (default PUNKS_BASE_MODEL_REPO)")
     get.add_argument("--revision", help="branch, tag or commit of that repo (default: main)")
     get.add_argument("--no-base", dest="base", action="store_false", help="skip SD1.5 (only the LoRA / upscaler)")

@@ -46,8 +46,10 @@ def download_base_model(settings: Settings, revision: str | None = None) -> list
     files = sorted(f for f in folder.rglob("*") if f.is_file() and HUB_CACHE not in f.relative_to(folder).parts)
     at = f"@{revision}" if revision else ""
     source = f"{HUB_SCHEME}{repo}{at}"
-    return [manifest_entry("base model", f, settings.weights_dir, f"{source}/{f.relative_to(folder).as_posix()}")
-            for f in files]
+    return [
+        manifest_entry("base model", f, settings.weights_dir, f"{source}/{f.relative_to(folder).as_posix()}")
+        for f in files
+    ]
 
 
 def download_file(what: str, source: Source, target: Path, weights_dir: Path) -> ManifestEntry:
@@ -57,8 +59,12 @@ def download_file(what: str, source: Source, target: Path, weights_dir: Path) ->
 
 
 def download(
-    settings: Settings, *, base: bool = True, revision: str | None = None,
-    lora: str | None = None, realesrgan: str | None = None,
+    settings: Settings,
+    *,
+    base: bool = True,
+    revision: str | None = None,
+    lora: str | None = None,
+    realesrgan: str | None = None,
 ) -> list[ManifestEntry]:
     """Everything asked for (lora/realesrgan default to the settings); the manifest is written even when a
     later file fails, so what did arrive is recorded."""
@@ -77,8 +83,10 @@ def download(
     finally:
         if entries:
             write_manifest(settings.weights_dir, entries)
-    print(f"{len(entries)} files ready in {settings.weights_dir} ({time.monotonic() - started:.0f}s); "
-          f"manifest: {settings.weights_dir / MANIFEST_FILE}")
+    print(
+        f"{len(entries)} files ready in {settings.weights_dir} ({time.monotonic() - started:.0f}s); "
+        f"manifest: {settings.weights_dir / MANIFEST_FILE}"
+    )
     if not lora:
         print("note: no LoRA source given (--lora URL or PUNKS_LORA_URL): the LoRA was not downloaded")
     return entries

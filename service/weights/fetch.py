@@ -98,8 +98,10 @@ def _download(file: WeightFile, target: Path, timeout: float) -> str:
     started = last_log = time.monotonic()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            resumed = offset and response.status == 206 and response.headers.get("Content-Range", "").startswith(
-                f"bytes {offset}-"
+            resumed = (
+                offset
+                and response.status == 206
+                and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
             )
             if resumed:
                 with part.open("rb") as existing:
@@ -229,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     spec = " ".join(args) if args else os.environ.get(ENV_VAR, "")
     if not spec.strip():
-        print(f"usage: python -m service.weights.fetch [dest=source[#sha256=hex] ...]  (or set {ENV_VAR})",
-              file=sys.stderr)
+        print(
+            f"usage: python -m service.weights.fetch [dest=source[#sha256=hex] ...]  (or set {ENV_VAR})",
+            file=sys.stderr,
+        )
         return 2
     try:
         for path in fetch_weights(parse_spec(spec), Settings().weights_dir):

@@ -28,9 +28,18 @@ HEADER_PROBLEMS = (
     ("file not fully covered", "truncated or padded file: its tensors do not fill it exactly"),
     ("invalid shape, data type, or offset", "not a safetensors file (malformed header)"),
     # serde's data errors: valid JSON of the wrong shape
-    *((f"invalid JSON in header: {kind}", "not a safetensors file (malformed header)")
-      for kind in ("invalid type", "invalid value", "invalid length", "unknown variant", "unknown field",
-                   "missing field", "duplicate field")),
+    *(
+        (f"invalid JSON in header: {kind}", "not a safetensors file (malformed header)")
+        for kind in (
+            "invalid type",
+            "invalid value",
+            "invalid length",
+            "unknown variant",
+            "unknown field",
+            "missing field",
+            "duplicate field",
+        )
+    ),
     ("invalid JSON in header", "not a safetensors file (unreadable header)"),
 )
 

@@ -46,8 +46,9 @@ class Source:
         if location.startswith(HUB_SCHEME):
             _hub_file(location, where)  # raises when incomplete
         elif urllib.parse.urlsplit(location).scheme not in URL_SCHEMES:
-            raise ValueError(f"{where}: expected {SOURCE_FORMS} (only http(s) and hf:// are supported), "
-                             f"got {redact(location)!r}")
+            raise ValueError(
+                f"{where}: expected {SOURCE_FORMS} (only http(s) and hf:// are supported), got {redact(location)!r}"
+            )
         return cls(location, sha256)
 
     @property

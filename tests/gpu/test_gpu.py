@@ -67,7 +67,9 @@ def test_output_has_no_nan_and_snaps(engine):
 
 def test_batch_matches_single_per_seed(engine):
     alone = engine.generate(GenerationRequest(PROMPT, seed=42)).images[0]
-    batch = engine.generate_batch([GenerationRequest("punk with a cap", seed=7, num_outputs=3), GenerationRequest(PROMPT, seed=42)])
+    batch = engine.generate_batch(
+        [GenerationRequest("punk with a cap", seed=7, num_outputs=3), GenerationRequest(PROMPT, seed=42)]
+    )
     batched = batch[1].images[0]
     difference = np.abs(pixels(batched.raw) - pixels(alone.raw))
     assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8  # fp16 batched GEMMs round differently

@@ -17,7 +17,9 @@ from tests.esrgan_files import save_realesrgan
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-    pytest.mark.skipif(importlib.util.find_spec("spandrel") is None, reason="pip install --no-deps -r requirements-upscale.txt"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("spandrel") is None, reason="pip install --no-deps -r requirements-upscale.txt"
+    ),
 ]
 
 
@@ -36,6 +38,8 @@ def test_x2plus_fp16_512_to_1024_is_finite(tmp_path):
     for _ in range(runs):
         result = upscaler.upscale(image, 1024)
     torch.cuda.synchronize()
-    print(f"\nRealESRGAN x2plus fp16 512->1024 on {torch.cuda.get_device_name()}: "
-          f"{(time.perf_counter() - started) / runs * 1000:.0f} ms per image")
+    print(
+        f"\nRealESRGAN x2plus fp16 512->1024 on {torch.cuda.get_device_name()}: "
+        f"{(time.perf_counter() - started) / runs * 1000:.0f} ms per image"
+    )
     assert result.size == (1024, 1024) and 100 < np.asarray(result).mean() < 160
