@@ -4,13 +4,16 @@
 #   docker build -t bespoke-punks .
 #   docker run --gpus all -p 8000:8000 -v "$PWD/weights:/app/weights:ro" bespoke-punks
 #
-# /app/weights must hold what weights/README.md lists (SD1.5 + bespoke_punks.safetensors); without
-# them the service refuses to start and names the missing files (PUNKS_ALLOW_SMOKE_MODEL=false below).
+# /app/weights must hold what weights/README.md lists (SD1.5 + bespoke_punks.safetensors); without them the
+# engine fails to load and the log names the missing files (PUNKS_ALLOW_SMOKE_MODEL=false below): the process stays
+# up answering 503 on /readyz and /healthz, so the HEALTHCHECK below marks the container unhealthy.
 # Any PUNKS_* setting can be passed with -e, e.g. -e PUNKS_LORA_SCALE=0.8; PUNKS_WEIGHTS_URLS works here
 # too if the mount is writable (weights/README.md).
 #
-# torch==2.13.0 (requirements/gpu.txt, generated from pyproject.toml by `make lock`) ships its own CUDA 13.0 libraries as wheels, so the CUDA "base"
-# flavour is enough (the "runtime" flavour would add a second copy of cuBLAS/cuDNN, ~2 GB).
+# torch==2.13.0 (requirements/gpu.txt, generated from pyproject.toml by `make lock`) ships its own CUDA 13.0
+# libraries as wheels, so the CUDA "base" flavour is enough (the "runtime" flavour would add a second copy of
+# cuBLAS/cuDNN, ~2 GB). gcc and the Python headers are for PUNKS_COMPILE=true: Triton compiles a small C launcher
+# per kernel at run time.
 # Host: an NVIDIA driver >= 580 (CUDA 13.0) and the NVIDIA container toolkit.
 FROM nvidia/cuda:13.0.2-base-ubuntu24.04
 
@@ -23,7 +26,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 python3.12-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev gcc libc6-dev \
+       ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3.12 -m venv /opt/venv
 
