@@ -99,7 +99,7 @@ def bench_cog(args: argparse.Namespace, env: dict[str, str]) -> dict:
         def send(seed: int) -> dict:
             """One prediction; a 409 is retried as Replicate's client does: coglet frees a slot a moment after
             it answers, so a client that sends its next prediction at once can find all 8 slots still taken."""
-            for retries in range(100):
+            for retries in range(100):  # noqa: B007 - read after the loop: how many 409s it took
                 try:
                     body = call(f"{url}/predictions", {"input": {"prompt": PROMPT, "seed": seed}})
                     break

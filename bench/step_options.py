@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devtools.smoke import build_full_size_pipeline  # noqa: E402
+from devtools.smoke import build_full_size_pipeline
 
 
 def graphed_ms(run) -> float:

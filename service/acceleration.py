@@ -45,7 +45,7 @@ def load_compile_artifacts(path: Path) -> None:
         return
     try:
         info = torch.compiler.load_cache_artifacts(path.read_bytes())  # None: torch could not read it (it logs why)
-    except Exception as error:  # noqa: BLE001 - a file it reads but cannot apply
+    except Exception as error:  # a file it reads but cannot apply
         info, why = None, f"{type(error).__name__}: {error}"
     else:
         why = "not a compile cache of this torch"

@@ -11,15 +11,12 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from service import config
-
-from service.lora import evaluate
-
-from service.lora import report as lora_report
-
-from service.weights import cli as weights_cli
 from service.config import Settings
 from service.errors import WeightsError
+from service.lora import evaluate
+from service.lora import report as lora_report
 from service.lora.inspect import LoraError
+from service.weights import cli as weights_cli
 
 if TYPE_CHECKING:
     from service.engine import GenerationRequest, GenerationResult
@@ -97,7 +94,8 @@ def compile_cache(args: argparse.Namespace) -> int:
         Engine.load(settings.model_copy(update={"compile_artifacts": Path(empty) / "none"}))  # warm-up compiles
         size = save_compile_artifacts(output)
     print(
-        f"{output} ({size / 1e6:.1f} MB): start with PUNKS_COMPILE=true and this file in place to skip most of the compile"
+        f"{output} ({size / 1e6:.1f} MB): "
+        "start with PUNKS_COMPILE=true and this file in place to skip most of the compile"
     )
     return 0
 

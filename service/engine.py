@@ -21,14 +21,14 @@ from service import config
 from service.acceleration import accelerate, bucket_size
 from service.config import Settings
 from service.errors import RequestError
-from service.weights.resolve import WeightsSource, resolve_weights
-from service.lora.fuse import fuse_lora
 from service.loading import load_base_pipeline, set_scheduler
+from service.lora.fuse import fuse_lora
 from service.lora.inspect import LoraInfo, inspect_sd15_lora
 from service.lora.switch import LoraSwitcher, check_loras, find_loras
 from service.pixelart import PixelArt, to_pixel_art
 from service.prompts import NEGATIVE_PROMPT, PromptTokens, chunk_input_ids, tokenize_negative, tokenize_prompt
 from service.upscale import Upscaler, load_upscaler
+from service.weights.resolve import WeightsSource, resolve_weights
 
 log = logging.getLogger(__name__)
 

@@ -346,7 +346,7 @@ def _edge_alignment(profiles: tuple[np.ndarray, np.ndarray], lines: tuple[np.nda
     """Share of all edge energy within ALIGNMENT_RADIUS pitches of a detected line (0 if the
     image has no edges). Pixel art ~1; photos and noise ~ the share of positions near a line."""
     on_lines = everywhere = 0.0
-    for profile, axis_lines in zip(profiles, lines):
+    for profile, axis_lines in zip(profiles, lines, strict=True):
         radius = max(1, round(ALIGNMENT_RADIUS * np.median(np.diff(axis_lines))))
         positions = np.arange(len(profile))
         near = np.abs(positions[:, None] - axis_lines[None, :]).min(axis=1) <= radius

@@ -41,7 +41,7 @@ def _import_spandrel() -> types.ModuleType:
     transforms.functional = functional
     package = types.ModuleType("torchvision")
     package.transforms = transforms
-    sys.modules.update(zip(_TORCHVISION_NAMES, (package, transforms, functional)))
+    sys.modules.update(zip(_TORCHVISION_NAMES, (package, transforms, functional), strict=True))
     try:
         return _plain_import()
     finally:
@@ -73,7 +73,8 @@ class Upscaler:
         return self.descriptor.scale
 
     def describe(self) -> str:
-        return f"{self.descriptor.architecture.name} x{self.scale} ({self.path.name}, {str(self.dtype).removeprefix('torch.')})"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{self.descriptor.architecture.name} x{self.scale} ({self.path.name}, {dtype})"
 
     @torch.inference_mode()
     def upscale(self, image: Image.Image, size: int) -> Image.Image:
@@ -90,13 +91,14 @@ def load_upscaler(path: Path, device: str | torch.device = "cpu", dtype: torch.d
     path = Path(path)
     if not path.is_file():
         raise WeightsError(
-            f"upscaler=realesrgan: {path} not found. Download it with `python -m service weights download --realesrgan` "
+            f"upscaler=realesrgan: {path} not found. "
+            "Download it with `python -m service weights download --realesrgan` "
             "(or set PUNKS_REALESRGAN_WEIGHTS, or PUNKS_UPSCALER=nearest)"
         )
     spandrel = _import_spandrel()
     try:
         descriptor = spandrel.ModelLoader().load_from_file(path)
-    except Exception as error:  # noqa: BLE001 (unpickling and architecture detection fail in many ways)
+    except Exception as error:  # unpickling and architecture detection fail in many ways
         raise WeightsError(
             f"{path}: not a usable RealESRGAN model ({type(error).__name__}: {str(error)[:300]}); "
             "expected RealESRGAN_x2plus.pth or RealESRGAN_x4plus.pth"

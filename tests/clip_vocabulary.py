@@ -32,12 +32,13 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
 def derive_clip_vocabulary() -> tuple[dict[str, int], list[str]]:
     """Return (vocab, merges) exactly as SD1.5's tokenizer folder holds them."""
-    lines = gzip.open(open_clip_bpe_path()).read().decode("utf-8").split("\n")
+    with gzip.open(open_clip_bpe_path()) as bpe:
+        lines = bpe.read().decode("utf-8").split("\n")
     merges = lines[1 : MERGE_COUNT + 1]
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]

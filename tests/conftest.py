@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Settings
 from devtools.smoke import save_smoke_model
+from service.config import Settings
 
 TEST_STEPS = 2  # enough to exercise the scheduler; the smoke model's images are noise anyway
 

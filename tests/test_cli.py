@@ -37,7 +37,7 @@ def test_generate_writes_png_sprite_and_json(smoke_env, tmp_path):
     metadata = json.loads(output.with_suffix(".json").read_text())
     assert metadata["images"][0]["seed"] == 7
     assert metadata["prompt"].startswith("pixel art, 24x24, portrait of bespoke punk lad with a red beanie")
-    palette = {"#%02x%02x%02x" % tuple(c) for c in sprite.reshape(-1, 3)}
+    palette = {"#{:02x}{:02x}{:02x}".format(*c) for c in sprite.reshape(-1, 3)}
     assert set(metadata["images"][0]["palette"]) == palette
     assert set(metadata["images"][0]["quality"]) >= {"grid_fit", "palette_size", "is_pixel_art"}
 

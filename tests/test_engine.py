@@ -45,7 +45,7 @@ def test_generation_returns_sprite_upscale_palette_and_quality(engine):
     assert image.raw.size == (512, 512)
     assert image.art.sprite.size == (24, 24) and image.art.image.size == (1024, 1024)
     assert isinstance(image.art.quality, QualitySignals)
-    sprite_colours = {"#%02x%02x%02x" % tuple(c) for c in pixels(image.art.sprite).reshape(-1, 3)}
+    sprite_colours = {"#{:02x}{:02x}{:02x}".format(*c) for c in pixels(image.art.sprite).reshape(-1, 3)}
     assert sprite_colours == set(image.art.palette)
     described = summary(result)
     assert described["images"][0]["seed"] == 7 and described["truncated"] is False

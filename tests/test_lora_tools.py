@@ -416,7 +416,7 @@ def test_mixed_batch_is_grouped_by_lora(switching_engine, monkeypatch):
     results = engine.generate_batch(requests)
     assert calls == [["other"], [None, None]]  # one pipeline call per LoRA, the active one first: one switch
     assert "lora_switch_s" in results[0].timings
-    for result, lora in zip(results, [None, "other", None]):
+    for result, lora in zip(results, [None, "other", None], strict=True):
         assert np.abs(np.asarray(result.images[0].raw, dtype=np.int16) - _images[lora]).max() <= 2  # batched GEMMs
 
 

@@ -10,8 +10,8 @@ from skimage import data
 
 from service.pixelart import (
     MERGE_DISTANCE,
-    _merge_closest,
     QualitySignals,
+    _merge_closest,
     palette_hex,
     quality_signals,
     snap_to_grid,
@@ -263,7 +263,7 @@ def test_quality_signals_uses_a_given_sprite_and_serialises():
     two_colours.putpixel((0, 0), (255, 255, 255))
     signals = quality_signals(render, sprite=two_colours)
     assert signals.palette_size == 2
-    assert set(signals.as_dict()) == {f for f in QualitySignals.__dataclass_fields__}
+    assert set(signals.as_dict()) == set(QualitySignals.__dataclass_fields__)
     assert signals.as_dict()["grid_fit"] == signals.grid_fit
 
 

@@ -18,9 +18,9 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -28,12 +28,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import config
 from devtools.cog_schema import ROOT, SCHEMA_PATH, build_schema, is_current
-from service.config import Settings
-from service.config import MAX_SEED
-from service.weights.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec, redact
+from service import config
+from service.config import MAX_SEED, Settings
 from service.errors import WeightsError
+from service.weights.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec, redact
 from tests.live_server import subprocess_server
 
 GRID = 24
@@ -260,10 +259,6 @@ def test_input_bounds_are_the_shared_ones(schema: dict):
     }
 
 
-def requirement_lines(path: Path) -> list[str]:
-    return [line.split("#")[0].strip() for line in path.read_text().splitlines() if line.split("#")[0].strip()]
-
-
 # --- through the real cog server -----------------------------------------------------------------------
 
 
@@ -288,7 +283,7 @@ def test_prediction_returns_1024_images_of_flat_cells_then_sprites(server: CogSe
     assert [mime for mime, _ in decoded] == ["image/png"] * 4
     images = [Image.open(io.BytesIO(data)) for _, data in decoded]
     assert [im.size for im in images] == [(1024, 1024)] * 2 + [(GRID, GRID)] * 2
-    for image, sprite in zip(images[:2], images[2:]):
+    for image, sprite in zip(images[:2], images[2:], strict=True):
         cells = assert_flat_cells(image, cell_edges(1024))
         assert (cells == np.asarray(sprite.convert("RGB"))).all(), "the sprite is not the image's cells"
     # one log line per image, with its seed and quality signals; the seeds are metrics too
@@ -408,7 +403,7 @@ def test_a_cancelled_queued_prediction_is_never_rendered(server: CogServer):
         queued = pool.submit(server.request, "PUT", "/predictions/queued", {"input": {"prompt": "a punk", "seed": 2}})
         time.sleep(1)
         assert server.request("POST", "/predictions/queued/cancel")[0] == 200
-        (busy_status, busy_body), (queued_status, queued_body) = busy.result(), queued.result()
+        (busy_status, busy_body), (_, queued_body) = busy.result(), queued.result()
     assert busy_status == 200 and busy_body["status"] == "succeeded"
     assert busy_body["metrics"]["batch_images"] == 4  # rendered alone: the queued one never joined a batch
     assert queued_body["status"] == "canceled", queued_body

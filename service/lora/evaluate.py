@@ -200,7 +200,7 @@ def evaluate(
             scored = CheckpointScore(name=name, file=str(path), switch_s=generated[0].timings.get("lora_switch_s", 0.0))
             folder = out / "sprites" / _safe(name)
             folder.mkdir(parents=True, exist_ok=True)
-            for request, result in zip(requests, generated):
+            for request, result in zip(requests, generated, strict=True):
                 art = result.images[0].art
                 prompt_index = prompts.index(request.prompt)
                 target = background_colour(request.prompt)
@@ -211,13 +211,13 @@ def evaluate(
                         prompt_index=prompt_index,
                         seed=request.seed,
                         quality=art.quality,
-                        background_target=None if target is None else "#%02x%02x%02x" % target,
+                        background_target=None if target is None else "#{:02x}{:02x}{:02x}".format(*target),
                         background=adherence,
                         score=image_score(art.quality, adherence),
                     )
                 )
             scored.sprites = {
-                (i.prompt_index, i.seed): r.images[0].art.sprite for i, r in zip(scored.images, generated)
+                (i.prompt_index, i.seed): r.images[0].art.sprite for i, r in zip(scored.images, generated, strict=True)
             }
             results.append(scored)
             bar.n = (index + 1) * per_checkpoint

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from devtools.smoke import build_full_size_pipeline, save_random_model, save_smoke_model
 from service.config import Settings
 from service.engine import Engine, GenerationRequest
 from service.lora.fuse import count_lora_layers
-from devtools.smoke import build_full_size_pipeline, save_random_model, save_smoke_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 PROMPT = "lad with a red beanie, green background"
