@@ -44,7 +44,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path as FsPath
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import cog
 from cog import BaseModel, BaseRunner, Input, Path
@@ -159,8 +159,8 @@ class Runner(BaseRunner):
             lora=lora or None,
             output_size=_whole("output_size", output_size),
             integer_scale=integer_scale,
-            output_format=output_format,
-            return_sprites=return_sprites,  # type: ignore[arg-type]  # schema: choices
+            output_format=output_format,  # type: ignore[arg-type]  # schema: choices
+            return_sprites=return_sprites,
         )
         self.engine.check_request(request)
         started = time.perf_counter()
@@ -217,6 +217,11 @@ class Runner(BaseRunner):
         return folder
 
 
+# Typed as run() declares its inputs; at run time a float can arrive where it says int (see the docstring).
+@overload
+def _whole(field: str, value: int) -> int: ...
+@overload
+def _whole(field: str, value: int | None) -> int | None: ...
 def _whole(field: str, value: int | float | None) -> int | float | None:
     """Cog's schema lets a whole-number float such as 5.0 through for an integer input: take it as the integer.
     Any other float stays a float, which GenerationRequest.check refuses naming the field."""

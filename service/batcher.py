@@ -218,7 +218,8 @@ class Batcher:
         if self.batch_sizes:
             queued = min(self._queued_images(), self.max_images)
             limit = max((size for size in self.batch_sizes if size <= queued), default=queued)
-        batch, images = [], 0
+        batch: list[_Pending] = []
+        images = 0
         while self._pending and (not batch or images + self._pending[0].request.num_outputs <= limit):
             item = self._pending.popleft()
             batch.append(item)

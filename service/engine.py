@@ -315,8 +315,8 @@ class Engine:
         total_steps = sum(job.steps for job in {job.group_key: job for job in jobs}.values())
         done_steps = 0
         active_first = lambda j: (self._lora_file(j.lora) != self._active_lora(), j.group_key)  # noqa: E731
-        for _, group in groupby(sorted(jobs, key=active_first), key=lambda j: j.group_key):
-            group = list(group)
+        for _, grouped in groupby(sorted(jobs, key=active_first), key=lambda j: j.group_key):
+            group = list(grouped)
             if switched := self._use_lora(group[0].lora):
                 timings["lora_switch_s"] = timings.get("lora_switch_s", 0.0) + switched
             started = time.perf_counter()
@@ -326,6 +326,7 @@ class Engine:
             for job in group:
                 rendered[job.request_index].raws = [next(raws) for _ in job.seeds]
             if smooth := [job for job in group if job.upscaler == "realesrgan"]:
+                assert self.upscaler is not None  # check_request refuses realesrgan when none is loaded
                 started = time.perf_counter()
                 for job in smooth:
                     result = rendered[job.request_index]
@@ -340,7 +341,7 @@ class Engine:
         thread can run it while the GPU renders the next batch."""
         started = time.perf_counter()
         job = rendered.job
-        smooth = rendered.smooth or [None] * len(rendered.raws)
+        smooth: Sequence[Image.Image | None] = rendered.smooth or [None] * len(rendered.raws)
         images = [
             GeneratedImage(seed=seed, raw=raw, art=self._snap(raw, job), smooth=smoothed)
             for seed, raw, smoothed in zip(job.seeds, rendered.raws, smooth, strict=True)
@@ -396,7 +397,8 @@ class Engine:
             raise RequestError("lora", f"unknown LoRA {name[:80]!r}; allowed: {allowed}")
         return self.loras[name]
 
-    def _active_lora(self) -> Path:
+    def _active_lora(self) -> Path | None:
+        """The fused LoRA's file; None while a switch that failed left the base weights (LoraSwitcher.fuse)."""
         return self.switcher.active if self.switcher is not None else self.weights.lora
 
     def _use_lora(self, name: str | None) -> float:
@@ -404,6 +406,7 @@ class Engine:
         path = self._lora_file(name)
         if path == self._active_lora():
             return 0.0
+        assert self.switcher is not None  # without one, only the fused LoRA resolves (load, add_lora)
         return self.switcher.switch(path)
 
     def _run_pipeline(self, group: list[_Job], progress: Progress | None, done: int, total: int) -> list[Image.Image]:

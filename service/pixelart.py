@@ -363,7 +363,9 @@ def _quality(
 ) -> QualitySignals:
     grid_fit = _grid_fit(rgb, *lines)
     alignment = _edge_alignment(profiles, lines)
-    palette_size = len(sprite.getcolors(maxcolors=sprite.width * sprite.height))
+    colours = sprite.getcolors(maxcolors=sprite.width * sprite.height)
+    assert colours is not None  # None only when there are more than maxcolors colours: not more than the pixels
+    palette_size = len(colours)
     return QualitySignals(
         grid_fit=grid_fit,
         palette_size=palette_size,

@@ -35,12 +35,14 @@ def _import_spandrel() -> types.ModuleType:
     def unavailable(*args, **kwargs):
         raise RuntimeError("torchvision is not installed (needed only by spandrel's LaMa/RestoreFormer)")
 
-    functional.rotate = functional.normalize = unavailable
-    functional.InterpolationMode = types.SimpleNamespace(BILINEAR="bilinear")
+    # Stand-in modules get their attributes through their namespace (mypy knows no attributes of a bare ModuleType).
+    vars(functional).update(
+        rotate=unavailable, normalize=unavailable, InterpolationMode=types.SimpleNamespace(BILINEAR="bilinear")
+    )
     transforms = types.ModuleType("torchvision.transforms")
-    transforms.functional = functional
+    vars(transforms).update(functional=functional)
     package = types.ModuleType("torchvision")
-    package.transforms = transforms
+    vars(package).update(transforms=transforms)
     sys.modules.update(zip(_TORCHVISION_NAMES, (package, transforms, functional), strict=True))
     try:
         return _plain_import()

@@ -118,7 +118,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.state.shutdown = service.shutdown  # for the server, on SIGTERM (service/http/serve.py)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestMetrics, metrics=service.metrics, router=app.router)  # outermost: counts 408/413 too
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    # Starlette types every handler as taking any Exception; it calls this one with RequestValidationError only.
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
 
     if settings.api_token is None:
 
@@ -129,7 +130,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         bearer = HTTPBearer(auto_error=False, description="The value of PUNKS_API_TOKEN.")
         expected = settings.api_token.get_secret_value().encode()
 
-        def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        # Another signature on purpose: FastAPI reads it, and only this variant takes (and documents) a token.
+        def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # type: ignore[misc]
             given = credentials.credentials.encode() if credentials else b""
             if not hmac.compare_digest(given, expected):
                 raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
@@ -148,6 +150,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             if service.load_error:
                 body["error"] = service.load_error  # the exception's type: the message is in the log
             return JSONResponse(body, 503, {"Retry-After": RETRY_AFTER_S})
+        assert service.engine is not None  # unavailable() said None: loaded
         return JSONResponse({"status": "ready", "smoke_model": service.engine.is_smoke})
 
     @app.get("/v1/loras", summary="LoRA names a request may pick (field `lora`).", dependencies=[Depends(authorize)])
@@ -155,6 +158,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         reason = service.unavailable()
         if reason is not None:
             raise HTTPException(503, reason, headers={"Retry-After": RETRY_AFTER_S})
+        assert service.engine is not None  # unavailable() said None: loaded
         return {"default": service.engine.default_lora, "loras": service.engine.lora_names}
 
     @app.get("/metrics", summary="Prometheus metrics.", response_class=Response)
@@ -210,6 +214,7 @@ async def _submit(service: _Service, body: GenerateRequest, http: Request) -> Do
     reason = service.unavailable()
     if reason is not None:
         raise HTTPException(503, reason, headers={"Retry-After": RETRY_AFTER_S})
+    assert service.engine is not None and service.batcher is not None  # available: loaded (_Service.load)
     request = body.to_engine()
     try:
         service.engine.check_request(request)  # what only the loaded engine knows: LoRA names, upscaler

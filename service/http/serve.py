@@ -9,6 +9,7 @@ once, queued work answered or refused within PUNKS_SHUTDOWN_TIMEOUT_S) as soon a
 import argparse
 import asyncio
 import socket
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -31,9 +32,9 @@ class Server(uvicorn.Server):
         await drain
 
 
-def config(app: FastAPI, settings: Settings, **overrides: object) -> uvicorn.Config:
+def config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """The uvicorn settings the service runs with (the tests' servers use them too)."""
-    options: dict[str, object] = {
+    options: dict[str, Any] = {  # keyword arguments of uvicorn.Config, each of its own type
         "host": settings.host,
         "port": settings.port,
         "timeout_keep_alive": settings.keep_alive_timeout_s,

@@ -121,8 +121,8 @@ def load_prompts(path: Path = PROMPTS_FILE) -> list[str]:
 def background_colour(prompt: str) -> tuple[int, int, int] | None:
     """The colour of '<colour> background' or 'background (#rrggbb)' in the prompt; None if it names none."""
     for match in BACKGROUND.finditer(prompt):
-        if match.group(2):
-            return tuple(int(match.group(2)[i : i + 2], 16) for i in (1, 3, 5))
+        if code := match.group(2):
+            return int(code[1:3], 16), int(code[3:5], 16), int(code[5:7], 16)
         for word in reversed(re.split(r"[ -]+", match.group(1).lower())):
             if word in COLOURS:
                 return COLOURS[word]
@@ -209,7 +209,7 @@ def evaluate(
                 scored.images.append(
                     ImageScore(
                         prompt_index=prompt_index,
-                        seed=request.seed,
+                        seed=result.images[0].seed,  # the request's seed: it was given, and there is one image
                         quality=art.quality,
                         background_target=None if target is None else "#{:02x}{:02x}{:02x}".format(*target),
                         background=adherence,

@@ -17,9 +17,9 @@ UNET_LORA_PARENTS = ("Transformer2DModel",)
 TEXT_LORA_PARENTS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP")
 
 
-def kohya_targets(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
+def kohya_targets(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Linear | torch.nn.Conv2d]:
     """kohya name -> module for every layer a kohya SD1.x LoRA wraps."""
-    targets = {}
+    targets: dict[str, torch.nn.Linear | torch.nn.Conv2d] = {}
     models = (("lora_unet", pipe.unet, UNET_LORA_PARENTS), ("lora_te", pipe.text_encoder, TEXT_LORA_PARENTS))
     for prefix, model, parents in models:
         for parent_name, parent in model.named_modules():

@@ -29,19 +29,19 @@ def unet_modules(config: dict) -> dict[str, tuple[int, int]]:
     for block, kind in enumerate(config["up_block_types"]):
         if kind.startswith("CrossAttn"):
             parents += [(f"up_blocks_{block}_attentions_{i}", channels[::-1][block]) for i in range(layers + 1)]
-    modules = {}
+    modules: dict[str, tuple[int, int]] = {}
     for parent, width in parents:
-        block = f"{parent}_transformer_blocks_0"
+        transformer = f"{parent}_transformer_blocks_0"
         shapes = {
             f"{parent}_proj_in": (width, width),
             f"{parent}_proj_out": (width, width),
-            **{f"{block}_attn1_{layer}": (width, width) for layer in ("to_q", "to_k", "to_v", "to_out_0")},
-            f"{block}_attn2_to_q": (width, width),
-            f"{block}_attn2_to_k": (context, width),
-            f"{block}_attn2_to_v": (context, width),
-            f"{block}_attn2_to_out_0": (width, width),
-            f"{block}_ff_net_0_proj": (width, 8 * width),  # GEGLU: two halves of 4x width
-            f"{block}_ff_net_2": (4 * width, width),
+            **{f"{transformer}_attn1_{layer}": (width, width) for layer in ("to_q", "to_k", "to_v", "to_out_0")},
+            f"{transformer}_attn2_to_q": (width, width),
+            f"{transformer}_attn2_to_k": (context, width),
+            f"{transformer}_attn2_to_v": (context, width),
+            f"{transformer}_attn2_to_out_0": (width, width),
+            f"{transformer}_ff_net_0_proj": (width, 8 * width),  # GEGLU: two halves of 4x width
+            f"{transformer}_ff_net_2": (4 * width, width),
         }
         modules |= {f"lora_unet_{name}": shape for name, shape in shapes.items()}
     return modules
@@ -49,7 +49,7 @@ def unet_modules(config: dict) -> dict[str, tuple[int, int]]:
 
 def text_encoder_modules(config: dict, prefix: str = "lora_te") -> dict[str, tuple[int, int]]:
     width, hidden = config["hidden_size"], config["intermediate_size"]
-    modules = {}
+    modules: dict[str, tuple[int, int]] = {}
     for layer in range(config["num_hidden_layers"]):
         base = f"{prefix}_text_model_encoder_layers_{layer}"
         modules |= {f"{base}_self_attn_{p}_proj": (width, width) for p in ("q", "k", "v", "out")}

@@ -90,7 +90,7 @@ def captions_key(meta: dict) -> tuple | None:
     frequency = _json(meta.get("ss_tag_frequency"))
     if not isinstance(frequency, dict) or not frequency:
         return None
-    total = Counter()
+    total: Counter[str] = Counter()
     for tags in frequency.values():
         if isinstance(tags, dict):
             total.update({str(tag).strip(): int(count) for tag, count in tags.items()})
