@@ -5,8 +5,8 @@ server accepts any input at all. This module builds the same document from the r
 with the cog package's own inspector (cog._inspector.create_predictor: the checks and type mapping
 the SDK applies), laid out like the Go generator's output (pkg/schema/openapi_spec.go in cog 0.23).
 
-    python -m service.cog_schema            # (re)write .cog/openapi_schema.json
-    python -m service.cog_schema --check    # exit 1 when the committed file is stale
+    python -m devtools.cog_schema            # (re)write .cog/openapi_schema.json
+    python -m devtools.cog_schema --check    # exit 1 when the committed file is stale
 """
 
 import argparse
@@ -219,14 +219,14 @@ def is_current(committed: dict, generated: dict) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.cog_schema", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.cog_schema", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail when the committed schema is stale")
     parser.add_argument("--output", type=Path, default=SCHEMA_PATH)
     args = parser.parse_args(argv)
     schema = build_schema()
     if args.check:
         if not args.output.is_file() or not is_current(json.loads(args.output.read_text()), schema):
-            print(f"{args.output} is stale: run `python -m service.cog_schema`", file=sys.stderr)
+            print(f"{args.output} is stale: run `python -m devtools.cog_schema`", file=sys.stderr)
             return 1
         print(f"{args.output} is up to date")
         return 0

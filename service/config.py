@@ -112,7 +112,7 @@ class Settings(BaseSettings):
         Path(".cache/loras"), description="Where the `lora_url` downloads are kept (emptied of them at start)."
     )
 
-    # Weights download (service/weights.py: `python -m service weights download`) and the optional upscaler
+    # Weights download (service/weights/: `python -m service weights download`) and the optional upscaler
     base_model_repo: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         description="Hugging Face repo `weights download` fetches SD1.5 from (diffusers layout, fp16 files only).",
@@ -135,7 +135,7 @@ class Settings(BaseSettings):
         None, description="RealESRGAN x2plus/x4plus .pth. Default: weights_dir/RealESRGAN_x2plus.pth."
     )
 
-    # HTTP service (service/api.py)
+    # HTTP service (service/http/)
     max_batch_size: int = Field(
         4,
         ge=1,

@@ -1,5 +1,5 @@
 """The Cog runner as Replicate calls it (the real coglet server on loopback), its schema, its packaging
-files, and the optional weights download at setup (service/fetch.py, against a local http.server)."""
+files, and the optional weights download at setup (service/weights/fetch.py, against a local http.server)."""
 
 import asyncio
 import base64
@@ -217,9 +217,9 @@ def schema() -> dict:
 
 
 def test_committed_schema_is_current(schema: dict):
-    assert SCHEMA_PATH.is_file(), "missing .cog/openapi_schema.json: run `python -m service.cog_schema`"
+    assert SCHEMA_PATH.is_file(), "missing .cog/openapi_schema.json: run `python -m devtools.cog_schema`"
     committed = json.loads(SCHEMA_PATH.read_text())
-    assert is_current(committed, schema), ".cog/openapi_schema.json is stale: run `python -m service.cog_schema`"
+    assert is_current(committed, schema), ".cog/openapi_schema.json is stale: run `python -m devtools.cog_schema`"
 
 
 def test_input_bounds_are_the_shared_ones(schema: dict):
@@ -594,7 +594,7 @@ def test_lora_url_is_refused_where_the_cache_is_off(cog_servers, lora_urls):
     assert "lora_url: not enabled on this deployment (PUNKS_LORA_URL_CACHE_SIZE is 0)" in body["error"]
 
 
-# --- weights download (service/fetch.py) against a local http.server --------------------------------------
+# --- weights download (service/weights/fetch.py) against a local http.server --------------------------------------
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
