@@ -56,7 +56,6 @@ from service.engine import Engine, GenerationRequest
 from service.errors import RequestError
 from service.http.metrics import Metrics
 from service.lora.cache import CachedLora, LoraUrlCache
-from service.lora.inspect import check_sd15_lora
 from service.weights.fetch import fetch_weights_from_env
 
 log = logging.getLogger("predict")
@@ -171,7 +170,7 @@ class Runner(BaseRunner):
         async with held as cached:
             if cached is not None:
                 print(f"lora_url: {cached.shown}: {cached.info.describe()}")
-                for note in check_sd15_lora(cached.info, self.engine.settings.expected_lora_rank):
+                for note in self.engine.lora_warnings(cached.info):
                     print(f"warning: {note}")
                 request = dataclasses.replace(request, lora=cached.name)
             done = await self.batcher.submit(request)

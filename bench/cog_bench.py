@@ -107,6 +107,8 @@ def bench_cog(args: argparse.Namespace, env: dict[str, str]) -> dict:
                     if error.code != 409:
                         raise
                     time.sleep(0.01)
+            else:
+                raise RuntimeError("prediction: still 409 (all slots taken) after 100 tries")
             if body["status"] != "succeeded":
                 raise RuntimeError(f"prediction {body['status']}: {body.get('error')}")
             return {"batch_images": body["metrics"]["batch_images"], "retries": retries}

@@ -100,6 +100,12 @@ def compile_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_http(args: argparse.Namespace) -> int:
+    from service.http import serve  # imported when it runs: the other commands need neither uvicorn nor FastAPI
+
+    return serve.main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m service", description="Bespoke punks: 24x24 pixel-art portraits.")
     commands = root.add_subparsers(dest="command", required=True)
@@ -154,8 +160,7 @@ def parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="default PUNKS_HOST (127.0.0.1)")
     serve.add_argument("--port", type=int, help="default PUNKS_PORT (8000)")
-    # imported when it runs: the other commands need neither uvicorn nor FastAPI
-    serve.set_defaults(run=lambda args: __import__("service.http.serve", fromlist=["main"]).main(args))
+    serve.set_defaults(run=serve_http)
 
     lora_report.add_commands(commands)
     weights_cli.add_commands(commands)

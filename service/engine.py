@@ -8,6 +8,7 @@ generator, so a seed gives the same image whether it was generated alone or in a
 import logging
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
@@ -23,7 +24,7 @@ from service.config import Settings
 from service.errors import RequestError
 from service.loading import load_base_pipeline, set_scheduler
 from service.lora.fuse import fuse_lora
-from service.lora.inspect import LoraInfo, inspect_sd15_lora
+from service.lora.inspect import LoraInfo, check_sd15_lora, inspect_sd15_lora
 from service.lora.switch import LoraSwitcher, check_loras, find_loras
 from service.pixelart import PixelArt, to_pixel_art
 from service.prompts import NEGATIVE_PROMPT, PromptTokens, chunk_input_ids, tokenize_negative, tokenize_prompt
@@ -57,8 +58,8 @@ class GenerationRequest:
 
         Written for untrusted callers: a bool is not a number here, nor is NaN or a float seed."""
         _check_text("prompt", self.prompt, config.MAX_PROMPT_CHARS)
-        if not self.prompt.strip():
-            raise RequestError("prompt", "must not be empty")
+        if not any(unicodedata.category(char)[0] not in "CZ" for char in self.prompt):  # spaces, zero-width, controls
+            raise RequestError("prompt", "must not be empty (it has no visible character)")
         if self.seed is not None:
             _check_number("seed", self.seed, 0, config.MAX_SEED, whole=True)
         _check_number("num_outputs", self.num_outputs, 1, config.MAX_IMAGES, whole=True)
@@ -249,6 +250,10 @@ class Engine:
         )
         return engine
 
+    def lora_warnings(self, info: LoraInfo) -> list[str]:
+        """What the guard warns about in a LoRA that it lets through (a rank other than the one that worked)."""
+        return check_sd15_lora(info, self.settings.expected_lora_rank)
+
     def add_lora(self, name: str, path: Path) -> LoraInfo:
         """Make the LoRA file at `path` selectable as `name` at run time (Cog's lora_url), after the guard start-up
         runs on every LoRA (family, rank, keys, shapes): LoraError with the guard's message when it does not fit.
@@ -294,6 +299,9 @@ class Engine:
         self._lora_file(request.lora)
         if request.upscaler == "realesrgan" and self.upscaler is None:
             raise RequestError("upscaler", "realesrgan is not enabled on this server (PUNKS_UPSCALER=realesrgan)")
+        tokens = tokenize_prompt(self.pipe.tokenizer, request.prompt)
+        if tokens.dropped_words == " ".join(request.prompt.split()):  # nothing of the user's words would be drawn
+            raise RequestError("prompt", "none of its words fits CLIP's 225-token budget; use fewer or shorter words")
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         return self.generate_batch([request], progress)[0]
@@ -314,7 +322,7 @@ class Engine:
         timings = {"pipeline_s": 0.0}  # shared by the batch's requests: they waited for the same calls
         total_steps = sum(job.steps for job in {job.group_key: job for job in jobs}.values())
         done_steps = 0
-        active_first = lambda j: (self._lora_file(j.lora) != self._active_lora(), j.group_key)  # noqa: E731
+        active_first = lambda j: (self._lora_file(j.lora) != self.active_lora, j.group_key)  # noqa: E731
         for _, grouped in groupby(sorted(jobs, key=active_first), key=lambda j: j.group_key):
             group = list(grouped)
             if switched := self._use_lora(group[0].lora):
@@ -383,7 +391,7 @@ class Engine:
 
     def _negative(self, chunks: int) -> torch.Tensor:
         """The fixed negative prompt never changes: encode it once per chunk count."""
-        key = (self._active_lora(), chunks)  # the text encoder changes with the fused LoRA
+        key = (self.active_lora, chunks)  # the text encoder changes with the fused LoRA
         if key not in self._negative_embeddings:
             self._negative_embeddings[key] = self._encode([tokenize_negative(self.pipe.tokenizer).token_ids], chunks)
         return self._negative_embeddings[key]
@@ -397,14 +405,15 @@ class Engine:
             raise RequestError("lora", f"unknown LoRA {name[:80]!r}; allowed: {allowed}")
         return self.loras[name]
 
-    def _active_lora(self) -> Path | None:
+    @property
+    def active_lora(self) -> Path | None:
         """The fused LoRA's file; None while a switch that failed left the base weights (LoraSwitcher.fuse)."""
         return self.switcher.active if self.switcher is not None else self.weights.lora
 
     def _use_lora(self, name: str | None) -> float:
         """Fuse the LoRA a group needs (a no-op when it already is); returns the seconds it took."""
         path = self._lora_file(name)
-        if path == self._active_lora():
+        if path == self.active_lora:
             return 0.0
         assert self.switcher is not None  # without one, only the fused LoRA resolves (load, add_lora)
         return self.switcher.switch(path)

@@ -164,6 +164,10 @@ BAD_BODIES = [
     ({}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "   \n\t"}, "prompt"),
+    ({"prompt": "\u200b\u2060\u200b"}, "prompt"),  # only zero-width characters: nothing visible
+    ({"prompt": "\U0001f600" * 500}, "prompt"),  # nothing of it fits CLIP's budget
+    ({"prompt": "lad", "output_size": 23}, "output_size"),
+    ({"prompt": "lad", "integer_scale": "yes"}, "integer_scale"),
     ({"prompt": "x" * (config.MAX_PROMPT_CHARS + 1)}, "prompt"),
     ({"prompt": 42}, "prompt"),
     ({"prompt": None}, "prompt"),

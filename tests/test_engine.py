@@ -120,6 +120,8 @@ def test_long_prompt_is_encoded_in_chunks_and_reported_when_cut(engine):
         (GenerationRequest(PROMPT, guidance=float("nan")), "guidance"),
         (GenerationRequest(PROMPT, guidance=float("inf")), "guidance"),
         (GenerationRequest("lad \ud800"), "prompt"),
+        (GenerationRequest("\u200b\u200b \u2060\t"), "prompt"),  # only zero-width and space characters
+        (GenerationRequest("\U0001f600" * 500), "prompt"),  # one word of 500 emoji: none of it fits CLIP
         (GenerationRequest(PROMPT, seed=5.0), "seed"),  # type: ignore[arg-type]
         (GenerationRequest(PROMPT, num_outputs=True), "num_outputs"),
         (GenerationRequest(PROMPT, output_size=23), "output_size"),

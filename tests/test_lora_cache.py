@@ -222,7 +222,8 @@ def test_an_added_lora_is_checked_fused_and_removed(url_engine, tmp_path: Path):
     assert engine.add_lora("url-good-1", good).path == good and engine.lora_names == ["url-good-1"]
     assert np.abs(raw("url-good-1") - default).max() > 10
     assert np.array_equal(raw(), default)  # switching back: restored base weights, bit for bit
-    assert engine._use_lora("url-good-1") > 0
+    switched = engine.generate(GenerationRequest("a punk", seed=5, steps=1, lora="url-good-1"))
+    assert switched.timings["lora_switch_s"] > 0
     engine.remove_lora("url-good-1")  # while fused: the next switch restores the base first
     assert engine.lora_names == [] and good not in engine.switcher.loras
     assert all(key[0] != good for key in engine._negative_embeddings)

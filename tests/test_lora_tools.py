@@ -4,7 +4,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -392,12 +391,19 @@ def raw(engine, lora: str | None = None) -> np.ndarray:
     return np.asarray(result.images[0].raw, dtype=np.int16)
 
 
+def switch_seconds(engine, lora: str | None) -> float:
+    """Generate once with `lora`: the seconds its switch took (0 when it was the active one already)."""
+    from service.engine import GenerationRequest
+
+    return engine.generate(GenerationRequest(PROMPT, seed=5, steps=1, lora=lora)).timings.get("lora_switch_s", 0.0)
+
+
 def test_switching_lora_changes_the_image_and_back_restores_it(switching_engine):
     engine = switching_engine
     assert engine.lora_names == ["other"]
     default = _images[None] = raw(engine)
     other = _images["other"] = raw(engine, lora="other")
-    assert engine._active_lora().name == "other.safetensors"
+    assert engine.active_lora is not None and engine.active_lora.name == "other.safetensors"
     assert np.abs(default - other).max() > 10
     assert np.array_equal(raw(engine), default)  # restored base weights + the same fuse: bit for bit
 
@@ -406,15 +412,25 @@ def test_mixed_batch_is_grouped_by_lora(switching_engine, monkeypatch):
     from service.engine import GenerationRequest
 
     engine = switching_engine
-    engine._use_lora("other")
-    calls = []
-    run = engine._run_pipeline
-    monkeypatch.setattr(
-        engine, "_run_pipeline", lambda group, *args: calls.append([j.lora for j in group]) or run(group, *args)
-    )
+    raw(engine, "other")  # "other" is the active LoRA now
+    calls: list[tuple[str, int]] = []  # (the LoRA fused at each pipeline call, its batch size)
+
+    class CountingPipe:
+        def __init__(self, pipe):
+            self.pipe = pipe
+
+        def __getattr__(self, name: str):
+            return getattr(self.pipe, name)
+
+        def __call__(self, **kwargs):
+            calls.append((engine.active_lora.stem, len(kwargs["prompt_embeds"])))
+            return self.pipe(**kwargs)
+
+    monkeypatch.setattr(engine, "pipe", CountingPipe(engine.pipe))
     requests = [GenerationRequest(PROMPT, seed=5, steps=1, lora=lora) for lora in (None, "other", None)]
     results = engine.generate_batch(requests)
-    assert calls == [["other"], [None, None]]  # one pipeline call per LoRA, the active one first: one switch
+    # one pipeline call per LoRA, the active one first: one switch
+    assert calls == [("other", 1), (engine.weights.lora.stem, 2)]
     assert "lora_switch_s" in results[0].timings
     for result, lora in zip(results, [None, "other", None], strict=True):
         assert np.abs(np.asarray(result.images[0].raw, dtype=np.int16) - _images[lora]).max() <= 2  # batched GEMMs
@@ -451,10 +467,10 @@ def test_a_switch_uses_the_start_up_inspection(switching_engine, monkeypatch):
     def no_reading(path, *args):
         raise AssertionError(f"{path} was inspected again")
 
-    engine._use_lora(None)
+    switch_seconds(engine, None)
     monkeypatch.setattr(service.lora.inspect, "read_tensor_table", no_reading)
-    assert engine._use_lora("other") > 0 and engine._active_lora() == other
-    assert engine._use_lora(None) > 0 and engine._active_lora() == engine.weights.lora
+    assert switch_seconds(engine, "other") > 0 and engine.active_lora == other
+    assert switch_seconds(engine, None) > 0 and engine.active_lora == engine.weights.lora
 
 
 def test_wrong_lora_in_the_folder_fails_at_startup(switching_engine, runs):
@@ -470,12 +486,10 @@ def test_switch_cost_is_measured(switching_engine):
     engine = switching_engine
     costs = []
     for name in ["other", None]:
-        started = time.perf_counter()
-        engine._use_lora(name)
-        costs.append(time.perf_counter() - started)
+        costs.append(switch_seconds(engine, name))
     log.warning(
         "LoRA switch on the CPU smoke model: %s s; base copy %.1f MB",
         ", ".join(f"{c:.3f}" for c in costs),
         engine.switcher.base_bytes / 1e6,
     )
-    assert all(c > 0 for c in costs) and engine._active_lora() == engine.weights.lora
+    assert all(c > 0 for c in costs) and engine.active_lora == engine.weights.lora

@@ -58,7 +58,9 @@ def test_output_has_no_nan_and_snaps(engine):
     assert raw.std() > 0  # an all-black image is what NaN latents decode to
     assert image.art.sprite.size == (24, 24) and image.art.image.size == (1024, 1024)
     latents = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16)
-    text = engine._encode([tuple(engine.pipe.tokenizer(PROMPT, add_special_tokens=False).input_ids)], 1)
+    ids = engine.pipe.tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        text = engine.pipe.text_encoder(ids.to("cuda"))[0]
     assert torch.isfinite(text).all()
     with torch.no_grad():
         out = engine.pipe.unet(latents, torch.tensor(500, device="cuda"), text).sample
