@@ -1,6 +1,7 @@
 """Session fixtures: the smoke model is built once per test session (it takes a few seconds)."""
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,29 @@ def engine(smoke_settings: Settings):
     from service.engine import Engine
 
     return Engine.load(smoke_settings)
+
+
+@pytest.fixture(scope="module")
+def fast_engine(engine, smoke_settings: Settings):
+    """The session's smoke engine (same pipeline, no reload) with the FAST settings (tests/live_server.py)."""
+    from service.engine import Engine
+    from tests.live_server import FAST
+
+    return Engine(engine.pipe, Settings(**smoke_settings.model_dump() | FAST), engine.weights, engine.lora)
+
+
+@pytest.fixture(scope="module")
+def spy(fast_engine):
+    """The fast engine behind a SpyEngine: the HTTP tests count, hold and fail its calls."""
+    from tests.live_server import SpyEngine
+
+    return SpyEngine(fast_engine)
+
+
+@pytest.fixture(scope="module")
+def live(spy, smoke_settings: Settings) -> Iterator[str]:
+    """A real uvicorn in a thread serving the app over `spy`."""
+    from tests.live_server import make_app, thread_server
+
+    with thread_server(make_app(smoke_settings, lambda: spy)) as url:
+        yield url

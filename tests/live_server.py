@@ -6,18 +6,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
 import torch
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
+from service.config import Settings
 from service.engine import Engine, GenerationRequest, Rendered
 from service.http import serve
+from service.http.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = httpx.Timeout(180.0)
+FAST = {"steps": 1, "generation_size": 256}  # the smoke model's images are noise at any size
 READY_TIMEOUT_S = 120
 
 
@@ -132,3 +138,42 @@ class SpyEngine:
             return self.engine.render(requests, progress)
         finally:
             self.finished += 1
+
+
+def make_app(smoke_settings: Settings, engine_factory: Callable[[], object], **overrides) -> FastAPI:
+    """The app with the FAST settings (and any others), loading the engine from `engine_factory`."""
+    return create_app(Settings(**smoke_settings.model_dump() | FAST | overrides), engine_factory)
+
+
+def post(url: str, body: dict, **headers: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/generate", json=body, headers=headers, timeout=TIMEOUT)
+
+
+def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def wait_queued(url: str, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while metric_samples(url)[("punks_queue_depth", ())] != count:
+        assert time.monotonic() < deadline, f"queue never reached {count}"
+        time.sleep(0.02)
+
+
+def behind_blocker(url: str, spy: SpyEngine, bodies: list[dict]) -> list[httpx.Response]:
+    """Hold the GPU with one request, queue `bodies` behind it, release: they form one batch."""
+    spy.gate.clear()
+    spy.entered.clear()
+    with ThreadPoolExecutor(len(bodies) + 1) as pool:
+        blocker = pool.submit(post, url, {"prompt": "blocker", "seed": 1})
+        assert spy.entered.wait(30)
+        futures = [pool.submit(post, url, body) for body in bodies]
+        wait_queued(url, len(bodies))
+        spy.gate.set()
+        assert blocker.result().status_code == 200
+        return [future.result() for future in futures]

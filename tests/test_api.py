@@ -9,7 +9,7 @@ import base64
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,43 +18,29 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 from schemathesis.checks import not_a_server_error
 
 from service import config
 from service.config import MAX_SEED, Settings
 from service.engine import Engine
 from service.http.app import create_app
-from tests.live_server import SpyEngine, ThreadServer, subprocess_server, thread_server, wait_ready
-
-TIMEOUT = httpx.Timeout(180.0)
-FAST = {"steps": 1, "generation_size": 256}  # the smoke model's images are noise at any size
+from tests.live_server import (
+    SpyEngine,
+    ThreadServer,
+    behind_blocker,
+    make_app,
+    metric_samples,
+    post,
+    subprocess_server,
+    thread_server,
+    wait_queued,
+    wait_ready,
+)
 
 
 @pytest.fixture(scope="module")
 def deployed(smoke_env: dict[str, str]) -> Iterator[str]:
     with subprocess_server(smoke_env) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def fast_engine(engine: Engine, smoke_settings: Settings) -> Engine:
-    """The session's smoke engine (same pipeline, no reload) with the FAST settings."""
-    return Engine(engine.pipe, Settings(**smoke_settings.model_dump() | FAST), engine.weights, engine.lora)
-
-
-def make_app(smoke_settings: Settings, engine_factory: Callable[[], object], **overrides):
-    return create_app(Settings(**smoke_settings.model_dump() | FAST | overrides), engine_factory)
-
-
-@pytest.fixture(scope="module")
-def spy(fast_engine: Engine) -> SpyEngine:
-    return SpyEngine(fast_engine)
-
-
-@pytest.fixture(scope="module")
-def live(spy: SpyEngine, smoke_settings: Settings) -> Iterator[str]:
-    with thread_server(make_app(smoke_settings, lambda: spy)) as url:
         yield url
 
 
@@ -65,42 +51,8 @@ def fresh(spy: SpyEngine) -> Iterator[SpyEngine]:
     spy.gate.set()
 
 
-def post(url: str, body: dict, **headers: str) -> httpx.Response:
-    return httpx.post(f"{url}/v1/generate", json=body, headers=headers, timeout=TIMEOUT)
-
-
 def decode(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
-
-
-def metric_samples(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"{url}/metrics").text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def wait_queued(url: str, count: int) -> None:
-    deadline = time.monotonic() + 30
-    while metric_samples(url)[("punks_queue_depth", ())] != count:
-        assert time.monotonic() < deadline, f"queue never reached {count}"
-        time.sleep(0.02)
-
-
-def behind_blocker(url: str, spy: SpyEngine, bodies: list[dict]) -> list[httpx.Response]:
-    """Hold the GPU with one request, queue `bodies` behind it, release: they form one batch."""
-    spy.gate.clear()
-    spy.entered.clear()
-    with ThreadPoolExecutor(len(bodies) + 1) as pool:
-        blocker = pool.submit(post, url, {"prompt": "blocker", "seed": 1})
-        assert spy.entered.wait(30)
-        futures = [pool.submit(post, url, body) for body in bodies]
-        wait_queued(url, len(bodies))
-        spy.gate.set()
-        assert blocker.result().status_code == 200
-        return [future.result() for future in futures]
 
 
 def cells_are_flat(image: Image.Image, grid: int = 24) -> np.ndarray:

@@ -6,28 +6,12 @@ of another size the matrix kernels round differently (on the CPU as on the GPU),
 but not identical, and the snap may then change some cells.
 """
 
-from collections.abc import Iterator
-
 import numpy as np
-import pytest
 
-from service.config import Settings
 from service.engine import Engine, GenerationRequest
-from tests.live_server import SpyEngine, thread_server
-from tests.test_api import behind_blocker, fast_engine, make_app  # noqa: F401 (a fixture)
+from tests.live_server import SpyEngine, behind_blocker
 
 APE = {"prompt": "ape with a cap", "seed": 42}
-
-
-@pytest.fixture(scope="module")
-def spy(fast_engine: Engine) -> SpyEngine:
-    return SpyEngine(fast_engine)
-
-
-@pytest.fixture(scope="module")
-def live(spy: SpyEngine, smoke_settings: Settings) -> Iterator[str]:
-    with thread_server(make_app(smoke_settings, lambda: spy)) as url:
-        yield url
 
 
 def test_a_seed_gives_the_same_image_in_any_batch_of_the_same_size(live: str, spy: SpyEngine):

@@ -18,8 +18,18 @@ import pytest
 
 from service.config import Settings
 from service.engine import Engine, Rendered
-from tests.live_server import ROOT, SpyEngine, ThreadServer, served_process, thread_server, wait_ready
-from tests.test_api import fast_engine, make_app, metric_samples, post, wait_queued  # noqa: F401 (a fixture)
+from tests.live_server import (
+    ROOT,
+    SpyEngine,
+    ThreadServer,
+    make_app,
+    metric_samples,
+    post,
+    served_process,
+    thread_server,
+    wait_queued,
+    wait_ready,
+)
 
 BODY_TIMEOUT_S = 1.0
 LIMIT_CONCURRENCY = 6
