@@ -75,10 +75,9 @@ class GenerationRequest:
                 raise RequestError("lora", "must be a LoRA name (a file stem in the LoRA folder)")
         _check_choice("upscaler", self.upscaler, config.UPSCALERS, optional=True)
         _check_choice("output_format", self.output_format, config.OUTPUT_FORMATS)
-        for name in ("integer_scale", "return_sprites"):
-            value = getattr(self, name)
-            if not (isinstance(value, bool) or (value is None and name == "integer_scale")):
-                raise RequestError(name, "must be true or false")
+        if self.integer_scale is not None:
+            _check_flag("integer_scale", self.integer_scale)
+        _check_flag("return_sprites", self.return_sprites)
 
 
 def _check_text(field: str, value: object, max_chars: int) -> None:
@@ -97,7 +96,12 @@ def _check_number(field: str, value: object, low: float, high: float, whole: boo
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise RequestError(field, "must be a whole number" if whole else "must be a number")
     if not low <= value <= high:  # also refuses NaN
-        raise RequestError(field, f"must be between {low:g} and {high:g}")
+        raise RequestError(field, f"must be between {low} and {high}")
+
+
+def _check_flag(field: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise RequestError(field, "must be true or false")
 
 
 def _check_choice(field: str, value: object, choices: tuple[str, ...], optional: bool = False) -> None:

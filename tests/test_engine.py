@@ -137,6 +137,7 @@ def test_bad_requests_name_the_field(engine, request_, field):
     with pytest.raises(RequestError, match=f"^{field}:") as raised:
         engine.generate(request_)
     assert raised.value.field == field
+    assert "e+" not in raised.value.reason  # bounds as written, 4294967295 not 4.29497e+09
 
 
 def test_output_size_and_integer_scale_are_request_fields(engine):
