@@ -151,12 +151,12 @@ class Runner(BaseRunner):
             raise RequestError("lora_url", "give either lora (a served name) or lora_url, not both")
         request = GenerationRequest(
             prompt=prompt,
-            seed=_whole("seed", seed),
-            num_outputs=_whole("num_outputs", num_outputs),
-            steps=_whole("steps", steps),
+            seed=_whole(seed),
+            num_outputs=_whole(num_outputs),
+            steps=_whole(steps),
             guidance=guidance,
             lora=lora or None,
-            output_size=_whole("output_size", output_size),
+            output_size=_whole(output_size),
             integer_scale=integer_scale,
             output_format=output_format,  # type: ignore[arg-type]  # schema: choices
             return_sprites=return_sprites,
@@ -218,10 +218,10 @@ class Runner(BaseRunner):
 
 # Typed as run() declares its inputs; at run time a float can arrive where it says int (see the docstring).
 @overload
-def _whole(field: str, value: int) -> int: ...
+def _whole(value: int) -> int: ...
 @overload
-def _whole(field: str, value: int | None) -> int | None: ...
-def _whole(field: str, value: int | float | None) -> int | float | None:
+def _whole(value: int | None) -> int | None: ...
+def _whole(value: int | float | None) -> int | float | None:
     """Cog's schema lets a whole-number float such as 5.0 through for an integer input: take it as the integer.
     Any other float stays a float, which GenerationRequest.check refuses naming the field."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
