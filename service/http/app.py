@@ -27,6 +27,7 @@ from service.config import Settings
 from service.delivery import MEDIA_TYPES, encode_images
 from service.engine import Engine, GenerationRequest
 from service.errors import RequestError
+from service.http import playground
 from service.http.metrics import Metrics
 from service.http.middleware import BodyLimit, RequestMetrics
 from service.http.schemas import GenerateRequest, GenerateResponse, Timings
@@ -135,6 +136,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             given = credentials.credentials.encode() if credentials else b""
             if not hmac.compare_digest(given, expected):
                 raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    app.include_router(playground.router)  # the web page at / (service/http/static/)
 
     @app.get("/healthz", summary="Liveness: 503 once the engine failed to load or the generation worker died.")
     async def healthz() -> JSONResponse:
