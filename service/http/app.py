@@ -27,7 +27,7 @@ from service.config import Settings
 from service.delivery import MEDIA_TYPES, encode_images
 from service.engine import Engine, GenerationRequest
 from service.errors import RequestError
-from service.http import playground
+from service.http import a1111, openai_images, playground
 from service.http.metrics import Metrics
 from service.http.middleware import BodyLimit, RequestMetrics
 from service.http.schemas import GenerateRequest, GenerateResponse, Timings
@@ -63,6 +63,18 @@ class _Service:
             return
         self.batcher = Batcher.for_engine(engine, self.metrics, self.gpu_thread, self.settings)
         self.engine = engine
+
+    def ready_engine(self) -> Engine:
+        """The loaded engine, or the 503 every generating route answers while it cannot serve."""
+        reason = self.unavailable()
+        if reason is not None:
+            raise HTTPException(503, reason, headers={"Retry-After": RETRY_AFTER_S})
+        assert self.engine is not None  # unavailable() said None: loaded
+        return self.engine
+
+    async def submit(self, request: GenerationRequest, http: Request) -> Done | None:
+        """Queue a request exactly as /v1/generate does (the OpenAI and A1111 routes call this)."""
+        return await _submit(self, request, http)
 
     def broken(self) -> str | None:
         """Why this process can never serve again (None: it can, or will once loaded): liveness fails."""
@@ -187,7 +199,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     )
     async def generate(body: GenerateRequest, request: Request) -> Response:
         started = time.perf_counter()
-        done = await _submit(service, body, request)
+        done = await _submit(service, body.to_engine(), request)
         if done is None:  # the client hung up: nobody reads this
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         as_png = _prefers_png(request.headers.get("accept", ""))
@@ -208,17 +220,18 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         payload = GenerateResponse.from_delivery(done.result, MEDIA_TYPES[body.output_format], images, timings)
         return Response(payload.model_dump_json(), media_type="application/json")
 
+    app.include_router(openai_images.router(service, authorize))  # POST /v1/images/generations, GET /v1/models
+    app.include_router(a1111.router(service))  # POST /sdapi/v1/txt2img, GET /sdapi/v1/sd-models, ...
     return app
 
 
-async def _submit(service: _Service, body: GenerateRequest, http: Request) -> Done | None:
+async def _submit(service: _Service, request: GenerationRequest, http: Request) -> Done | None:
     """Queue the request and map every way it can fail to its status code. None: the client hung up while
     it waited (a queued request then leaves the queue unrendered)."""
     reason = service.unavailable()
     if reason is not None:
         raise HTTPException(503, reason, headers={"Retry-After": RETRY_AFTER_S})
     assert service.engine is not None and service.batcher is not None  # available: loaded (_Service.load)
-    request = body.to_engine()
     try:
         service.engine.check_request(request)  # what only the loaded engine knows: LoRA names, upscaler
     except RequestError as error:
