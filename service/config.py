@@ -178,6 +178,32 @@ class Settings(BaseSettings):
         "then get 503. The process exits once the batch on the GPU returns (under Docker's default `stop -t 10`).",
     )
 
+    # Ray Serve (service/http/ray_app.py, `serve run deploy/serve.yaml`): one replica = one engine on one GPU.
+    ray_min_replicas: int = Field(1, ge=0, description="Ray Serve: fewest replicas the autoscaler keeps.")
+    ray_max_replicas: int = Field(1, ge=1, description="Ray Serve: most replicas (at most one per GPU).")
+    ray_target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Ray Serve autoscaling: ongoing requests per replica it scales towards."
+    )
+    ray_max_ongoing_requests: int = Field(
+        8,
+        ge=1,
+        description="Ray Serve: requests one replica holds at once (its batcher's queue); more wait at the proxy. "
+        "Keep it at most max_queue.",
+    )
+    ray_max_queued_requests: int = Field(
+        64,
+        ge=-1,
+        description="Ray Serve: requests waiting at each proxy for a replica; beyond it the proxy answers 429 "
+        "with Retry-After (plain text, not the JSON of the service's own 429). -1: no bound.",
+    )
+    ray_num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="Ray Serve: GPUs per replica. Default: 1 when device is cuda, or auto and CUDA (or a GPU in "
+        "the Ray cluster) is present; else 0 (CPU).",
+    )
+    ray_num_cpus: float = Field(1.0, ge=0, description="Ray Serve: CPUs reserved per replica.")
+
     @model_validator(mode="after")
     def _buckets_hold_every_batch(self) -> "Settings":
         largest = max(MAX_IMAGES, self.max_batch_size)

@@ -129,6 +129,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     )
     app.state.settings = settings
     app.state.shutdown = service.shutdown  # for the server, on SIGTERM (service/http/serve.py)
+    app.state.service = service  # a Ray Serve replica waits for readiness on it (service/http/ray_app.py)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestMetrics, metrics=service.metrics, router=app.router)  # outermost: counts 408/413 too
     # Starlette types every handler as taking any Exception; it calls this one with RequestValidationError only.
