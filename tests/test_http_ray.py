@@ -1,6 +1,6 @@
 """The Ray Serve application (service/http/ray_app.py) on loopback: Ray started locally with 2 CPUs, no
-dashboard, Serve's HTTP proxy on 127.0.0.1, one replica of the smoke model; the same bytes, 422s and readiness
-as the single-process app, and Serve's 429 once its proxy queue is full. deploy/*.yaml parse and import."""
+dashboard, Serve's HTTP proxy on 127.0.0.1, two replicas of the smoke model; both serve, the same bytes, 422s and
+readiness as the single-process app, and Serve's 429 once its proxy queue is full. deploy/*.yaml parse and import."""
 
 import os
 import socket
@@ -11,8 +11,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import ray
 import yaml
 from fastapi.testclient import TestClient
+from ray import serve
 
 from service.config import Settings
 from service.delivery import encode_images
@@ -20,13 +22,17 @@ from service.engine import Engine
 from service.http.app import create_app
 from service.http.schemas import GenerateRequest
 
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "lad with a red beanie, green background"
-# Tight bounds so the back-pressure test needs only a handful of requests: 1 on the replica, 1 at the proxy.
-RAY_ENV = {"PUNKS_RAY_MAX_ONGOING_REQUESTS": "1", "PUNKS_RAY_MAX_QUEUED_REQUESTS": "1", "PUNKS_WARMUP": "false"}
+# Two replicas (one CPU each) and tight bounds, so the back-pressure test needs only a handful of requests:
+# 1 on each replica, 1 at the proxy.
+RAY_ENV = {
+    "PUNKS_RAY_MIN_REPLICAS": "2",
+    "PUNKS_RAY_MAX_REPLICAS": "2",
+    "PUNKS_RAY_MAX_ONGOING_REQUESTS": "1",
+    "PUNKS_RAY_MAX_QUEUED_REQUESTS": "1",
+    "PUNKS_WARMUP": "false",
+}
 
 
 def _free_port() -> int:
@@ -100,6 +106,17 @@ def test_png_matches_the_engine(ray_url: str, engine: Engine) -> None:
     expected = engine.generate(GenerateRequest(**body).to_engine()).images[0]
     assert response.content == encode_images([expected], "png", False)[0].image  # what the single process sends
     assert expected.art.image.size == (1024, 1024)
+
+
+def test_both_replicas_serve_and_a_seed_reproduces_on_either(ray_url: str) -> None:
+    body = {"prompt": PROMPT, "seed": 3, "steps": 1}
+    responses = []
+    for _ in range(4):  # two at a time: one on each replica (each holds one request)
+        with ThreadPoolExecutor(2) as pool:
+            responses += list(pool.map(lambda _: _generate(ray_url, body, Accept="image/png"), range(2)))
+    assert [response.status_code for response in responses] == [200] * 8
+    assert len({response.headers["x-replica"] for response in responses}) == 2
+    assert len({response.content for response in responses}) == 1  # same seed, same bytes on either replica
 
 
 def test_bad_body_same_422_as_single_process(ray_url: str, smoke_settings: Settings) -> None:
