@@ -289,14 +289,15 @@ class Engine:
         sizes = self.settings.batch_buckets if self.settings.compile else (1,)
         for size in sizes:
             warm_up = GenerationRequest("warm-up", seed=0, num_outputs=size, steps=2)
-            self._run_pipeline([self._resolve(0, warm_up)], None, 0, 2)
+            self._run_pipeline([self._resolve(0, warm_up, self.check_request(warm_up))], None, 0, 2)
         if self.upscaler is not None:
             size = self.settings.generation_size
             self.upscaler.upscale(Image.new("RGB", (size, size)), self.settings.output_size)
         log.info("warm-up (batch sizes %s) took %.1fs", sizes, time.perf_counter() - started)
 
-    def check_request(self, request: GenerationRequest) -> None:
-        """Raise RequestError for a request this engine cannot serve (bounds, LoRA, upscaler).
+    def check_request(self, request: GenerationRequest) -> PromptTokens:
+        """Raise RequestError for a request this engine cannot serve (bounds, LoRA, upscaler, a prompt CLIP would
+        drop wholly); return its templated tokens, which render uses instead of tokenizing again.
 
         Surfaces call it before queueing, so a bad request is a client error, never a failed batch."""
         request.check()
@@ -306,6 +307,7 @@ class Engine:
         tokens = tokenize_prompt(self.pipe.tokenizer, request.prompt)
         if tokens.dropped_words == " ".join(request.prompt.split()):  # nothing of the user's words would be drawn
             raise RequestError("prompt", "none of its words fits CLIP's 225-token budget; use fewer or shorter words")
+        return tokens
 
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         return self.generate_batch([request], progress)[0]
@@ -319,9 +321,11 @@ class Engine:
     def render(self, requests: Sequence[GenerationRequest], progress: Progress | None = None) -> list[Rendered]:
         """The GPU half: generate every request's raw images with as few pipeline calls as their settings
         allow (plus the Real-ESRGAN upscale, also on the GPU). Run it on the thread that loaded the engine."""
-        for request in requests:
-            self.check_request(request)
-        jobs = [self._resolve(index, request) for index, request in enumerate(requests)]
+        checked = [self.check_request(request) for request in requests]  # every request, before any rendering
+        jobs = [
+            self._resolve(index, request, tokens)
+            for index, (request, tokens) in enumerate(zip(requests, checked, strict=True))
+        ]
         rendered = [Rendered(job) for job in jobs]  # job.request_index is its place in this list
         timings = {"pipeline_s": 0.0}  # shared by the batch's requests: they waited for the same calls
         total_steps = sum(job.steps for job in {job.group_key: job for job in jobs}.values())
@@ -369,9 +373,8 @@ class Engine:
             timings={name: round(seconds, 4) for name, seconds in timings.items()},
         )
 
-    def _resolve(self, index: int, request: GenerationRequest) -> _Job:
+    def _resolve(self, index: int, request: GenerationRequest, tokens: PromptTokens) -> _Job:
         first_seed = request.seed if request.seed is not None else secrets.randbelow(config.MAX_SEED + 1)
-        tokens = tokenize_prompt(self.pipe.tokenizer, request.prompt)
         if tokens.dropped_words:
             log.warning("prompt too long for CLIP; dropped: %r", tokens.dropped_words)
         return _Job(
