@@ -4,6 +4,12 @@ count, a fixed number of concurrent clients, a timeout per request.
 
     python bench/ray_load.py --replicas 1,2 --requests 64 --concurrency 16 --out bench/results/   # N GPUs
     python bench/ray_load.py --smoke --replicas 1 --requests 6 --concurrency 2 --steps 2             # CPU dry run
+    python bench/ray_load.py --random-weights /tmp/w --compare-uvicorn --out bench/results/           # Serve's cost
+
+--compare-uvicorn also measures the single-process service (`python -m service serve`) in the same run, with the
+same settings, requests and clients, before Ray starts: the difference at 1 replica is what Serve's proxy and
+router cost. --random-weights DIR builds the full-size SD1.5 architecture with random weights and a random
+rank-32 LoRA there (as bench/bench.py does) and serves them: speed does not depend on the weights' values.
 
 Ray is started locally (no dashboard) with as many GPUs as torch sees; each replica count is a fresh
 deployment with min = max = that many replicas, warmed by one request per replica before the clock starts.
@@ -17,12 +23,14 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -74,6 +82,47 @@ def measure(url: str, replicas: int, requests: int, concurrency: int, steps: int
     }
 
 
+def random_full_size_weights(folder: Path) -> Path:
+    """The full-size SD1.5 architecture with random weights (fp16 on CUDA) and a rank-32 LoRA, in weights/ layout."""
+    import torch
+
+    from devtools.smoke import SMOKE_FOLDER, SMOKE_LORA, build_full_size_pipeline, save_random_model
+
+    if not (folder / SMOKE_LORA).is_file():
+        pipe = build_full_size_pipeline()
+        if torch.cuda.is_available():
+            pipe.to(torch.float16)
+        save_random_model(folder, pipe, single_file=False)
+    os.environ |= {"PUNKS_WEIGHTS_DIR": str(folder), "PUNKS_BASE_MODEL": str(folder / SMOKE_FOLDER)}
+    return folder
+
+
+def measure_uvicorn(requests: int, concurrency: int, steps: int | None) -> dict:
+    """The same load on the single-process service (`python -m service serve`), same PUNKS_* settings."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "service", "serve", "--port", str(port)]
+    started = time.perf_counter()
+    # the log goes to a file, not a pipe: nobody reads it while the load runs
+    with tempfile.TemporaryFile("w+") as log, subprocess.Popen(command, cwd=REPO, env=env, stderr=log) as server:
+        try:
+            while server.poll() is None:
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+            else:
+                log.seek(0)
+                raise RuntimeError(f"the service exited: {log.read()[-3000:]}")
+            row = {"server": "uvicorn (python -m service serve)", "ready_s": round(time.perf_counter() - started, 1)}
+            return row | measure(url, 1, requests, concurrency, steps)
+        finally:
+            server.terminate()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", default="1", help="comma-separated replica counts, e.g. 1,2,4")
@@ -81,6 +130,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8, help=f"concurrent clients (at most {MAX_CONCURRENCY})")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per request (default: settings)")
     parser.add_argument("--smoke", action="store_true", help="the random smoke model on the CPU (a dry run)")
+    parser.add_argument("--random-weights", type=Path, help="build full-size random SD1.5 weights here and serve them")
+    parser.add_argument("--compare-uvicorn", action="store_true", help="also the single-process service, same run")
     parser.add_argument("--out", type=Path, default=None, help="folder for the JSON result")
     args = parser.parse_args()
     counts = [int(count) for count in args.replicas.split(",")]
@@ -97,6 +148,13 @@ def main() -> None:
             "PUNKS_DEVICE": "cpu",
             "PUNKS_ALLOW_SMOKE_MODEL": "true",
         }
+    elif args.random_weights:
+        random_full_size_weights(args.random_weights)
+    rows = []
+    if args.compare_uvicorn:  # first, so that no Ray process shares the machine with it
+        row = measure_uvicorn(args.requests, args.concurrency, args.steps)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     import ray
     import torch
     from ray import serve
@@ -107,13 +165,16 @@ def main() -> None:
     ray.init(num_cpus=max(2, os.cpu_count() or 2), num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    rows = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for count in counts:
             bounds = {"ray_min_replicas": str(count), "ray_max_replicas": str(count)}
+            started = time.perf_counter()
             serve.run(build_app(bounds), name="punks", route_prefix="/")
-            row = measure(url, count, args.requests, args.concurrency, args.steps)
+            ready_s = round(time.perf_counter() - started, 1)
+            row = {"server": "Ray Serve", "ready_s": ready_s} | measure(
+                url, count, args.requests, args.concurrency, args.steps
+            )
             print(json.dumps(row), flush=True)
             rows.append(row)
             serve.delete("punks")
@@ -121,7 +182,18 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     device = torch.cuda.get_device_name(0) if gpus else platform.processor() or "cpu"
-    result = {"date": date.today().isoformat(), "device": device, "gpus": gpus, "smoke": args.smoke, "rows": rows}
+    result = {
+        "date": date.today().isoformat(),
+        "device": device,
+        "gpus": gpus,
+        "smoke": args.smoke,
+        "versions": {
+            name: version(name) for name in ("torch", "diffusers", "transformers", "ray", "fastapi", "uvicorn")
+        },
+        "settings": {key: value for key, value in os.environ.items() if key.startswith("PUNKS_")},
+        "command": " ".join(sys.argv),
+        "rows": rows,
+    }
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
