@@ -1,16 +1,30 @@
-"""Benchmark: plain diffusers (the baseline a user would write) vs this project's engine, in one run.
+"""Benchmark: plain diffusers written two ways (a beginner's script and its docs' expert recipe) vs this
+project's engine, eager and compiled, in one run.
 
-    python bench/bench.py --out bench/results/            # on a CUDA machine (the device tool's H100)
-    python bench/bench.py --smoke --runs 2 --steps 2      # a quick dry run on a CPU with the smoke model
+    python bench/bench.py --out bench/results/              # on a CUDA machine (the device tool's H200)
+    python bench/bench.py --smoke --runs 2 --steps 2        # a quick dry run on a CPU with the smoke model
 
 Builds the FULL-SIZE SD1.5 architecture with random weights plus a random rank-32 kohya LoRA, saves them
 in weights/ layout, and loads them through each side's own loader, so cold start is measured honestly.
-Each measurement runs in a fresh process: cold start is process start -> ready (weights read, LoRA
-fused, warm-up done). Reports median and p95 of repeated runs, peak GPU memory, and throughput with 8
-concurrent clients through the real FastAPI service on loopback.
+Each variant runs in a fresh process: cold start is process start -> ready (weights read, LoRA fused,
+warm-up or compile done). Every variant gets the same prompt, steps and batch sizes, and each request is
+prompt in, 1024 px PNG bytes out:
+
+- naive: fp16 pipeline, LoRA loaded and left unfused, eager (what a first script looks like);
+- expert: diffusers as its docs recommend: load_lora_weights + fuse_lora + unload_lora_weights,
+  channels_last, torch.compile(mode="reduce-overhead", fullgraph=True) of the UNet and of vae.decode;
+  no server, so its "8 clients" figure is its batch-4 rate with the PNGs (perfect batching, for free);
+- engine / engine-compile: this service, PUNKS_COMPILE false / true; the compiled one also serves 8
+  concurrent clients through the real FastAPI app (uvicorn in the worker, clients in this process), says
+  where a batch-1 request's time goes, and measures the levers of issue 17 one by one.
+
+The workers print their numbers as they get them, and the report is rewritten after each, so a run cut
+short still leaves what it measured. The compile cache is shared by the expert and the engine (same
+UNet and VAE graphs): the variant compiled first pays the empty-cache compile.
 """
 
 import argparse
+import gc
 import io
 import json
 import os
@@ -19,21 +33,32 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from datetime import date
+from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 PROMPT = "lad with a red beanie, green background"
 READY = "BENCH-READY"
+PART = "BENCH-PART "  # + one JSON object: numbers a worker has so far
+SERVE = "BENCH-SERVE "  # + port and label: the worker's API is ready for the parent's clients
+BATCH_SIZES = (1, 2, 4)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {"median": round(statistics.median(ordered), 4), "p95": round(p95, 4), "n": len(ordered)}
+    return {
+        "median": round(statistics.median(ordered), 4),
+        "p95": round(p95, 4),
+        "max": round(ordered[-1], 4),
+        "n": len(ordered),
+    }
 
 
 def png_bytes(image) -> bytes:
@@ -42,101 +67,327 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
+def report_part(**numbers) -> None:
+    print(PART + json.dumps(numbers), flush=True)
+
+
+def timed(call, repeats: int, sync) -> float:
+    """Median seconds of `call()` (device synchronised before and after)."""
+    seconds = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        call()
+        sync()
+        seconds.append(time.perf_counter() - started)
+    return round(statistics.median(seconds), 5)
+
+
 # ---------------------------------------------------------------- workers (each in its own process)
 
 
-def worker_baseline(args: argparse.Namespace) -> dict:
-    """Plain diffusers as a user would write it: fp16 pipeline, LoRA loaded and left unfused."""
+def diffusers_pipeline(args: argparse.Namespace, fused: bool):
+    """The pipeline a user builds with diffusers alone: unfused (naive) or the docs' recipe (expert)."""
     import torch
-    from diffusers import StableDiffusionPipeline
-    from PIL import Image
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(
         args.weights / "stable-diffusion-v1-5", dtype=dtype, safety_checker=None
     )
+    # The engine's sampler (DPM++ 2M): the same UNet calls per image (SD1.5's default PNDM makes 26 for 25 steps)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.load_lora_weights(str(args.weights / "bespoke_punks.safetensors"))
+    if fused:
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-
-    def request(seed: int, images: int = 1) -> bytes:
-        generator = torch.Generator(device).manual_seed(seed)
-        out = pipe(PROMPT, num_inference_steps=args.steps, generator=generator, num_images_per_prompt=images)
-        return png_bytes(out.images[0].resize((1024, 1024), Image.NEAREST))
-
-    request(0)  # warm-up
-    print(READY, flush=True)
-    return measure(args, request, device)
+    if fused and device == "cuda":  # the engine compiles on CUDA only, too
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead", fullgraph=True)
+    return pipe, device
 
 
-def worker_engine(args: argparse.Namespace) -> dict:
-    import logging
-
+def worker_diffusers(args: argparse.Namespace, fused: bool) -> dict:
+    """naive (fused=False) or expert (fused=True): prompt in, 1024 px PNG out, like the engine's requests."""
     import torch
+    from PIL import Image
 
-    from service.config import Settings
-    from service.engine import Engine, GenerationRequest
+    pipe, device = diffusers_pipeline(args, fused)
 
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # start-up stages, to stderr
-    settings = Settings()
-    engine = Engine.load(settings)
+    def images(seed: int, count: int) -> list:
+        generator = torch.Generator(device).manual_seed(seed)
+        return pipe(
+            PROMPT,
+            num_inference_steps=args.steps,
+            generator=generator,
+            num_images_per_prompt=count,
+            height=512,  # SD1.5's default, said explicitly: the same work as the engine's, on the smoke model too
+            width=512,
+        ).images
+
+    def request(seed: int, count: int = 1) -> list[bytes]:
+        return [png_bytes(image.resize((1024, 1024), Image.NEAREST)) for image in images(seed, count)]
+
+    for size in BATCH_SIZES if fused else (1,):  # warm-up (expert: record each batch size's graphs, as the engine)
+        images(0, size)
     print(READY, flush=True)
-
-    def request(seed: int, images: int = 1) -> bytes:
-        result = engine.generate(GenerationRequest(PROMPT, seed=seed, num_outputs=images, steps=args.steps))
-        return png_bytes(result.images[0].art.image)
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = measure(args, request, device)
-    result["timings_last"] = engine.generate(GenerationRequest(PROMPT, seed=1, steps=args.steps)).timings
-    result["render_by_batch"] = render_by_batch(engine, args, settings.batch_buckets)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    runs = args.runs if fused else args.slow_runs
+    result = {"latency_s": latency(lambda seed: request(seed), runs, sync)}
+    report_part(**result)
+    by_batch = {}
+    repeats = args.batch_repeats if fused else 1  # eager naive: seconds per call, little spread
+    for size in BATCH_SIZES:
+        render_s = timed(lambda size=size: images(7, size), repeats, sync)
+        with_png_s = timed(lambda size=size: request(7, size), repeats, sync)
+        by_batch[str(size)] = {
+            "render_s": render_s,
+            "images_per_s": round(size / render_s, 2),
+            "with_png_s": with_png_s,
+            "images_per_s_with_png": round(size / with_png_s, 2),
+        }
+        report_part(render_by_batch=by_batch)
+    result["render_by_batch"] = by_batch
+    result["peak_memory_gib_batch4"] = peak_memory(lambda: request(123, 4), device)
     return result
 
 
-def render_by_batch(engine, args: argparse.Namespace, sizes: tuple[int, ...], repeats: int = 3) -> dict:
+def latency(request, runs: int, sync) -> dict:
+    seconds = []
+    for seed in range(runs):
+        sync()
+        started = time.perf_counter()
+        data = request(seed)
+        seconds.append(time.perf_counter() - started)
+        assert data[0].startswith(b"\x89PNG")
+    return percentiles(seconds)
+
+
+def peak_memory(call, device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+
+def worker_engine(args: argparse.Namespace) -> dict:
+    """The engine behind the real FastAPI app, served by uvicorn on a thread of this process; the direct
+    measurements run on the app's GPU thread (CUDA graphs replay only on the thread that recorded them)."""
+    import logging
+
+    import torch
+    import uvicorn
+
+    from service.config import Settings
+    from service.engine import Engine, GenerationRequest
+    from service.http.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # start-up stages, to stderr
+    settings = Settings()
+    calls: list[tuple[float, float, int]] = []  # (start, end, images) of every engine.render call
+
+    def load() -> Engine:
+        engine = Engine.load(settings)
+        render = engine.render
+
+        def render_timed(requests, progress=None):
+            started = time.perf_counter()
+            try:
+                return render(requests, progress)
+            finally:
+                calls.append((started, time.perf_counter(), sum(r.num_outputs for r in requests)))
+
+        engine.render = render_timed  # type: ignore[method-assign]  # before the batcher takes it
+        return engine
+
+    app = create_app(settings, load)
+    service = app.state.service
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while service.unavailable() is not None:
+        if service.load_error:
+            raise RuntimeError(f"engine failed to load: {service.load_error}")
+        time.sleep(0.05)
+    print(READY, flush=True)
+    engine = service.engine
+    device = engine.device.type
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+
+    def on_gpu(call, *args):
+        return service.gpu_thread.submit(call, *args).result()
+
+    def request(seed: int, count: int = 1, prompt: str = PROMPT) -> list[bytes]:
+        result = engine.generate(GenerationRequest(prompt, seed=seed, num_outputs=count, steps=args.steps))
+        return [png_bytes(image.art.image) for image in result.images]
+
+    result: dict = {}
+    result["latency_s"] = on_gpu(latency, request, args.runs if settings.compile else args.slow_runs, sync)
+    report_part(latency_s=result["latency_s"])
+    result["render_by_batch"] = on_gpu(render_by_batch, engine, args, sync)
+    report_part(render_by_batch=result["render_by_batch"])
+    result["peak_memory_gib_batch4"] = on_gpu(peak_memory, lambda: request(123, 4), device)
+    report_part(peak_memory_gib_batch4=result["peak_memory_gib_batch4"])
+    if not settings.compile:
+        return result
+    result["where_batch1_goes"] = attempt(lambda: on_gpu(batch1_breakdown, engine, args, sync))
+    report_part(where_batch1_goes=result["where_batch1_goes"])
+    result["throughput"] = serve_clients(port, "default", calls, args)
+    report_part(throughput=result["throughput"])
+    levers: dict = {}
+    result["levers"] = levers
+    # Lever: a frozen heap (gc.freeze after warm-up): full collections no longer walk the compiler's objects.
+    gc.collect()
+    frozen = gc.get_freeze_count()
+    gc.freeze()
+    levers["gc_freeze"] = {
+        "objects_frozen": gc.get_freeze_count() - frozen,
+        "latency_s": attempt(lambda: on_gpu(latency, request, args.runs, sync)),
+    }
+    report_part(levers=levers)
+    levers["gc_freeze"]["throughput"] = serve_clients(port, "gc_freeze", calls, args)
+    report_part(levers=levers)
+    # Lever: the GPU thread waits less for the GIL while other threads snap and encode (default 5 ms).
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    levers["switch_interval_0.5ms"] = {"throughput": serve_clients(port, "switch_interval", calls, args)}
+    sys.setswitchinterval(switch_interval)
+    report_part(levers=levers)
+    server.should_exit = True
+    return result
+
+
+def attempt(measure) -> dict:
+    """A measurement that may fail on its own (a lever) without losing the worker's other numbers."""
+    try:
+        return measure()
+    except Exception as error:
+        return {"error": f"{type(error).__name__}: {error}"[-2000:]}
+
+
+def serve_clients(port: int, label: str, calls: list, args: argparse.Namespace) -> dict:
+    """Let the parent's clients load the API, then say how busy the GPU thread was meanwhile."""
+    first = len(calls)
+    print(f"{SERVE}{port} {label}", flush=True)
+    reply = json.loads(sys.stdin.readline())  # the parent's client numbers, when its clients are done
+    window = calls[first + 1 :]  # the parent's one unmeasured request first
+    if not window:
+        return reply
+    span = window[-1][1] - window[0][0]
+    gaps = [later[0] - earlier[1] for earlier, later in zip(window, window[1:], strict=False)]
+    full = [end - start for start, end, images in window if images == max(BATCH_SIZES)]
+    return reply | {
+        "gpu_thread_busy": round(sum(end - start for start, end, _ in window) / span, 3),
+        "engine_calls": len(window),
+        "mean_images_per_call": round(sum(images for *_, images in window) / len(window), 2),
+        "gap_between_calls_ms": round(1000 * statistics.median(gaps), 2) if gaps else None,
+        "render_4_images_s_under_load": round(statistics.median(full), 4) if full else None,
+    }
+
+
+def render_by_batch(engine, args: argparse.Namespace, sync) -> dict:
     """The GPU half alone (engine.render: diffusion + VAE decode) per batch size: the throughput ceiling."""
-    from service.config import MAX_IMAGES
     from service.engine import GenerationRequest
 
     report = {}
-    for size in sizes:
-        seconds = []
-        for seed in range(repeats):
-            requests = [
-                GenerationRequest(
-                    PROMPT, seed=seed * 100 + first, num_outputs=min(MAX_IMAGES, size - first), steps=args.steps
-                )
-                for first in range(0, size, MAX_IMAGES)
-            ]
-            started = time.perf_counter()
-            engine.render(requests)
-            seconds.append(time.perf_counter() - started)
-        median = statistics.median(seconds)
-        report[str(size)] = {"render_s": round(median, 4), "images_per_s": round(size / median, 2)}
+    for size in BATCH_SIZES:
+        seconds = timed(
+            lambda size=size: engine.render([GenerationRequest(PROMPT, seed=5, num_outputs=size, steps=args.steps)]),
+            args.batch_repeats,
+            sync,
+        )
+        report[str(size)] = {"render_s": seconds, "images_per_s": round(size / seconds, 2)}
     return report
 
 
-def measure(args: argparse.Namespace, request, device: str) -> dict:
+def batch1_breakdown(engine, args: argparse.Namespace, sync) -> dict:
+    """Where one image's time goes, by CUDA events at each denoising step of a real render plus the parts
+    timed alone: text encoder, scheduler steps, snapping, PNG encoding."""
+
+    from service.engine import GenerationRequest
+
+    cuda = engine.device.type == "cuda"
+    request = GenerationRequest(PROMPT, seed=11, steps=args.steps)
+    tokens = engine.check_request(request)
+    report: dict = {
+        "tokenize_and_check_ms": round(1000 * timed(lambda: engine.check_request(request), 20, lambda: None), 3),
+        "text_encoder_ms": round(
+            1000 * timed(lambda: engine._encode([tokens.token_ids], tokens.chunk_count), 20, sync), 3
+        ),
+    }
+    samples: list[dict] = []
+    for _ in range(args.batch_repeats):
+        at, cpu, rendered = step_timeline(engine, request, cuda, sync)
+        steps = [later - earlier for earlier, later in zip(at[1:-2], at[2:-1], strict=True)]
+        samples.append(
+            {
+                "render_s": at[-1],
+                "until_first_step_end_s": at[1],
+                "step_ms_median": 1000 * statistics.median(steps),
+                "after_last_step_s": at[-1] - at[-2],  # VAE decode, copy to the CPU, to PIL
+                "cpu_ahead_of_gpu_at_last_step_ms": 1000 * (at[-2] - cpu[-2]),
+            }
+        )
+    report |= {name: round(statistics.median(s[name] for s in samples), 4) for name in samples[0]}
+    report["scheduler_step_ms"] = round(1000 * scheduler_step_s(engine, args.steps, sync), 3)
+    report["finish_snap_ms"] = round(1000 * timed(lambda: engine.finish(rendered[0]), 10, lambda: None), 2)
+    art = engine.finish(rendered[0]).images[0].art.image
+    report["png_encode_ms"] = round(1000 * timed(lambda: png_bytes(art), 10, lambda: None), 2)
+    return report
+
+
+def step_timeline(engine, request, cuda: bool, sync) -> tuple[list[float], list[float], list]:
+    """Seconds from the start of a render to each step's end and to its return: on the GPU (CUDA events in
+    stream order) and on the CPU (when the step's callback ran); the last entry is the render's return."""
     import torch
 
-    latencies = []
-    for seed in range(args.runs):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        data = request(seed)
-        latencies.append(time.perf_counter() - started)
-        assert data.startswith(b"\x89PNG")
-    peak = None
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        request(123, images=4)
-        peak = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    return {"latency_s": percentiles(latencies), "peak_memory_gib_batch4": peak}
+    events, cpu = [], []
+
+    def mark(done: int = 0, total: int = 0) -> None:
+        cpu.append(time.perf_counter())
+        if cuda:
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
+
+    sync()
+    mark()
+    rendered = engine.render([request], mark)
+    mark()
+    sync()
+    on_cpu = [t - cpu[0] for t in cpu]
+    on_gpu = [events[0].elapsed_time(event) / 1000 for event in events] if cuda else on_cpu
+    return on_gpu, on_cpu, rendered
 
 
-# ---------------------------------------------------------------- parent: processes, servers, report
+def scheduler_step_s(engine, steps: int, sync) -> float:
+    """One scheduler step on a batch-1 latent, eager as in the pipeline (device synchronised per run of steps)."""
+    import torch
+
+    pipe = engine.pipe
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    size = engine.settings.generation_size // pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, size, size)
+    dtype = pipe.unet.dtype
+
+    def run() -> None:
+        scheduler.set_timesteps(steps, device=engine.device)
+        latents = torch.randn(shape, device=engine.device, dtype=dtype)
+        noise = torch.randn(shape, device=engine.device, dtype=dtype)
+        for t in scheduler.timesteps:
+            latents = scheduler.step(noise, t, latents).prev_sample
+
+    return timed(run, 5, sync) / steps
+
+
+# ---------------------------------------------------------------- parent: processes, clients, report
 
 
 def free_port() -> int:
@@ -145,96 +396,66 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_worker(kind: str, args: argparse.Namespace, env: dict[str, str]) -> dict:
-    """Start a worker process; cold start = spawn -> its READY line."""
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        kind,
-        "--weights",
-        str(args.weights),
-        "--runs",
-        str(args.runs),
-        "--steps",
-        str(args.steps),
-    ]
+def run_worker(kind: str, args: argparse.Namespace, env: dict[str, str], save) -> dict:
+    """Start a worker process; cold start = spawn -> its READY line. Its partial numbers go into the
+    report as they come (save), and it asks for the 8 clients through the API with a SERVE line."""
+    command = [sys.executable, __file__, "--worker", kind, "--weights", str(args.weights)]
+    for option in ("runs", "slow_runs", "batch_repeats", "steps"):
+        command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    cold_start = None
+    process = subprocess.Popen(
+        command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, bufsize=1
+    )
+    result: dict = {}
     lines = []
+    assert process.stdout is not None and process.stdin is not None
     for line in process.stdout:
-        if line.startswith(READY) and cold_start is None:
-            cold_start = round(time.perf_counter() - started, 2)
-        lines.append(line)
+        if line.startswith(READY) and "cold_start_s" not in result:
+            result["cold_start_s"] = round(time.perf_counter() - started, 2)
+        elif line.startswith(PART):
+            result |= json.loads(line[len(PART) :])
+        elif line.startswith(SERVE):
+            port, label = line[len(SERVE) :].split()
+            try:
+                clients = load_clients(int(port), args)
+            except Exception as error:  # keep the worker's other numbers
+                clients = {"error": f"{type(error).__name__}: {error}"[-2000:]}
+            print(f"  clients ({label}):", json.dumps(clients), flush=True)
+            process.stdin.write(json.dumps(clients) + "\n")
+            process.stdin.flush()
+            continue
+        else:
+            lines.append(line)
+            continue
+        save(result)
     if process.wait() != 0:
         raise RuntimeError(f"{kind} worker failed: {''.join(lines[-20:])}")
-    return {"cold_start_s": cold_start} | json.loads(lines[-1])
+    return result | json.loads(lines[-1])
 
 
-def throughput(args: argparse.Namespace, env: dict[str, str], clients: int = 8) -> dict:
-    """Images per second with `clients` concurrent requests through uvicorn + the FastAPI app."""
-    import httpx
+def load_clients(port: int, args: argparse.Namespace, clients: int = 8) -> dict:
+    """`clients` threads, each sending `rounds` one-image requests back to back (PNG back), after one unmeasured."""
+    url = f"http://127.0.0.1:{port}/v1/generate"
 
-    port = free_port()
-    started = time.perf_counter()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.http.app:app", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"server died: {server.stderr.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        cold_start = time.perf_counter() - started
-        body = {"prompt": PROMPT, "steps": args.steps}
-
-        def client(index: int) -> int:
-            with httpx.Client(timeout=600) as http:
-                for round_ in range(args.rounds):
-                    response = http.post(
-                        f"{url}/v1/generate",
-                        json=body | {"seed": index * 100 + round_},
-                        headers={"Accept": "image/png"},
-                    )
-                    response.raise_for_status()
-            return args.rounds
-
-        client(0)  # one request first: nothing of the measurement pays for lazy set-up
+    def send(seed: int) -> float:
+        body = json.dumps({"prompt": PROMPT, "steps": args.steps, "seed": seed}).encode()
+        headers = {"Content-Type": "application/json", "Accept": "image/png"}
         started = time.perf_counter()
-        with ThreadPoolExecutor(clients) as pool:
-            images = sum(pool.map(client, range(clients)))
-        elapsed = time.perf_counter() - started
-        metrics = httpx.get(f"{url}/metrics").text
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-    batch = {
-        line.split()[0]: float(line.split()[1])
-        for line in metrics.splitlines()
-        if line.startswith(("punks_batch_images_sum", "punks_batch_images_count"))
-    }
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=600) as response:
+            assert response.read().startswith(b"\x89PNG")
+        return time.perf_counter() - started
+
+    send(10_000)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        seconds = list(pool.map(send, [c * 100 + r for c in range(clients) for r in range(args.rounds)]))
+    elapsed = time.perf_counter() - started
     return {
         "clients": clients,
-        "images": images,
+        "images": len(seconds),
         "seconds": round(elapsed, 2),
-        "images_per_s": round(images / elapsed, 2),
-        "server_cold_start_s": round(cold_start, 2),
-        "engine_calls": batch.get("punks_batch_images_count"),
-        "mean_images_per_call": round(batch["punks_batch_images_sum"] / batch["punks_batch_images_count"], 2)
-        if batch.get("punks_batch_images_count")
-        else None,
+        "images_per_s": round(len(seconds) / elapsed, 2),
+        "request_s": percentiles(seconds),
     }
 
 
@@ -257,11 +478,14 @@ def environment() -> dict:
     import transformers
 
     info = {
-        "date": date.today().isoformat(),
+        "date": datetime.now(UTC).date().isoformat(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
+        "peft": version("peft"),
+        "fastapi": version("fastapi"),
+        "uvicorn": version("uvicorn"),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -274,45 +498,60 @@ def environment() -> dict:
     return info
 
 
+VARIANTS = {  # name -> (worker, PUNKS_COMPILE)
+    "naive": ("naive", None),
+    "expert": ("expert", None),
+    "engine": ("engine", "false"),
+    "engine-compile": ("engine", "true"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=["baseline", "engine"])
+    parser.add_argument("--worker", choices=["naive", "expert", "engine"])
     parser.add_argument("--weights", type=Path, default=Path("/tmp/bench-weights"))
     parser.add_argument("--smoke", action="store_true", help="tiny random model (CPU dry run)")
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=8, help="requests per client in the throughput test")
+    parser.add_argument("--runs", type=int, default=20, help="batch-1 requests timed (compiled variants)")
+    parser.add_argument("--slow-runs", type=int, default=8, help="batch-1 requests timed (eager variants)")
+    parser.add_argument("--batch-repeats", type=int, default=3, help="timed calls per batch size")
+    parser.add_argument("--rounds", type=int, default=8, help="requests per client through the API")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument(
         "--variants",
-        default="baseline,engine,engine-compile",
-        help="comma list of baseline, engine, engine-compile, engine-compile-again",
+        default="expert,engine-compile,naive,engine",
+        help="comma list of " + ", ".join(VARIANTS) + " (the compiled ones first: they matter most)",
     )
-    parser.add_argument("--throughput", default="engine,engine-compile", help="variants also measured through the API")
+    parser.add_argument("--deadline-s", type=float, help="start no variant later than this many seconds minus 30")
     parser.add_argument("--out", type=Path, help="folder (or .json file) for the results")
+    parser.add_argument("--note", default="", help="stored in the report (how it was run, what differs)")
     args = parser.parse_args()
     if args.worker:
-        worker = worker_baseline if args.worker == "baseline" else worker_engine
-        print(json.dumps(worker(args)), flush=True)
+        worker = {
+            "naive": lambda: worker_diffusers(args, fused=False),
+            "expert": lambda: worker_diffusers(args, fused=True),
+            "engine": lambda: worker_engine(args),
+        }[args.worker]
+        print(json.dumps(worker()), flush=True)
         return
 
+    started = time.perf_counter()
     prepare_weights(args)
     base_env = os.environ | {
         "PUNKS_WEIGHTS_DIR": str(args.weights),
         "PUNKS_BASE_MODEL": str(args.weights / "stable-diffusion-v1-5"),
         "PUNKS_STEPS": str(args.steps),
+        "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/bench-inductor"),
+        "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
-    envs = {
-        "baseline": base_env,
-        "engine": base_env | {"PUNKS_COMPILE": "false"},
-        "engine-compile": base_env | {"PUNKS_COMPILE": "true"},
-        "engine-compile-again": base_env | {"PUNKS_COMPILE": "true"},  # second start: reuses the compile cache
     }
     report = {
         "environment": environment(),
+        "command": " ".join(["python", "bench/bench.py", *sys.argv[1:]]),
+        "note": args.note,
         "steps": args.steps,
-        "runs": args.runs,
+        "runs": {"compiled": args.runs, "eager": args.slow_runs, "per_batch_size": args.batch_repeats},
         "model": "smoke" if args.smoke else "full-size SD1.5, random weights, rank-32 LoRA",
+        "weights_prepared_s": round(time.perf_counter() - started, 1),
         "results": {},
     }
     path = None
@@ -320,18 +559,27 @@ def main() -> None:
         name = f"{report['environment']['date']}-{report['environment']['gpu'].replace(' ', '-')}.json"
         path = args.out / name if args.out.suffix != ".json" else args.out
         path.parent.mkdir(parents=True, exist_ok=True)
-    for variant in args.variants.split(","):
-        kind = "baseline" if variant == "baseline" else "engine"
-        result = run_worker(kind, args, envs[variant])
-        if variant in args.throughput.split(","):
-            try:
-                result["throughput"] = throughput(args, envs[variant])
-            except Exception as error:  # keep the other numbers of this variant
-                result["throughput"] = {"error": f"{type(error).__name__}: {error}"}
+
+    def save(variant: str, result: dict) -> None:  # after every number, so a run cut short still leaves them
         report["results"][variant] = result
+        report["elapsed_s"] = round(time.perf_counter() - started, 1)
+        if path:
+            path.with_suffix(".tmp").write_text(json.dumps(report, indent=2) + "\n")
+            path.with_suffix(".tmp").replace(path)
+
+    for variant in args.variants.split(","):
+        worker, compile_ = VARIANTS[variant]
+        if args.deadline_s and time.perf_counter() - started > args.deadline_s - 30:
+            save(variant, {"skipped": "not started: too little of the run's time left"})
+            continue
+        env = base_env | ({"PUNKS_COMPILE": compile_} if compile_ else {})
+        print(f"{variant} ({round(time.perf_counter() - started)} s into the run)", flush=True)
+        try:
+            result = run_worker(worker, args, env, lambda partial, variant=variant: save(variant, partial))
+        except Exception as error:  # keep the other variants' numbers (and this one's partial ones)
+            result = report["results"].get(variant, {}) | {"error": f"{type(error).__name__}: {error}"[-3000:]}
+        save(variant, result)
         print(variant, json.dumps(result), flush=True)
-        if path:  # after every variant, so a run cut short still leaves its numbers
-            path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     if path:
         print(f"wrote {path}")

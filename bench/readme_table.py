@@ -1,0 +1,125 @@
+"""Print README's "Measured numbers" tables from one bench/bench.py results file, so the README says what the
+committed file says and nothing else.
+
+    python bench/readme_table.py bench/results/2026-12-02-NVIDIA-H200.json
+
+Ratios compare the engine with the expert recipe measured in the same run (never across GPUs or runs).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+COLUMNS = {  # results key -> column title
+    "naive": "naive diffusers",
+    "expert": "expert diffusers recipe",
+    "engine": "engine, eager",
+    "engine-compile": "engine, `PUNKS_COMPILE=true`",
+}
+
+
+def seconds(value: float | None, digits: int = 3) -> str:
+    return "" if value is None else f"{value:.{digits}f} s"
+
+
+def latency(result: dict) -> str:
+    numbers = result.get("latency_s")
+    return f"{numbers['median']:.3f} / {numbers['p95']:.3f} s" if numbers else ""
+
+
+def by_batch(result: dict, size: int) -> str:
+    row = result.get("render_by_batch", {}).get(str(size))
+    return f"{row['render_s']:.3f} s ({row['images_per_s']:.2f}/s)" if row else ""
+
+
+def clients(name: str, result: dict) -> str:
+    if name == "expert":  # no server: its batch-4 rate with PNGs, as if requests batched perfectly for free
+        row = result.get("render_by_batch", {}).get("4")
+        return f"({row['images_per_s_with_png']:.2f} images/s: batch 4 + PNGs, no server)" if row else ""
+    numbers = result.get("throughput", {})
+    return f"{numbers['images_per_s']:.2f} images/s" if "images_per_s" in numbers else ""
+
+
+def ratio(engine: float | None, expert: float | None, higher_is_better: bool) -> str:
+    if not engine or not expert:
+        return ""
+    return f"{(engine / expert if higher_is_better else expert / engine):.2f}x"
+
+
+def main_table(results: dict) -> list[str]:
+    present = [name for name in COLUMNS if name in results and "skipped" not in results[name]]
+    rows = [
+        ("end to end p50 / p95, batch 1 (prompt in, 1024 PNG out)", lambda n, r: latency(r)),
+        *((f"render alone, batch {size} (images/s)", lambda n, r, size=size: by_batch(r, size)) for size in (1, 2, 4)),
+        ("throughput, 8 concurrent clients through the API", clients),
+        (
+            "peak GPU memory, batch 4",
+            lambda n, r: f"{r['peak_memory_gib_batch4']:.2f} GiB" if r.get("peak_memory_gib_batch4") else "",
+        ),
+        ("cold start (process start to ready)", lambda n, r: seconds(r.get("cold_start_s"), 1)),
+    ]
+    lines = [
+        "| | " + " | ".join(COLUMNS[name] for name in present) + " | engine compiled vs expert |",
+        "| --- |" + " --- |" * (len(present) + 1),
+    ]
+    expert, engine = results.get("expert", {}), results.get("engine-compile", {})
+    comparisons = [
+        ratio(engine.get("latency_s", {}).get("median"), expert.get("latency_s", {}).get("median"), False),
+        *(
+            ratio(
+                engine.get("render_by_batch", {}).get(str(size), {}).get("images_per_s"),
+                expert.get("render_by_batch", {}).get(str(size), {}).get("images_per_s"),
+                True,
+            )
+            for size in (1, 2, 4)
+        ),
+        ratio(
+            engine.get("throughput", {}).get("images_per_s"),
+            expert.get("render_by_batch", {}).get("4", {}).get("images_per_s_with_png"),
+            True,
+        ),
+        "",
+        "",
+    ]
+    for (title, cell), comparison in zip(rows, comparisons, strict=True):
+        lines.append(f"| {title} | " + " | ".join(cell(n, results[n]) for n in present) + f" | {comparison} |")
+    return lines
+
+
+def levers_table(engine: dict) -> list[str]:
+    where = engine.get("where_batch1_goes", {})
+    levers = engine.get("levers", {})
+    base = engine.get("throughput", {})
+    lines = ["| where a batch-1 request's time goes (compiled engine) | measured |", "| --- | --- |"]
+    for key, value in where.items():
+        lines.append(f"| {key} | {value} |")
+    lines += ["", "| lever (one at a time, same process) | batch-1 p50 / p95 | 8 clients | GPU thread busy |"]
+    lines.append("| --- | --- | --- | --- |")
+    rows = [("none (defaults)", engine.get("latency_s"), base)]
+    rows += [(name, lever.get("latency_s"), lever.get("throughput", {})) for name, lever in levers.items()]
+    for name, numbers, load in rows:
+        p50 = f"{numbers['median']:.3f} / {numbers['p95']:.3f} s" if numbers and "median" in numbers else ""
+        rate = f"{load['images_per_s']:.2f} images/s" if "images_per_s" in load else ""
+        lines.append(f"| {name} | {p50} | {rate} | {load.get('gpu_thread_busy', '')} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path)
+    report = json.loads(parser.parse_args().results.read_text())
+    env = report["environment"]
+    print(
+        f"{env['gpu']}, driver {env.get('driver', '')}, torch {env['torch']}, diffusers {env['diffusers']}, "
+        f"transformers {env['transformers']}, {env['date']}; {report['model']}, {report['steps']} steps."
+    )
+    print(f"Command: `{report.get('command', '')}`")
+    print()
+    print("\n".join(main_table(report["results"])))
+    if "engine-compile" in report["results"]:
+        print()
+        print("\n".join(levers_table(report["results"]["engine-compile"])))
+
+
+if __name__ == "__main__":
+    main()
