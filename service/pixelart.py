@@ -31,11 +31,23 @@ MAX_WIDTH_CHANGE = 0.2  # breathing: a cell is at most this much narrower/wider 
 WIDTH_STIFFNESS = 0.5  # cost of a cell at the width limit, in units of a line's share of edges
 BORDER_PULL = 0.05  # cost of an outer line at the edge of its window; only breaks ties
 POOL_FRACTION = 1 / 3  # differences are summed over runs this long before abs(): noise cancels
+MAX_BEND = 0.5  # the image's lines bend at most this far (pitches) from straight, strip by strip
+BEND_ROUNDS = 1  # rounds of straightening: fit the lattice, find each strip's shift, fit again straightened
+LATTICE_WEIGHT = 4.0  # the common bend's unary: a strip's energy on the whole lattice, in units of one line
+LINE_REACH = 0.2  # and each line at most this much further on its own
+BEND_STIFFNESS = 0.05  # cost of a 1 px change of a line's shift from one strip to the next (unary units)
+LATTICE_ALIGNMENT = 0.43  # bends are followed only where this share of the straightened edges is on lines
+BEND_PULL = 0.5  # a line's shift also scores its neighbours' edges, at this weight: weak lines follow
 
 # --- cell colours and palette -----------------------------------------------------------------
 CELL_SAMPLES = 8  # samples per axis per cell (8x8 = 64 samples) for the median
 INTERIOR_MARGIN = 0.2  # skip this share of the cell on each side: blurred edges live there
-MERGE_DISTANCE = 24.0  # RGB distance below which two cell colours are "the same" colour
+MERGE_DISTANCE = 12.0  # RGB distance below which two drift-corrected cell colours are "the same" colour
+MERGE_PER_SPREAD = 1.0  # ... or this many times the typical pixel spread inside a cell, if larger
+SAME_COLOUR_STEP = 10.0  # neighbouring cells closer than this are one colour, for the drift fit
+MIN_SAME_STEPS = 0.25  # share of neighbour steps that must be within one colour for a drift fit
+DRIFT_DEGREE = 3  # the colour drift is a polynomial of this degree in the cell position, per channel
+DRIFT_RIDGE = 1.0  # ridge on its coefficients: a drift the pairs do not pin down stays near zero
 
 # --- verdict ------------------------------------------------------------------------------------
 MIN_GRID_FIT = 0.85  # share of variance the cell-constant image must explain
@@ -93,20 +105,36 @@ def _rgb_array(image: Image.Image, grid: int) -> np.ndarray:
 # --- grid detection -------------------------------------------------------------------------------
 
 
+def _edge_strips(rgb: np.ndarray, grid: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Edge energy per axis, twice: over the whole image (profile) and within strips one cell wide.
+
+    For the x axis, position p is the edge between columns p-1 and p (0..W). Colour differences are summed
+    over runs along the line before abs(): pixel noise cancels, a real cell edge (a whole cell long) adds up.
+    The profile sums runs a third of a cell long; a strip sums one cell's length, so bent lines can be
+    followed strip by strip. Medians are subtracted so flat-but-noisy areas and the (edgeless) area outside
+    the image score alike. Returns ((x profile, y profile), (x strips, y strips)), strips as (n, W + 1)."""
+
+    def along(axis: int) -> tuple[np.ndarray, np.ndarray]:  # edges across `axis`, runs along the other one
+        other = 1 - axis
+        length = rgb.shape[other]
+        run = max(1, int(length / grid * POOL_FRACTION))
+        runs = np.add.reduceat(rgb, np.arange(0, length, run), axis=other)
+        strips = np.add.reduceat(runs, np.arange(0, runs.shape[other], 3), axis=other)
+        profile = np.abs(np.diff(runs, axis=axis)).sum(axis=(other, 2))
+        strip_energy = np.abs(np.diff(strips, axis=axis)).sum(axis=2)
+        if axis == 0:
+            strip_energy = strip_energy.T
+        profile = np.maximum(profile - np.median(profile), 0)
+        strip_energy = np.maximum(strip_energy - np.median(strip_energy, axis=1, keepdims=True), 0)
+        return np.pad(profile, 1), np.pad(strip_energy, ((0, 0), (1, 1)))
+
+    (x_profile, x_strips), (y_profile, y_strips) = along(1), along(0)
+    return (x_profile, y_profile), (x_strips, y_strips)
+
+
 def edge_profiles(rgb: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Edge energy at every column (x) and row (y) boundary position 0..W, where position p is the
-    edge between pixel p-1 and p. Differences are summed over short runs along the line before
-    taking abs(): pixel noise cancels, real cell edges (a whole cell long) add up. The median is
-    subtracted so flat-but-noisy areas and the (edgeless) area outside the image score alike."""
-
-    def profile(a: np.ndarray) -> np.ndarray:  # profile over axis 1 of an (L, W, 3) array
-        run = max(1, int(a.shape[0] / grid * POOL_FRACTION))
-        diffs = np.add.reduceat(np.diff(a, axis=1), np.arange(0, a.shape[0], run), axis=0)
-        energy = np.abs(diffs).sum(axis=(0, 2))
-        energy = np.maximum(energy - np.median(energy), 0)
-        return np.concatenate([[0.0], energy, [0.0]])
-
-    return profile(rgb), profile(rgb.transpose(1, 0, 2))
+    """Edge energy at every column (x) and row (y) boundary position 0..W over the whole image."""
+    return _edge_strips(rgb, grid)[0]
 
 
 def _energy_at(profile: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -165,10 +193,103 @@ def _fit_lines(profile: np.ndarray, grid: int) -> np.ndarray:
     return positions[chosen[::-1]]
 
 
+def _smoothest_shifts(unary: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """(strips, items) shifts, one Viterbi per item along the strips: the best total of unary[s, item, shift]
+    minus BEND_STIFFNESS per px squared of change from one strip to the next."""
+    step_cost = BEND_STIFFNESS * (shifts[:, None] - shifts[None, :]) ** 2  # (previous, next)
+    value, back = unary[0], []
+    for strip in range(1, len(unary)):
+        total = value[:, :, None] - step_cost[None]
+        best = total.argmax(axis=1)  # (items, next)
+        back.append(best)
+        value = np.take_along_axis(total, best[:, None, :], axis=1)[:, 0] + unary[strip]
+    chosen = [value.argmax(axis=1)]
+    for best in reversed(back):
+        chosen.append(np.take_along_axis(best, chosen[-1][:, None], axis=1)[:, 0])
+    return shifts[np.array(chosen[::-1])]
+
+
+def _line_energy(strips: np.ndarray, lines: np.ndarray, base: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """(strips, lines, shifts): strip s's edge energy at lines + base[s] + shift, 0 outside the image, in
+    units of a line's average share of a strip."""
+    n_strips, extent = strips.shape
+    positions = lines[None, :, None] + base[:, None, None] + shifts[None, None, :]
+    inside = (positions > 0) & (positions < extent - 1)
+    rows = np.arange(n_strips)[:, None, None]
+    energy = np.where(inside, strips[rows, np.clip(positions, 0, extent - 1)], 0.0)
+    return energy / (strips.sum() / n_strips / len(lines) + 1e-9)
+
+
+def _common_bend(strips: np.ndarray, lines: np.ndarray, reach: int) -> np.ndarray:
+    """(strips,) shift of the whole lattice of `lines` that puts it on each strip's edges, changing
+    smoothly from strip to strip: a strip with no edges (background) keeps the shift of its neighbours."""
+    shifts = np.arange(-reach, reach + 1)
+    energy = _line_energy(strips, lines, np.zeros(len(strips), dtype=int), shifts).sum(axis=1)
+    return _smoothest_shifts(energy[:, None, :] / len(lines) * LATTICE_WEIGHT, shifts)[:, 0]
+
+
+def _bend_lines(strips: np.ndarray, lines: np.ndarray, common: np.ndarray) -> np.ndarray:
+    """Shift of every line in every strip (strips, grid + 1): the common bend plus each line's own.
+
+    A line may move up to LINE_REACH pitches from where the common bend puts it, one Viterbi per line along
+    the strips: the unary is the strip's edge energy at the shifted position plus BEND_PULL times the
+    neighbouring lines' energy at the same shift (a line with no edge of its own in a strip follows its
+    neighbours) and the shift changes smoothly from strip to strip, so a strip with no edges keeps the
+    shift of the strips around it."""
+    pitch = float(np.median(np.diff(lines)))
+    reach = max(0, int(LINE_REACH * pitch))
+    shifts = np.arange(-reach, reach + 1)
+    energy = _line_energy(strips, lines, common, shifts)
+    unary = energy.copy()
+    unary[:, 1:] += BEND_PULL * energy[:, :-1]
+    unary[:, :-1] += BEND_PULL * energy[:, 1:]
+    return common[:, None] + _smoothest_shifts(unary, shifts)
+
+
+def _straightened(strips: np.ndarray, bend: np.ndarray) -> np.ndarray:
+    """The whole-image profile with each strip moved back by its bend: every line's edges line up again."""
+    reach = int(np.abs(bend).max())
+    padded = np.pad(strips, ((0, 0), (reach, reach)))
+    columns = np.arange(strips.shape[1])[None, :] + reach + bend[:, None]
+    return np.take_along_axis(padded, columns, axis=1).sum(axis=0)
+
+
+def _lines_across(lines: np.ndarray, shifts: np.ndarray, strip_length: int, other_lines: np.ndarray) -> np.ndarray:
+    """(cells of the other axis, grid + 1): the lines as they run through each cell row (column), the
+    strip shifts interpolated to the centre of that row."""
+    centres = np.arange(len(shifts)) * strip_length + strip_length / 2
+    cell_centres = (other_lines[:-1] + other_lines[1:]) / 2
+    where = np.interp(cell_centres, centres, np.arange(len(centres)))
+    below = np.minimum(where.astype(int), len(centres) - 1)
+    above = np.minimum(below + 1, len(centres) - 1)
+    fraction = (where - below)[:, None]
+    return lines[None, :] + shifts[below] * (1 - fraction) + shifts[above] * fraction
+
+
 def find_grid_lines(rgb: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """grid + 1 cell boundaries per axis (xs, ys). Outer ones may lie outside the image when the
-    drawn grid runs off the canvas; every cell keeps at least one pixel inside."""
-    return _lines_from_profiles(edge_profiles(rgb, grid), grid)
+    """Cell boundaries as they run through each cell row and column: xs (rows, grid + 1) and ys (cols,
+    grid + 1), float px. Outer ones may lie outside the image when the drawn grid runs off the canvas."""
+    return _bent_lines(_edge_strips(rgb, grid)[1], grid)[1]
+
+
+def _bent_lines(
+    strips: tuple[np.ndarray, np.ndarray], grid: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """((straight xs, ys), (bent xs per cell row, bent ys per cell column)). The straight lines are fitted
+    to the image straightened by the common bend; they feed the quality signals."""
+    reaches = [max(0, int(MAX_BEND * (strips[1 - axis].shape[1] - 1) / grid)) for axis in (0, 1)]
+    first = [_fit_lines(strips[axis].sum(axis=0), grid) for axis in (0, 1)]
+    straightened = [_straightened(strips[a], _common_bend(strips[a], first[a], reaches[a])) for a in (0, 1)]
+    straight = [_fit_lines(straightened[axis], grid) for axis in (0, 1)]
+    on_lines = [_share_on_lines(straightened[axis], straight[axis]) for axis in (0, 1)]
+    if np.mean([near / max(total, 1e-9) for near, total in on_lines]) < LATTICE_ALIGNMENT:
+        straight = first  # the edges are no lattice (noise, a photograph): no bend to follow
+        shifts = [np.zeros((len(strips[axis]), grid + 1), dtype=int) for axis in (0, 1)]
+    else:
+        shifts = [_bend_lines(strips[a], straight[a], _common_bend(strips[a], straight[a], reaches[a])) for a in (0, 1)]
+    strip_lengths = [3 * max(1, int((strips[1 - axis].shape[1] - 1) / grid * POOL_FRACTION)) for axis in (0, 1)]
+    bent = [_lines_across(straight[a], shifts[a], strip_lengths[a], straight[1 - a]) for a in (0, 1)]
+    return (straight[0], straight[1]), (bent[0], bent[1])
 
 
 def _lines_from_profiles(profiles: tuple[np.ndarray, np.ndarray], grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,23 +301,61 @@ def _lines_from_profiles(profiles: tuple[np.ndarray, np.ndarray], grid: int) -> 
 
 
 def _interior_samples(lines: np.ndarray, length: int) -> np.ndarray:
-    """(grid, CELL_SAMPLES) pixel indices spread over each cell's visible interior."""
-    lo, hi = np.clip(lines[:-1], 0, length), np.clip(lines[1:], 0, length)
+    """(..., grid, CELL_SAMPLES) pixel indices spread over each cell's visible interior; lines (..., grid + 1)."""
+    lo, hi = np.clip(lines[..., :-1], 0, length - 1), np.clip(lines[..., 1:], 1, length)
     spread = INTERIOR_MARGIN + (1 - 2 * INTERIOR_MARGIN) * (np.arange(CELL_SAMPLES) + 0.5) / CELL_SAMPLES
-    positions = np.floor(lo[:, None] + (hi - lo)[:, None] * spread[None, :]).astype(int)
-    return np.clip(positions, lo[:, None], hi[:, None] - 1)
+    positions = np.floor(lo[..., None] + (hi - lo)[..., None] * spread).astype(int)
+    return np.clip(positions, np.floor(lo[..., None]).astype(int), np.ceil(hi[..., None]).astype(int) - 1)
 
 
-def cell_colors(rgb: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """(rows, cols, 3) float colour per cell: per-channel median of its interior samples, which
-    ignores blurred edges, noise and stray pixels."""
-    px = _interior_samples(xs, rgb.shape[1])
-    py = _interior_samples(ys, rgb.shape[0])
-    samples = rgb[py[:, :, None, None], px[None, None, :, :]]  # (rows, S, cols, S, 3)
-    return np.median(samples, axis=(1, 3))
+def cell_samples(rgb: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """(rows, cols, S * S, 3) pixels from each cell's interior. xs: (rows, grid + 1), ys: (cols, grid + 1)."""
+    px = _interior_samples(xs, rgb.shape[1])  # (rows, cols, S)
+    py = _interior_samples(ys, rgb.shape[0]).transpose(1, 0, 2)  # (rows, cols, S)
+    samples = rgb[py[:, :, :, None], px[:, :, None, :]]  # (rows, cols, S, S, 3)
+    return samples.reshape(*samples.shape[:2], -1, 3)
 
 
-def clean_palette(colors: np.ndarray, max_colors: int | None = None) -> np.ndarray:
+def merge_distance(samples: np.ndarray) -> float:
+    """How far apart two cell colours must be to stay two palette colours: MERGE_DISTANCE, or the typical
+    spread of the pixels inside a cell where that is larger. Pixel art has flat cells (spread = the
+    render's noise, 4-10); on noise or a photograph the cells' medians are themselves noisy, and a small
+    merge distance would give hundreds of colours that change with every pixel."""
+    spread = np.sqrt(samples.var(axis=2).mean(axis=2))  # (rows, cols)
+    return max(MERGE_DISTANCE, MERGE_PER_SPREAD * float(np.median(spread)))
+
+
+def colour_drift(colors: np.ndarray) -> np.ndarray:
+    """(rows, cols, 3) slow colour drift across the image, zero on average, to subtract from cell colours.
+
+    Diffusion renders shade a flat area slightly (here +-10 per channel), which makes one drawn colour
+    spread wider than two close drawn colours are apart. The drift is smooth, so it shows in the small
+    steps between neighbouring cells of one colour (diagonal ones too: a checkered background has only
+    those): a DRIFT_DEGREE polynomial in the cell position is fitted
+    (least squares, per channel) to every step between neighbours closer than SAME_COLOUR_STEP, where edges
+    between colours drop out."""
+    rows, cols = colors.shape[:2]
+    v, u = np.meshgrid(np.linspace(-1, 1, rows), np.linspace(-1, 1, cols), indexing="ij")
+    powers = [(i, j) for i in range(DRIFT_DEGREE + 1) for j in range(DRIFT_DEGREE + 1 - i) if i + j]
+    terms = np.stack([u**i * v**j for i, j in powers], axis=-1)  # (rows, cols, K)
+
+    def steps(a: np.ndarray) -> np.ndarray:  # to every right, lower and diagonal neighbour
+        pairs = [(a[:, 1:], a[:, :-1]), (a[1:], a[:-1]), (a[1:, 1:], a[:-1, :-1]), (a[1:, :-1], a[:-1, 1:])]
+        return np.concatenate([(p - q).reshape(-1, a.shape[-1]) for p, q in pairs])
+
+    colour_steps, term_steps = steps(colors), steps(terms)
+    same = np.sqrt(np.square(colour_steps).sum(axis=1)) < SAME_COLOUR_STEP
+    if same.mean() < MIN_SAME_STEPS:  # not flat areas (noise, a photograph): no drift to measure
+        return np.zeros_like(colors)
+    a, b = term_steps[same], colour_steps[same]
+    coefficients = np.linalg.solve(a.T @ a + DRIFT_RIDGE * np.eye(len(powers)), a.T @ b)
+    drift = terms @ coefficients
+    return drift - drift.mean(axis=(0, 1))
+
+
+def clean_palette(
+    colors: np.ndarray, max_colors: int | None = None, merge_distance: float = MERGE_DISTANCE
+) -> np.ndarray:
     """Map every colour of an (N, 3) array onto a clean palette; returns (N, 3) uint8.
 
     Seeds: the densest colour takes everything within MERGE_DISTANCE/2 of it, repeatedly.
@@ -206,7 +365,7 @@ def clean_palette(colors: np.ndarray, max_colors: int | None = None) -> np.ndarr
     # per-channel broadcasting, not a BLAS matmul: no thread start-up cost on a busy server
     points = colors.astype(np.float32).T
     squared_distances = sum(np.square(channel[:, None] - channel[None, :]) for channel in points)
-    near = squared_distances < (MERGE_DISTANCE / 2) ** 2
+    near = squared_distances < (merge_distance / 2) ** 2
     density = near.sum(axis=1)
     labels = np.full(len(colors), -1)
     n_seeds = 0
@@ -216,12 +375,14 @@ def clean_palette(colors: np.ndarray, max_colors: int | None = None) -> np.ndarr
         n_seeds += 1
     counts = np.bincount(labels).astype(np.float64)
     sums = np.stack([np.bincount(labels, weights=colors[:, c]) for c in range(3)], axis=1)
-    merged_into = _merge_closest(sums, counts, max_colors if max_colors is not None else n_seeds)
+    merged_into = _merge_closest(sums, counts, max_colors if max_colors is not None else n_seeds, merge_distance)
     palette = np.clip(np.rint(sums / counts[:, None]), 0, 255).astype(np.uint8)
     return palette[merged_into[labels]]
 
 
-def _merge_closest(sums: np.ndarray, counts: np.ndarray, limit: int) -> np.ndarray:
+def _merge_closest(
+    sums: np.ndarray, counts: np.ndarray, limit: int, merge_distance: float = MERGE_DISTANCE
+) -> np.ndarray:
     """Merge the closest pair of clusters (in place on sums/counts) while closer than MERGE_DISTANCE or
     more than `limit` remain; returns, per cluster, the cluster it ended up in.
 
@@ -243,7 +404,7 @@ def _merge_closest(sums: np.ndarray, counts: np.ndarray, limit: int) -> np.ndarr
         closest = gaps[rows, nearest]
         keep = int(np.argmin(closest))  # the lower index of the pair: its row is the first holding the minimum
         drop = int(nearest[keep])
-        if closest[keep] >= MERGE_DISTANCE and alive <= limit:
+        if closest[keep] >= merge_distance and alive <= limit:
             break
         sums[keep] += sums[drop]
         counts[keep] += counts[drop]
@@ -263,8 +424,10 @@ def _merge_closest(sums: np.ndarray, counts: np.ndarray, limit: int) -> np.ndarr
 
 
 def _sprite(rgb: np.ndarray, xs: np.ndarray, ys: np.ndarray, max_colors: int | None) -> Image.Image:
-    colors = cell_colors(rgb, xs, ys)
-    cleaned = clean_palette(colors.reshape(-1, 3), max_colors).reshape(colors.shape)
+    samples = cell_samples(rgb, xs, ys)
+    colors = np.median(samples, axis=2)  # ignores blurred edges, noise and stray pixels
+    colors = colors - colour_drift(colors)
+    cleaned = clean_palette(colors.reshape(-1, 3), max_colors, merge_distance(samples)).reshape(colors.shape)
     return Image.fromarray(cleaned, "RGB")
 
 
@@ -347,12 +510,18 @@ def _edge_alignment(profiles: tuple[np.ndarray, np.ndarray], lines: tuple[np.nda
     image has no edges). Pixel art ~1; photos and noise ~ the share of positions near a line."""
     on_lines = everywhere = 0.0
     for profile, axis_lines in zip(profiles, lines, strict=True):
-        radius = max(1, round(ALIGNMENT_RADIUS * np.median(np.diff(axis_lines))))
-        positions = np.arange(len(profile))
-        near = np.abs(positions[:, None] - axis_lines[None, :]).min(axis=1) <= radius
-        on_lines += profile[near].sum()
-        everywhere += profile.sum()
+        near, total = _share_on_lines(profile, axis_lines)
+        on_lines += near
+        everywhere += total
     return float(on_lines / everywhere) if everywhere > 0 else 0.0
+
+
+def _share_on_lines(profile: np.ndarray, lines: np.ndarray) -> tuple[float, float]:
+    """(edge energy within ALIGNMENT_RADIUS pitches of a line, all edge energy) on one axis."""
+    radius = max(1, round(ALIGNMENT_RADIUS * np.median(np.diff(lines))))
+    positions = np.arange(len(profile))
+    near = np.abs(positions[:, None] - lines[None, :]).min(axis=1) <= radius
+    return float(profile[near].sum()), float(profile.sum())
 
 
 def _quality(
@@ -378,10 +547,10 @@ def quality_signals(image: Image.Image, grid: int = 24, sprite: Image.Image | No
     """How much `image` looks like a grid x grid pixel-art render. `sprite` (its snap) is
     computed when not given."""
     rgb = _rgb_array(image, grid)
-    profiles = edge_profiles(rgb, grid)
-    lines = _lines_from_profiles(profiles, grid)
+    profiles, strips = _edge_strips(rgb, grid)
+    lines, bent = _bent_lines(strips, grid)
     if sprite is None:
-        sprite = _sprite(rgb, *lines, None)
+        sprite = _sprite(rgb, *bent, None)
     return _quality(rgb, profiles, lines, sprite.convert("RGB"))
 
 
@@ -395,9 +564,9 @@ def to_pixel_art(
     """The whole post-processing: find the grid once, snap, clean the palette, judge, upscale."""
     _check_max_colors(max_colors)
     rgb = _rgb_array(image, grid)
-    profiles = edge_profiles(rgb, grid)
-    lines = _lines_from_profiles(profiles, grid)
-    sprite = _sprite(rgb, *lines, max_colors)
+    profiles, strips = _edge_strips(rgb, grid)
+    lines, bent = _bent_lines(strips, grid)
+    sprite = _sprite(rgb, *bent, max_colors)
     return PixelArt(
         sprite=sprite,
         image=upscale(sprite, size, integer_scale),
