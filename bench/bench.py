@@ -541,6 +541,7 @@ def main() -> None:
         "PUNKS_BASE_MODEL": str(args.weights / "stable-diffusion-v1-5"),
         "PUNKS_STEPS": str(args.steps),
         "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/tmp/bench-inductor"),
+        "TRITON_CACHE_DIR": os.environ.get("TRITON_CACHE_DIR", "/tmp/bench-inductor/triton"),  # shared too
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
