@@ -26,10 +26,12 @@ from PIL import Image
 # --- grid lines (fractions of the image side, or of the nominal pitch = side / grid) ---------
 SPAN_TOLERANCE = 0.04  # spec: the cells span 496-528 of 512 px (1 +- 0.031), plus slack
 PITCH_CANDIDATES = 9  # pitches tried across that range (0.2 px apart on 512)
+NEAR_PITCHES = 9  # pitches tried again, once the image is straightened
 OFFSET_TOLERANCE = 0.01  # spec: the grid is shifted by up to 4 of 512 px (0.008)
 MAX_WIDTH_CHANGE = 0.2  # breathing: a cell is at most this much narrower/wider than the pitch
 WIDTH_STIFFNESS = 0.5  # cost of a cell at the width limit, in units of a line's share of edges
 BORDER_PULL = 0.05  # cost of an outer line at the edge of its window; only breaks ties
+HALF_RESOLUTION_PITCH = 100  # the grid is fitted at half resolution when cells are at least 2x this (px)
 POOL_FRACTION = 1 / 3  # differences are summed over runs this long before abs(): noise cancels
 MAX_BEND = 0.5  # the image's lines bend at most this far (pitches) from straight, strip by strip
 BEND_ROUNDS = 1  # rounds of straightening: fit the lattice, find each strip's shift, fit again straightened
@@ -114,22 +116,33 @@ def _edge_strips(rgb: np.ndarray, grid: int) -> tuple[tuple[np.ndarray, np.ndarr
     followed strip by strip. Medians are subtracted so flat-but-noisy areas and the (edgeless) area outside
     the image score alike. Returns ((x profile, y profile), (x strips, y strips)), strips as (n, W + 1)."""
 
-    def along(axis: int) -> tuple[np.ndarray, np.ndarray]:  # edges across `axis`, runs along the other one
-        other = 1 - axis
-        length = rgb.shape[other]
-        run = max(1, int(length / grid * POOL_FRACTION))
-        runs = np.add.reduceat(rgb, np.arange(0, length, run), axis=other)
-        strips = np.add.reduceat(runs, np.arange(0, runs.shape[other], 3), axis=other)
-        profile = np.abs(np.diff(runs, axis=axis)).sum(axis=(other, 2))
-        strip_energy = np.abs(np.diff(strips, axis=axis)).sum(axis=2)
-        if axis == 0:
-            strip_energy = strip_energy.T
-        profile = np.maximum(profile - np.median(profile), 0)
-        strip_energy = np.maximum(strip_energy - np.median(strip_energy, axis=1, keepdims=True), 0)
-        return np.pad(profile, 1), np.pad(strip_energy, ((0, 0), (1, 1)))
+    height, width = rgb.shape[:2]
 
-    (x_profile, x_strips), (y_profile, y_strips) = along(1), along(0)
-    return (x_profile, y_profile), (x_strips, y_strips)
+    def energy(sums: np.ndarray, axis: int) -> np.ndarray:  # colour change between neighbours along axis
+        return np.abs(np.diff(sums, axis=axis)).sum(axis=-1)
+
+    def run_sums(a: np.ndarray, run: int, axis: int) -> np.ndarray:  # sums of whole runs along axis 0 or 1
+        n = a.shape[axis] // run
+        if axis == 0:
+            return a[: n * run].reshape(n, run, *a.shape[1:]).sum(axis=1)
+        # along rows: one small matrix product per run (numpy's strided sum over a middle axis is 10x slower)
+        channels = a.shape[-1]
+        adder = np.tile(np.eye(channels, dtype=a.dtype), (run, 1))  # (run * channels, channels)
+        return a[:, : n * run].reshape(a.shape[0], n, run * channels) @ adder
+
+    def in_threes(runs: np.ndarray, axis: int) -> np.ndarray:  # strips of three runs (the last may be short)
+        extra = -runs.shape[axis] % 3
+        padded = np.concatenate([runs, np.zeros_like(runs.take(range(extra), axis=axis))], axis=axis)
+        return run_sums(padded, 3, axis)
+
+    x_run = max(1, int(height / grid * POOL_FRACTION))
+    y_run = max(1, int(width / grid * POOL_FRACTION))
+    x_runs, y_runs = run_sums(rgb, x_run, 0), run_sums(rgb, y_run, 1)  # (n, W, 3), (H, n, 3)
+    profiles = energy(x_runs, 1).sum(axis=0), energy(y_runs, 0).sum(axis=1)
+    strips = energy(in_threes(x_runs, 0), 1), energy(in_threes(y_runs, 1), 0).T  # (strips, W - 1), (strips, H - 1)
+    profiles = tuple(np.pad(np.maximum(p - np.median(p), 0), 1) for p in profiles)
+    strips = tuple(np.pad(np.maximum(e - np.median(e, axis=1, keepdims=True), 0), ((0, 0), (1, 1))) for e in strips)
+    return (profiles[0], profiles[1]), (strips[0], strips[1])
 
 
 def edge_profiles(rgb: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +156,31 @@ def _energy_at(profile: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.where(inside, profile[np.clip(positions, 0, len(profile) - 1)], 0.0)
 
 
-def _fit_lines(profile: np.ndarray, grid: int) -> np.ndarray:
+def _fit_lines(profile: np.ndarray, grid: int, earlier: np.ndarray | None = None) -> np.ndarray:
+    """grid + 1 line positions on the most edge energy (see `_fit_lines_at`).
+
+    A first fit (no `earlier` lines) runs at half resolution where cells are wide enough (pairs of
+    positions summed: 4x less work) and each line then takes the better of its pair. A refit of the
+    straightened image tries only the NEAR_PITCHES candidate pitches closest to the earlier fit's."""
+    if earlier is not None:
+        span = (earlier[-1] - earlier[0]) / (len(profile) - 1)
+        nearest = np.argsort(np.abs(_span_candidates() - span), kind="stable")[:NEAR_PITCHES]
+        return _fit_lines_at(profile, grid, np.sort(nearest))
+    if (len(profile) - 1) / grid < 2 * HALF_RESOLUTION_PITCH:
+        return _fit_lines_at(profile, grid)
+    pairs = np.pad(profile, (0, len(profile) % 2)).reshape(-1, 2)
+    coarse = _fit_lines_at(pairs.sum(axis=1), grid)
+    inside = (coarse >= 0) & (coarse < len(pairs))
+    second = pairs[np.clip(coarse, 0, len(pairs) - 1)].argmax(axis=1)
+    return 2 * coarse + np.where(inside, second, 0)
+
+
+def _span_candidates() -> np.ndarray:
+    """The grid spans tried, as fractions of the image side."""
+    return np.linspace(1 - SPAN_TOLERANCE, 1 + SPAN_TOLERANCE, PITCH_CANDIDATES)
+
+
+def _fit_lines_at(profile: np.ndarray, grid: int, spans: np.ndarray | None = None) -> np.ndarray:
     """grid + 1 line positions that sit on the most edge energy (Viterbi), for the best pitch.
 
     Every candidate pitch (the grid's span within SPAN_TOLERANCE of the image side) gets its own
@@ -152,10 +189,11 @@ def _fit_lines(profile: np.ndarray, grid: int) -> np.ndarray:
     (breathing) with a quadratic cost on the deviation, and every cell keeps at least one pixel
     inside the image. The width cost is what lets flat, edgeless stretches (background) fall back
     to the regular lattice between the edges that anchor them, and it favours the pitch that
-    explains the whole image over one that squeezes an extra cell into a flat area."""
+    explains the whole image over one that squeezes an extra cell into a flat area. `spans`: indices
+    of the candidate spans to try (all by default)."""
     length = len(profile) - 1
     nominal = length / grid
-    pitches = nominal * np.linspace(1 - SPAN_TOLERANCE, 1 + SPAN_TOLERANCE, PITCH_CANDIDATES)
+    pitches = nominal * _span_candidates()[spans if spans is not None else slice(None)]
     window = length * OFFSET_TOLERANCE + 1  # +1: rounding, and the pitch grid's spacing
     margin = int(np.ceil(grid * pitches[-1] / 2 - length / 2 + window))
     positions = np.arange(-margin, length + margin + 1)
@@ -170,26 +208,48 @@ def _fit_lines(profile: np.ndarray, grid: int) -> np.ndarray:
         offset = (positions[None, :] - (length + sign * grid * pitches[:, None]) / 2) / window
         return np.where(np.abs(offset) <= 1, -BORDER_PULL * offset**2, -np.inf)
 
-    value, back = unary + border_prior(-1), []
+    # only positions a line can take on some path from the first line's window to the last's: the same
+    # optimum for a fraction of the work (a middle line has ~100 of the ~560 positions)
+    first_lo, first_hi = (length - grid * pitches[-1]) / 2 - window, (length - grid * pitches[0]) / 2 + window
+    last_lo, last_hi = (length + grid * pitches[0]) / 2 - window, (length + grid * pitches[-1]) / 2 + window
+    lines = np.arange(grid + 1)
+    lowest = np.maximum(first_lo + lines * widths[0], last_lo - (grid - lines) * widths[-1])
+    highest = np.minimum(first_hi + lines * widths[-1], last_hi - (grid - lines) * widths[0])
+    starts = np.clip(np.floor(lowest).astype(int) + margin, 0, len(positions))
+    stops = np.clip(np.ceil(highest).astype(int) + margin + 1, starts, len(positions))
+
+    unary = unary.astype(np.float32)
+    width_cost = width_cost.astype(np.float32)
+    # value[p, pad + i]: best total for pitch p with the current line at positions[i]; -inf pads the front
+    pad = widths[-1]
+    value = np.full((len(pitches), pad + len(positions)), -np.inf, dtype=np.float32)
+    value[:, pad + starts[0] : pad + stops[0]] = (unary + border_prior(-1))[:, starts[0] : stops[0]]
+    following = np.empty_like(value)
+    windows = {  # reach views of both buffers, made once: [c, p, i] = buffer[p, i + c]
+        id(buffer): np.lib.stride_tricks.sliding_window_view(buffer, len(widths), axis=1).transpose(2, 0, 1)
+        for buffer in (value, following)
+    }
+    width_cost = np.ascontiguousarray(width_cost.T[:, :, None])  # (K, pitches, 1)
+    back = []
     for line in range(1, grid + 1):
-        # reach[p, j, c]: best total for pitch p with the previous line at positions[j] - widths[-1 - c]
-        padded = np.concatenate([np.full((len(pitches), widths[-1]), -np.inf), value], axis=1)
-        reach = np.lib.stride_tricks.sliding_window_view(padded, len(widths), axis=1)[:, : len(positions)]
-        reach = reach - width_cost[:, None, :]
-        best = np.argmax(reach, axis=2)
-        back.append(widths[-1] - best)
-        value = np.take_along_axis(reach, best[..., None], axis=2)[..., 0] + unary
+        start, stop = starts[line], max(stops[line], starts[line] + 1)  # tiny images: no position fits
+        # reach[c, p, j]: total for pitch p with this line at positions[start + j], the previous widths[-1 - c] before
+        reach = windows[id(value)][:, :, start:stop] - width_cost
+        back.append((start, widths[-1] - reach.argmax(axis=0)))
+        following.fill(-np.inf)
+        following[:, pad + start : pad + stop] = reach.max(axis=0) + unary[start:stop]
         if line == 1:
-            value[:, positions < 1] = -np.inf
+            following[:, pad : pad + np.searchsorted(positions, 1)] = -np.inf
         if line == grid - 1:
-            value[:, positions > length - 1] = -np.inf
-    value = value + border_prior(+1)
+            following[:, pad + np.searchsorted(positions, length, side="left") :] = -np.inf
+        value, following = following, value
+    value = value[:, pad:] + border_prior(+1)
     pitch, index = np.unravel_index(np.argmax(value), value.shape)
     if not np.isfinite(value[pitch, index]):  # tiny images: whole-pixel widths can't fit the ranges
         return np.round(np.linspace(0, length, grid + 1)).astype(int)
     chosen = [int(index)]
-    for step in reversed(back):
-        chosen.append(chosen[-1] - int(step[pitch, chosen[-1]]))
+    for start, steps in reversed(back):
+        chosen.append(chosen[-1] - int(steps[pitch, chosen[-1] - start]))
     return positions[chosen[::-1]]
 
 
@@ -280,7 +340,7 @@ def _bent_lines(
     reaches = [max(0, int(MAX_BEND * (strips[1 - axis].shape[1] - 1) / grid)) for axis in (0, 1)]
     first = [_fit_lines(strips[axis].sum(axis=0), grid) for axis in (0, 1)]
     straightened = [_straightened(strips[a], _common_bend(strips[a], first[a], reaches[a])) for a in (0, 1)]
-    straight = [_fit_lines(straightened[axis], grid) for axis in (0, 1)]
+    straight = [_fit_lines(straightened[axis], grid, first[axis]) for axis in (0, 1)]
     on_lines = [_share_on_lines(straightened[axis], straight[axis]) for axis in (0, 1)]
     if np.mean([near / max(total, 1e-9) for near, total in on_lines]) < LATTICE_ALIGNMENT:
         straight = first  # the edges are no lattice (noise, a photograph): no bend to follow
@@ -316,12 +376,22 @@ def cell_samples(rgb: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     return samples.reshape(*samples.shape[:2], -1, 3)
 
 
-def merge_distance(samples: np.ndarray) -> float:
+def cell_colours(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell, from its interior samples (rows, cols, n, 3): the per-channel median (rows, cols, 3),
+    which ignores blurred edges, noise and stray pixels, and the spread of its pixels (rows, cols): the
+    interquartile range / 1.349 (a Gaussian's sigma), averaged over channels. One sort gives both."""
+    ordered = np.sort(samples, axis=2)
+    n = ordered.shape[2]
+    median = (ordered[:, :, (n - 1) // 2] + ordered[:, :, n // 2]) / 2
+    spread = (ordered[:, :, (3 * n) // 4] - ordered[:, :, n // 4]).mean(axis=2) / 1.349
+    return median, spread
+
+
+def merge_distance(spread: np.ndarray) -> float:
     """How far apart two cell colours must be to stay two palette colours: MERGE_DISTANCE, or the typical
     spread of the pixels inside a cell where that is larger. Pixel art has flat cells (spread = the
     render's noise, 4-10); on noise or a photograph the cells' medians are themselves noisy, and a small
     merge distance would give hundreds of colours that change with every pixel."""
-    spread = np.sqrt(samples.var(axis=2).mean(axis=2))  # (rows, cols)
     return max(MERGE_DISTANCE, MERGE_PER_SPREAD * float(np.median(spread)))
 
 
@@ -424,10 +494,9 @@ def _merge_closest(
 
 
 def _sprite(rgb: np.ndarray, xs: np.ndarray, ys: np.ndarray, max_colors: int | None) -> Image.Image:
-    samples = cell_samples(rgb, xs, ys)
-    colors = np.median(samples, axis=2)  # ignores blurred edges, noise and stray pixels
+    colors, spread = cell_colours(cell_samples(rgb, xs, ys))
     colors = colors - colour_drift(colors)
-    cleaned = clean_palette(colors.reshape(-1, 3), max_colors, merge_distance(samples)).reshape(colors.shape)
+    cleaned = clean_palette(colors.reshape(-1, 3), max_colors, merge_distance(spread)).reshape(colors.shape)
     return Image.fromarray(cleaned, "RGB")
 
 
