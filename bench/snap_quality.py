@@ -26,6 +26,7 @@ import argparse  # noqa: E402
 import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -42,18 +43,10 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.pixelart import snap_to_grid  # noqa: E402
-from tests.synthetic_sprites import GRID, Degradation, degrade, make_punk  # noqa: E402
+from tests.synthetic_sprites import GRID, severe_punk  # noqa: E402
 
 CELL_TOLERANCE = 20.0
 Snapper = Callable[[Image.Image], Image.Image]
-
-
-def render(seed: int) -> tuple[Image.Image, Image.Image, Degradation]:
-    """(truth, degraded 512 render, its degradation) for one seed: the same as tests/test_pixelart.py builds."""
-    truth = make_punk(seed)
-    rng = np.random.default_rng(seed)
-    params = Degradation.severe(rng)
-    return truth, degrade(truth, rng, params), params
 
 
 def score(recovered: Image.Image, truth: Image.Image) -> tuple[int, bool, list]:
@@ -79,27 +72,22 @@ def git_commit() -> str:
 
 
 def other_snappers() -> dict[str, Snapper]:
-    """PyPI pixel-art cleaners importable here, each asked for a 24x24 result."""
+    """PyPI pixel-art cleaners importable here. Neither takes a grid size, so each is told the nominal pixel
+    width (512 / 24 -> 21 px, the closest they accept); a result that is not 24x24 is scaled to 24x24 by
+    nearest neighbour before scoring."""
+    logging.disable(logging.INFO)  # unfake logs every step
     found: dict[str, Snapper] = {}
+    width = round(512 / GRID)
     try:
-        from proper_pixel_art import pixelate  # type: ignore[import-not-found]
+        from proper_pixel_art import PixelateConfig, pixelate  # type: ignore[import-not-found]
 
-        def proper(image: Image.Image) -> Image.Image:
-            return pixelate.pixelate(image, num_colors=None, result_scale=1)
-
-        found["proper-pixel-art"] = proper
+        found["proper-pixel-art"] = lambda image: pixelate(image, PixelateConfig(pixel_width=width)).image
     except ImportError:
         pass
     try:
-        import unfake  # type: ignore[import-not-found]  # noqa: F401
+        from unfake import process_image_sync  # type: ignore[import-not-found]
 
-        def unfake_snap(image: Image.Image) -> Image.Image:
-            from unfake import process_image_sync  # type: ignore[import-not-found]
-
-            result = process_image_sync(image, max_colors=32, auto_color_detect=True, cleanup={"morph": False})
-            return result["image"]
-
-        found["unfake"] = unfake_snap
+        found["unfake"] = lambda image: process_image_sync(image, manual_scale=width)["image"]
     except ImportError:
         pass
     return found
@@ -198,7 +186,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder for the JSON result")
     args = parser.parse_args()
     os.sched_setaffinity(0, {args.core})
-    cases = [(seed, *render(seed)) for seed in range(args.first_seed, args.first_seed + args.count)]
+    cases = [(seed, *severe_punk(seed)) for seed in range(args.first_seed, args.first_seed + args.count)]
     snappers: dict[str, Snapper] = {"bespoke-punks": lambda image: snap_to_grid(image, GRID)}
     if args.baseline:
         snappers[f"bespoke-punks@{args.baseline}"] = load_snapper_at(args.baseline)
@@ -206,6 +194,7 @@ def main() -> None:
     if args.compare:
         for name, snap in other_snappers().items():
             results[name] = measure(snap, cases, 1, False)
+            results[name]["version"] = importlib.metadata.version(name)
     for name, result in results.items():
         summary = {k: v for k, v in result.items() if k != "misses"}
         print(name, json.dumps(summary))

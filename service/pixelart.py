@@ -138,10 +138,14 @@ def _edge_strips(rgb: np.ndarray, grid: int) -> tuple[tuple[np.ndarray, np.ndarr
     x_run = max(1, int(height / grid * POOL_FRACTION))
     y_run = max(1, int(width / grid * POOL_FRACTION))
     x_runs, y_runs = run_sums(rgb, x_run, 0), run_sums(rgb, y_run, 1)  # (n, W, 3), (H, n, 3)
-    profiles = energy(x_runs, 1).sum(axis=0), energy(y_runs, 0).sum(axis=1)
-    strips = energy(in_threes(x_runs, 0), 1), energy(in_threes(y_runs, 1), 0).T  # (strips, W - 1), (strips, H - 1)
-    profiles = tuple(np.pad(np.maximum(p - np.median(p), 0), 1) for p in profiles)
-    strips = tuple(np.pad(np.maximum(e - np.median(e, axis=1, keepdims=True), 0), ((0, 0), (1, 1))) for e in strips)
+
+    def above_median(values: np.ndarray) -> np.ndarray:  # per row; padded with the positions 0 and W (no edge)
+        return np.pad(
+            np.maximum(values - np.median(values, axis=-1, keepdims=True), 0), [(0, 0)] * (values.ndim - 1) + [(1, 1)]
+        )
+
+    profiles = above_median(energy(x_runs, 1).sum(axis=0)), above_median(energy(y_runs, 0).sum(axis=1))
+    strips = above_median(energy(in_threes(x_runs, 0), 1)), above_median(energy(in_threes(y_runs, 1), 0).T)
     return (profiles[0], profiles[1]), (strips[0], strips[1])
 
 

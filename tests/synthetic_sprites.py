@@ -358,3 +358,11 @@ def _colours_away_from(rng: np.random.Generator, fixed: np.ndarray, n: int) -> l
         if all(np.linalg.norm(candidate - c) >= MIN_PALETTE_DISTANCE for c in chosen):
             chosen.append(candidate)
     return None
+
+
+def severe_punk(seed: int) -> tuple[Image.Image, Image.Image, Degradation]:
+    """(truth, 512 render, its degradation): `make_punk(seed)` rendered with `Degradation.severe`."""
+    truth = make_punk(seed)
+    rng = np.random.default_rng(seed)
+    params = Degradation.severe(rng)
+    return truth, degrade(truth, rng, params), params
