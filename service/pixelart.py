@@ -26,12 +26,11 @@ from PIL import Image
 # --- grid lines (fractions of the image side, or of the nominal pitch = side / grid) ---------
 SPAN_TOLERANCE = 0.04  # spec: the cells span 496-528 of 512 px (1 +- 0.031), plus slack
 PITCH_CANDIDATES = 9  # pitches tried across that range (0.2 px apart on 512)
-NEAR_PITCHES = 9  # pitches tried again, once the image is straightened
+SQUARE_PULL = 0.1  # cost of a step between the two axes' candidate spans, per step squared (unary units)
 OFFSET_TOLERANCE = 0.01  # spec: the grid is shifted by up to 4 of 512 px (0.008)
 MAX_WIDTH_CHANGE = 0.2  # breathing: a cell is at most this much narrower/wider than the pitch
 WIDTH_STIFFNESS = 0.5  # cost of a cell at the width limit, in units of a line's share of edges
 BORDER_PULL = 0.05  # cost of an outer line at the edge of its window; only breaks ties
-HALF_RESOLUTION_PITCH = 100  # the grid is fitted at half resolution when cells are at least 2x this (px)
 POOL_FRACTION = 1 / 3  # differences are summed over runs this long before abs(): noise cancels
 MAX_BEND = 0.5  # the image's lines bend at most this far (pitches) from straight, strip by strip
 BEND_ROUNDS = 1  # rounds of straightening: fit the lattice, find each strip's shift, fit again straightened
@@ -160,32 +159,27 @@ def _energy_at(profile: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.where(inside, profile[np.clip(positions, 0, len(profile) - 1)], 0.0)
 
 
-def _fit_lines(profile: np.ndarray, grid: int, earlier: np.ndarray | None = None) -> np.ndarray:
-    """grid + 1 line positions on the most edge energy (see `_fit_lines_at`).
-
-    A first fit (no `earlier` lines) runs at half resolution where cells are wide enough (pairs of
-    positions summed: 4x less work) and each line then takes the better of its pair. A refit of the
-    straightened image tries only the NEAR_PITCHES candidate pitches closest to the earlier fit's."""
-    if earlier is not None:
-        span = (earlier[-1] - earlier[0]) / (len(profile) - 1)
-        nearest = np.argsort(np.abs(_span_candidates() - span), kind="stable")[:NEAR_PITCHES]
-        return _fit_lines_at(profile, grid, np.sort(nearest))
-    if (len(profile) - 1) / grid < 2 * HALF_RESOLUTION_PITCH:
-        return _fit_lines_at(profile, grid)
-    pairs = np.pad(profile, (0, len(profile) % 2)).reshape(-1, 2)
-    coarse = _fit_lines_at(pairs.sum(axis=1), grid)
-    inside = (coarse >= 0) & (coarse < len(pairs))
-    second = pairs[np.clip(coarse, 0, len(pairs) - 1)].argmax(axis=1)
-    return 2 * coarse + np.where(inside, second, 0)
+def _fit_lines(profile: np.ndarray, grid: int) -> np.ndarray:
+    """grid + 1 line positions on the most edge energy, for the best of the candidate pitches."""
+    scores, lines = _lattices(profile, grid)
+    return lines[int(np.argmax(scores))]
 
 
-def _span_candidates() -> np.ndarray:
-    """The grid spans tried, as fractions of the image side."""
-    return np.linspace(1 - SPAN_TOLERANCE, 1 + SPAN_TOLERANCE, PITCH_CANDIDATES)
+def _square_lattices(profiles: tuple[np.ndarray, np.ndarray], grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """(xs, ys) for the best pair of candidate pitches, both axes' scores summed minus SQUARE_PULL per squared
+    step between their spans: the cells of a square sprite are square overall, so an axis whose edges are
+    weak at one end (a flat background row) takes the span its stronger other axis shows instead of
+    squeezing a cell in or out there."""
+    (x_scores, x_lines), (y_scores, y_lines) = _lattices(profiles[0], grid), _lattices(profiles[1], grid)
+    steps = np.arange(len(x_scores))
+    total = x_scores[:, None] + y_scores[None, :] - SQUARE_PULL * (steps[:, None] - steps[None, :]) ** 2
+    x_best, y_best = np.unravel_index(np.argmax(total), total.shape)
+    return x_lines[x_best], y_lines[y_best]
 
 
-def _fit_lines_at(profile: np.ndarray, grid: int, spans: np.ndarray | None = None) -> np.ndarray:
-    """grid + 1 line positions that sit on the most edge energy (Viterbi), for the best pitch.
+def _lattices(profile: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per candidate pitch, the best grid + 1 line positions on the edge energy (Viterbi) and their score:
+    (pitches,) scores, -inf where none fits, and (pitches, grid + 1) positions.
 
     Every candidate pitch (the grid's span within SPAN_TOLERANCE of the image side) gets its own
     dynamic programme, all run at once: its outer lines must lie within OFFSET_TOLERANCE of where
@@ -193,11 +187,10 @@ def _fit_lines_at(profile: np.ndarray, grid: int, spans: np.ndarray | None = Non
     (breathing) with a quadratic cost on the deviation, and every cell keeps at least one pixel
     inside the image. The width cost is what lets flat, edgeless stretches (background) fall back
     to the regular lattice between the edges that anchor them, and it favours the pitch that
-    explains the whole image over one that squeezes an extra cell into a flat area. `spans`: indices
-    of the candidate spans to try (all by default)."""
+    explains the whole image over one that squeezes an extra cell into a flat area."""
     length = len(profile) - 1
     nominal = length / grid
-    pitches = nominal * _span_candidates()[spans if spans is not None else slice(None)]
+    pitches = nominal * np.linspace(1 - SPAN_TOLERANCE, 1 + SPAN_TOLERANCE, PITCH_CANDIDATES)
     window = length * OFFSET_TOLERANCE + 1  # +1: rounding, and the pitch grid's spacing
     margin = int(np.ceil(grid * pitches[-1] / 2 - length / 2 + window))
     positions = np.arange(-margin, length + margin + 1)
@@ -248,13 +241,16 @@ def _fit_lines_at(profile: np.ndarray, grid: int, spans: np.ndarray | None = Non
             following[:, pad + np.searchsorted(positions, length, side="left") :] = -np.inf
         value, following = following, value
     value = value[:, pad:] + border_prior(+1)
-    pitch, index = np.unravel_index(np.argmax(value), value.shape)
-    if not np.isfinite(value[pitch, index]):  # tiny images: whole-pixel widths can't fit the ranges
-        return np.round(np.linspace(0, length, grid + 1)).astype(int)
-    chosen = [int(index)]
+    index = np.argmax(value, axis=1)
+    scores = value[np.arange(len(pitches)), index]
+    if not np.isfinite(scores).any():  # tiny images: whole-pixel widths can't fit the ranges
+        regular = np.round(np.linspace(0, length, grid + 1)).astype(int)
+        return np.zeros(len(pitches)), np.repeat(regular[None], len(pitches), axis=0)
+    chosen = [index]
     for start, steps in reversed(back):
-        chosen.append(chosen[-1] - int(steps[pitch, chosen[-1] - start]))
-    return positions[chosen[::-1]]
+        at = np.clip(chosen[-1] - start, 0, steps.shape[1] - 1)  # pitches with no path: any index will do
+        chosen.append(chosen[-1] - steps[np.arange(len(pitches)), at])
+    return scores, positions[np.stack(chosen[::-1], axis=1)]
 
 
 def _smoothest_shifts(unary: np.ndarray, shifts: np.ndarray) -> np.ndarray:
@@ -344,7 +340,7 @@ def _bent_lines(
     reaches = [max(0, int(MAX_BEND * (strips[1 - axis].shape[1] - 1) / grid)) for axis in (0, 1)]
     first = [_fit_lines(strips[axis].sum(axis=0), grid) for axis in (0, 1)]
     straightened = [_straightened(strips[a], _common_bend(strips[a], first[a], reaches[a])) for a in (0, 1)]
-    straight = [_fit_lines(straightened[axis], grid, first[axis]) for axis in (0, 1)]
+    straight = list(_square_lattices((straightened[0], straightened[1]), grid))
     on_lines = [_share_on_lines(straightened[axis], straight[axis]) for axis in (0, 1)]
     if np.mean([near / max(total, 1e-9) for near, total in on_lines]) < LATTICE_ALIGNMENT:
         straight = first  # the edges are no lattice (noise, a photograph): no bend to follow
