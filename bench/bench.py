@@ -67,8 +67,9 @@ def png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-def report_part(**numbers) -> None:
-    print(PART + json.dumps(numbers), flush=True)
+def report_part(variant: str | None = None, **numbers) -> None:
+    """Numbers of this worker's variant, or (variant) of another one measured in this process."""
+    print(PART + json.dumps(numbers | ({"__variant__": variant} if variant else {})), flush=True)
 
 
 def timed(call, repeats: int, sync) -> float:
@@ -112,11 +113,15 @@ def diffusers_pipeline(args: argparse.Namespace, fused: bool):
     return pipe, device
 
 
-def worker_diffusers(args: argparse.Namespace, fused: bool) -> dict:
-    """naive (fused=False) or expert (fused=True): prompt in, 1024 px PNG out, like the engine's requests."""
+def worker_diffusers(args: argparse.Namespace, fused: bool, in_process: str | None = None) -> dict:
+    """naive (fused=False) or expert (fused=True): prompt in, 1024 px PNG out, like the engine's requests.
+
+    in_process: the variant's name when it runs inside the engine's worker (on its GPU thread, after the
+    engine's numbers: its compile then reuses the engine's caches, and cold start and peak memory are not its own)."""
     import torch
     from PIL import Image
 
+    started = time.perf_counter()
     pipe, device = diffusers_pipeline(args, fused)
 
     def images(seed: int, count: int) -> list:
@@ -133,13 +138,22 @@ def worker_diffusers(args: argparse.Namespace, fused: bool) -> dict:
     def request(seed: int, count: int = 1) -> list[bytes]:
         return [png_bytes(image.resize((1024, 1024), Image.NEAREST)) for image in images(seed, count)]
 
+    def emit(**numbers) -> None:
+        report_part(in_process, **numbers)
+
     for size in BATCH_SIZES if fused else (1,):  # warm-up (expert: record each batch size's graphs, as the engine)
         images(0, size)
-    print(READY, flush=True)
+    result: dict = {}
+    if in_process:
+        result["in_engine_process"] = True
+        result["setup_s"] = round(time.perf_counter() - started, 2)  # load, fuse, compile with warm caches, warm-up
+        emit(**result)
+    else:
+        print(READY, flush=True)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     runs = args.runs if fused else args.slow_runs
-    result = {"latency_s": latency(lambda seed: request(seed), runs, sync)}
-    report_part(**result)
+    result["latency_s"] = latency(lambda seed: request(seed), runs, sync)
+    emit(**result)
     by_batch = {}
     repeats = args.batch_repeats if fused else 1  # eager naive: seconds per call, little spread
     for size in BATCH_SIZES:
@@ -151,9 +165,10 @@ def worker_diffusers(args: argparse.Namespace, fused: bool) -> dict:
             "with_png_s": with_png_s,
             "images_per_s_with_png": round(size / with_png_s, 2),
         }
-        report_part(render_by_batch=by_batch)
+        emit(render_by_batch=by_batch)
     result["render_by_batch"] = by_batch
-    result["peak_memory_gib_batch4"] = peak_memory(lambda: request(123, 4), device)
+    if not in_process:  # the engine's allocations would count too
+        result["peak_memory_gib_batch4"] = peak_memory(lambda: request(123, 4), device)
     return result
 
 
@@ -238,10 +253,17 @@ def worker_engine(args: argparse.Namespace) -> dict:
     report_part(peak_memory_gib_batch4=result["peak_memory_gib_batch4"])
     if not settings.compile:
         return result
-    result["where_batch1_goes"] = attempt(lambda: on_gpu(batch1_breakdown, engine, args, sync))
-    report_part(where_batch1_goes=result["where_batch1_goes"])
     result["throughput"] = serve_clients(port, "default", calls, args)
     report_part(throughput=result["throughput"])
+    in_process = [variant for variant in args.in_process.split(",") if variant]
+
+    def measure_in_process(variant: str) -> None:
+        report_part(variant, **attempt(lambda: on_gpu(worker_diffusers, args, variant == "expert", variant)))
+
+    if "expert" in in_process:  # the comparison that matters most: before the levers
+        measure_in_process("expert")
+    result["where_batch1_goes"] = attempt(lambda: on_gpu(batch1_breakdown, engine, args, sync))
+    report_part(where_batch1_goes=result["where_batch1_goes"])
     levers: dict = {}
     result["levers"] = levers
     # Lever: a frozen heap (gc.freeze after warm-up): full collections no longer walk the compiler's objects.
@@ -253,14 +275,19 @@ def worker_engine(args: argparse.Namespace) -> dict:
         "latency_s": attempt(lambda: on_gpu(latency, request, args.runs, sync)),
     }
     report_part(levers=levers)
-    levers["gc_freeze"]["throughput"] = serve_clients(port, "gc_freeze", calls, args)
-    report_part(levers=levers)
-    # Lever: the GPU thread waits less for the GIL while other threads snap and encode (default 5 ms).
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)
-    levers["switch_interval_0.5ms"] = {"throughput": serve_clients(port, "switch_interval", calls, args)}
-    sys.setswitchinterval(switch_interval)
-    report_part(levers=levers)
+    if "gc_freeze_clients" in args.levers:
+        levers["gc_freeze"]["throughput"] = serve_clients(port, "gc_freeze", calls, args)
+        report_part(levers=levers)
+    if "switch_interval" in args.levers:
+        # Lever: the GPU thread waits less for the GIL while other threads snap and encode (default 5 ms).
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
+        levers["switch_interval_0.5ms"] = {"throughput": serve_clients(port, "switch_interval", calls, args)}
+        sys.setswitchinterval(switch_interval)
+        report_part(levers=levers)
+    for variant in in_process:
+        if variant != "expert":
+            measure_in_process(variant)
     server.should_exit = True
     return result
 
@@ -396,11 +423,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_worker(kind: str, args: argparse.Namespace, env: dict[str, str], save) -> dict:
+def run_worker(kind: str, args: argparse.Namespace, env: dict[str, str], save, save_other) -> dict:
     """Start a worker process; cold start = spawn -> its READY line. Its partial numbers go into the
     report as they come (save), and it asks for the 8 clients through the API with a SERVE line."""
     command = [sys.executable, __file__, "--worker", kind, "--weights", str(args.weights)]
-    for option in ("runs", "slow_runs", "batch_repeats", "steps"):
+    for option in ("runs", "slow_runs", "batch_repeats", "steps", "levers", "in_process"):
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     started = time.perf_counter()
     process = subprocess.Popen(
@@ -413,7 +440,11 @@ def run_worker(kind: str, args: argparse.Namespace, env: dict[str, str], save) -
         if line.startswith(READY) and "cold_start_s" not in result:
             result["cold_start_s"] = round(time.perf_counter() - started, 2)
         elif line.startswith(PART):
-            result |= json.loads(line[len(PART) :])
+            numbers = json.loads(line[len(PART) :])
+            if other := numbers.pop("__variant__", None):
+                save_other(other, numbers)
+                continue
+            result |= numbers
         elif line.startswith(SERVE):
             port, label = line[len(SERVE) :].split()
             try:
@@ -521,6 +552,18 @@ def main() -> None:
         default="expert,engine-compile,naive,engine",
         help="comma list of " + ", ".join(VARIANTS) + " (the compiled ones first: they matter most)",
     )
+    parser.add_argument(
+        "--levers",
+        default="gc_freeze_clients,switch_interval",
+        help="optional lever measurements of engine-compile beyond gc.freeze's latency: "
+        "gc_freeze_clients, switch_interval (each one more 8-client load)",
+    )
+    parser.add_argument(
+        "--in-process",
+        default="",
+        help="comma list of naive, expert: also measured inside engine-compile's process after its numbers (one "
+        "compile for both, when device time is short); their cold start and peak memory are then not measured",
+    )
     parser.add_argument("--deadline-s", type=float, help="start no variant later than this many seconds minus 30")
     parser.add_argument("--out", type=Path, help="folder (or .json file) for the results")
     parser.add_argument("--note", default="", help="stored in the report (how it was run, what differs)")
@@ -576,7 +619,13 @@ def main() -> None:
         env = base_env | ({"PUNKS_COMPILE": compile_} if compile_ else {})
         print(f"{variant} ({round(time.perf_counter() - started)} s into the run)", flush=True)
         try:
-            result = run_worker(worker, args, env, lambda partial, variant=variant: save(variant, partial))
+            result = run_worker(
+                worker,
+                args,
+                env,
+                lambda partial, variant=variant: save(variant, partial),
+                lambda other, numbers: save(other, report["results"].get(other, {}) | numbers),
+            )
         except Exception as error:  # keep the other variants' numbers (and this one's partial ones)
             result = report["results"].get(variant, {}) | {"error": f"{type(error).__name__}: {error}"[-3000:]}
         save(variant, result)
