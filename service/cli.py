@@ -71,7 +71,7 @@ def generate(args: argparse.Namespace) -> int:
         print(path)
     for image in result.images:
         print(describe(image))
-    for note in warnings(result, engine.is_smoke):
+    for note in warnings(result, engine.is_smoke, engine.weights.is_demo):
         print(f"warning: {note}", file=sys.stderr)
     return 0
 

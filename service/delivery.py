@@ -13,6 +13,7 @@ from PIL import Image
 
 from service.config import OutputFormat
 from service.engine import GeneratedImage, GenerationResult
+from service.weights.resolve import DEMO_NOTE
 
 MEDIA_TYPES: dict[OutputFormat, str] = {"png": "image/png", "webp": "image/webp"}
 # PNG: zlib's default level, no `optimize` pass (the upscale is an indexed image already; optimize would only
@@ -82,11 +83,13 @@ def describe(image: GeneratedImage) -> str:
     )
 
 
-def warnings(result: GenerationResult, is_smoke: bool) -> list[str]:
+def warnings(result: GenerationResult, is_smoke: bool, is_demo: bool = False) -> list[str]:
     """What a person should be told about a result beside the images."""
     notes = []
     if result.dropped_words:
         notes.append(f"prompt too long for CLIP, dropped: {result.dropped_words!r}")
     if is_smoke:
         notes.append("made with the random SMOKE model (no real weights found): the images are not meaningful")
+    if is_demo:
+        notes.append(f"made with the {DEMO_NOTE}")
     return notes

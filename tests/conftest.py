@@ -23,6 +23,8 @@ def smoke_env(smoke_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     return os.environ | {
         "PUNKS_WEIGHTS_DIR": str(tmp_path_factory.mktemp("no-weights")),
         "PUNKS_SMOKE_DIR": str(smoke_dir),
+        "PUNKS_FALLBACK_MODEL": "smoke",  # the random smoke model, not the trained demo model: quick, and the
+        # tests of the servers and the engine do not depend on what it draws
         "PUNKS_STEPS": str(TEST_STEPS),
         "PUNKS_DEVICE": "cpu",
     }
@@ -33,6 +35,7 @@ def smoke_settings(smoke_env: dict[str, str]) -> Settings:
     return Settings(
         weights_dir=Path(smoke_env["PUNKS_WEIGHTS_DIR"]),
         smoke_dir=Path(smoke_env["PUNKS_SMOKE_DIR"]),
+        fallback_model="smoke",
         steps=TEST_STEPS,
         device="cpu",
     )

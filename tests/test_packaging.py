@@ -17,7 +17,7 @@ from devtools import lock
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = lock.load_pyproject(ROOT / "pyproject.toml")
-DEV_FOLDERS = ("devtools", "tests", "bench")
+DEV_FOLDERS = ("devtools", "tests", "bench", "train")
 
 
 def pins(path: Path) -> dict[str, str]:

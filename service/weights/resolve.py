@@ -1,5 +1,6 @@
 """Which weights to load: the configured SD1.5 + LoRA files, or (allowed on development machines only) the
-tiny random smoke model, announced loudly. A missing file fails here, at start-up, naming it and where it goes.
+small demo model trained on generated portraits or the tiny random smoke model, announced loudly. A missing file
+fails here, at start-up, naming it and where it goes.
 Also which files of a diffusers folder are loaded (its fp16 variant or the full-precision files), the one answer
 start-up and `weights check` share. Torch-free, so that `weights check` stays quick."""
 
@@ -20,6 +21,7 @@ WEIGHTS_HELP = (
     f"and the dim-32 LoRA at {{weights}}/{LORA_FILE} (or set PUNKS_BASE_MODEL / PUNKS_LORA). "
     "With internet: `python -m service weights download`; to check: `python -m service weights check`."
 )
+DEMO_NOTE = "demo model trained on generated portraits; put SD1.5 + your LoRA in weights/ for the real thing"
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class WeightsSource:
     lora: Path
     is_smoke: bool
     config_dir: Path  # diffusers configs used for a single-file checkpoint
+    is_demo: bool = False  # the small demo model trained on generated portraits (devtools/demo.py)
 
 
 def resolve_weights(settings: Settings) -> WeightsSource:
@@ -42,6 +45,14 @@ def resolve_weights(settings: Settings) -> WeightsSource:
     explicitly_configured = settings.base_model is not None or settings.lora is not None
     if explicitly_configured or not settings.allow_smoke_model:
         raise WeightsError(f"missing weights: {' / '.join(missing)}. {help_text}")
+    if settings.fallback_model == "demo" and (demo := _demo_weights()) is not None:
+        log.warning(
+            "=" * 78 + "\nNO REAL WEIGHTS (%s not found): using the DEMO model,\n%s.\n%s\n" + "=" * 78,
+            ", ".join(missing),
+            DEMO_NOTE,
+            help_text,
+        )
+        return demo
     log.warning(
         "=" * 78 + "\nNO REAL WEIGHTS (%s not found): using the tiny RANDOM smoke model.\n"
         "Its images are NOT meaningful. %s\n" + "=" * 78,
@@ -58,6 +69,18 @@ def resolve_weights(settings: Settings) -> WeightsSource:
     return WeightsSource(
         base_model=folder / SMOKE_FOLDER, lora=folder / SMOKE_LORA, is_smoke=True, config_dir=folder / SMOKE_FOLDER
     )
+
+
+def _demo_weights() -> WeightsSource | None:
+    """The shipped demo model; None where it is absent (the GPU images have no devtools/)."""
+    try:
+        from devtools.demo import DEMO_DIR, DEMO_FOLDER, DEMO_LORA, demo_model_present
+    except ImportError:
+        return None
+    if not demo_model_present():
+        return None
+    folder = DEMO_DIR / DEMO_FOLDER
+    return WeightsSource(base_model=folder, lora=DEMO_DIR / DEMO_LORA, is_smoke=False, config_dir=folder, is_demo=True)
 
 
 def file_variant(path: Path) -> str | None:

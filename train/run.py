@@ -1,0 +1,574 @@
+"""Train the demo model in one device call: VAE, then base UNet + text encoder on smooth renderings, then the
+rank-32 / alpha-16 kohya LoRA on crisp renderings (and, with time left, a rank-64 one), then a small evaluation.
+
+    python -m train.run --out DIR --seconds 480            # on the GPU; everything lands in DIR as it goes
+    python -m train.run --out DIR --resume DIR --seconds 300   # skips the phases whose files DIR already has
+    python -m train.run --out /tmp/dry --tiny              # CPU dry run: a few steps of every phase
+
+Each phase gets a share of --seconds; its step count is fixed after timing its first steps (and logged), so a
+run is seeded and repeatable for the same step counts (--steps-from LOG replays them). Files (fp16 safetensors,
+flat, as the device returns at most 8 files): vae/unet/text_encoder.safetensors, lora32.safetensors,
+lora64.safetensors, log.json, samples.png. `python -m train.assemble` turns them into the shipped folder.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from diffusers import DDPMScheduler
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTokenizer
+
+from devtools.random_lora import kohya_metadata
+from service.config import SD15_CONFIG_DIR
+from service.lora.fuse import kohya_targets
+from service.prompts import NEGATIVE_PROMPT, build_prompt, chunk_input_ids
+from train import model, render, sprites
+
+CHUNK = 77
+PHASE_SHARES = {"vae": 0.20, "base": 0.50, "lora32": 0.27, "lora64": 0.10}  # rest: data, encoding, evaluation
+LORA_ALPHA = 16.0
+NULL_CAPTION_RATE = 0.1  # half "", half the service's negative prompt: what classifier-free guidance uses
+EVAL_PROMPTS = (
+    "lad with a red beanie, green background",
+    "punk with a cap, blue background",
+    "punk with a cap, red background",
+    "lad with sunglasses, yellow background",
+)
+
+
+@dataclass
+class Config:
+    sprites: int = 8192
+    batch: int = 64
+    vae_batch: int = 64
+    vae_crop: int = 128
+    lr: float = 1e-3
+    lora_lr: float = 2e-3
+    max_steps: int | None = None  # caps every phase (dry runs)
+    eval_steps: int = 25
+    eval_seeds: tuple[int, ...] = (0, 1, 2, 3)
+    latent_crop: int | None = None  # encode crops of this many px of larger renderings (a CPU's LoRA: 512 detail)
+    sizes: tuple[int, ...] = (512, 256)  # 512 as the real data; 256 too, so a CPU test can draw many seeds quickly
+
+
+@dataclass
+class Log:
+    started: float = field(default_factory=time.time)
+    phases: dict = field(default_factory=dict)
+
+    def phase(self, name: str, **values) -> None:
+        self.phases[name] = self.phases.get(name, {}) | values
+        print(f"[{time.time() - self.started:6.1f}s] {name}: {values}", flush=True)
+
+
+def autocast(device: str):
+    """bf16 autocast on the GPU; float32 on the CPU (continuations of a run on a machine without a GPU)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+
+
+def seeded(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def timed_steps(budget_s: float, step, log: Log, name: str, cap: int | None, replay: int | None) -> int:
+    """Run `step(i, total)` for as many steps as fit in budget_s, or `replay` steps. The speed is measured over
+    steps 5-15 (the first ones compile kernels and tune convolutions); total is fixed (and logged) at step 15."""
+    start = time.time()
+    total = replay or cap or 10**9
+    probe_from, probe_to = 5, 15
+    for i in range(total):
+        if i == probe_from:
+            probe_start = time.time()
+        if i == probe_to and replay is None and cap is None:
+            per_step = (time.time() - probe_start) / (probe_to - probe_from)
+            total = probe_to + max(1, int((budget_s - (time.time() - start)) / per_step))
+            log.phase(name, step_s=round(per_step, 4), steps=total)
+        if i >= total:
+            break
+        loss = step(i, total)
+        if i % 100 == 0 or i == total - 1:
+            print(f"  {name} step {i}/{total} loss {loss:.4f}", flush=True)
+    log.phase(name, steps=total, seconds=round(time.time() - start, 1), final_loss=round(loss, 5))
+    return total
+
+
+def learning_rate(i: int, total: int, peak: float, warmup: int = 100) -> float:
+    warm = min(1.0, (i + 1) / min(warmup, max(1, total // 10)))
+    return peak * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(1, total))))
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Captions:
+    ids: torch.Tensor  # (N, variants, chunks, 77) token rows as the engine builds them
+    chunks: torch.Tensor  # (N, variants) chunks each caption uses; the rest is masked out
+    null_ids: torch.Tensor  # (2, chunks, 77): "" and the negative prompt
+    max_chunks: int
+
+
+def tokenize(captions: list[list[str]], tokenizer: CLIPTokenizer) -> Captions:
+    def rows(text: str, chunks: int | None = None) -> tuple[list[list[int]], int]:
+        ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        needed = max(1, -(-len(ids) // (CHUNK - 2)))
+        return chunk_input_ids(tokenizer, tuple(ids), chunks or needed), needed
+
+    encoded = [[rows(text) for text in variants] for variants in captions]
+    null = [rows("")[0], rows(NEGATIVE_PROMPT)[0][:1]]
+    most = max(n for variants in encoded for _, n in variants)
+    filler = null[0][0]
+
+    def padded(r: list[list[int]]) -> list[list[int]]:
+        return r + [filler] * (most - len(r))
+
+    return Captions(
+        ids=torch.tensor([[padded(r) for r, _ in variants] for variants in encoded]),
+        chunks=torch.tensor([[n for _, n in variants] for variants in encoded]),
+        null_ids=torch.tensor([padded(r) for r in null]),
+        max_chunks=most,
+    )
+
+
+def make_data(count: int, seed: int) -> tuple[np.ndarray, list[list[str]]]:
+    """Sprites and two captions each (the seed's full format and a short user-style one)."""
+    rng = np.random.default_rng(seed)
+    punks = [sprites.random_punk(rng) for _ in range(count)]
+    images = np.stack([sprites.render(p) for p in punks])
+    captions = [[sprites.full_caption(p, s), sprites.short_caption(p, rng)] for p, s in zip(punks, images, strict=True)]
+    return images, captions
+
+
+def batch_captions(captions: Captions, index: torch.Tensor, generator: torch.Generator, device: str):
+    """Token rows (B*chunks, 77) and the cross-attention mask (B, chunks*77) of a batch, with null captions.
+
+    A null caption keeps the chunk count of the caption it replaces, with its padding chunks visible, as the
+    engine encodes the negative prompt to the prompt's chunk count."""
+    size = len(index)
+    variant = torch.randint(0, 2, (size,), generator=generator)
+    ids = captions.ids[index, variant].clone()
+    chunks = captions.chunks[index, variant].clone()
+    null = torch.rand(size, generator=generator) < NULL_CAPTION_RATE
+    which = torch.randint(0, 2, (size,), generator=generator)
+    ids[null] = captions.null_ids[which[null]]
+    mask = (torch.arange(captions.max_chunks).view(1, -1) < chunks.view(-1, 1)).repeat_interleave(CHUNK, dim=1)
+    return ids.view(-1, CHUNK).to(device), mask.to(device)
+
+
+def encode_text(text_encoder, ids: torch.Tensor, batch: int) -> torch.Tensor:
+    hidden = text_encoder(ids)[0]
+    return hidden.reshape(batch, -1, hidden.shape[-1])
+
+
+# --- phases ---------------------------------------------------------------------------------------
+
+
+def train_vae(
+    sprite_tensor: torch.Tensor, cfg: Config, budget: float, log: Log, device: str, replay
+) -> torch.nn.Module:
+    """Autoencoder on random crops of both renderings at both sizes: L1 + a little KL, as SD's VAE."""
+    generator = seeded(1)
+    vae = model.vae().to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+    def step(i: int, total: int) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(i, total, cfg.lr)
+        index = torch.randint(0, len(sprite_tensor), (cfg.vae_batch,), generator=generator)
+        size = cfg.sizes[i % len(cfg.sizes)]
+        chosen = sprite_tensor[index].to(device)
+        half = cfg.vae_batch // 2
+        images = torch.cat([render.crisp(chosen[:half], size), render.smooth(chosen[half:], size)])
+        crop = min(cfg.vae_crop, size)
+        y, x = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=generator))
+        images = images[:, :, y : y + crop, x : x + crop]
+        with autocast(device):
+            posterior = vae.encode(images).latent_dist
+            decoded = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(decoded.float(), images) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    timed_steps(budget, step, log, "vae", cfg.max_steps, replay)
+    return vae.eval()
+
+
+def train_decoder(vae, sprite_tensor: torch.Tensor, cfg: Config, budget: float, log: Log, device: str, replay):
+    """More training for the VAE's decoder alone, the encoder frozen: the latents (and so the UNet trained on
+    them) stay the same while the colours and edges it draws get better."""
+    generator = seeded(4)
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    parameters = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
+
+    def step(i: int, total: int) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(i, total, cfg.lr)
+        index = torch.randint(0, len(sprite_tensor), (cfg.vae_batch,), generator=generator)
+        size = cfg.sizes[i % len(cfg.sizes)]
+        chosen = sprite_tensor[index].to(device)
+        half = cfg.vae_batch // 2
+        images = torch.cat([render.crisp(chosen[:half], size), render.smooth(chosen[half:], size)])
+        crop = min(cfg.vae_crop, size)
+        y, x = (8 * int(v) for v in torch.randint(0, (size - crop) // 8 + 1, (2,), generator=generator))
+        images = images[:, :, y : y + crop, x : x + crop]
+        with torch.no_grad(), autocast(device):
+            latent = vae.encode(images).latent_dist.mean
+        with autocast(device):
+            decoded = vae.decode(latent).sample
+        loss = F.l1_loss(decoded.float(), images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    timed_steps(budget, step, log, "decoder", cfg.max_steps, replay)
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(
+    vae, sprite_tensor: torch.Tensor, cfg: Config, device: str, log: Log, known_scaling: bool, kinds: list[str]
+) -> dict[tuple[str, int], torch.Tensor]:
+    """Latents (mean of the posterior, times the scaling factor) of every sprite, both renderings, both sizes.
+    A new VAE gets its scaling factor here (1 / std of the latents); a trained one keeps its own."""
+    start = time.time()
+    raw: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for size in cfg.sizes:
+        for name, draw in (("smooth", render.smooth), ("crisp", render.crisp)):
+            if name not in kinds:
+                continue
+            for chunk in sprite_tensor.split(256):
+                images = draw(chunk.to(device), size)
+                if cfg.latent_crop and size > cfg.latent_crop:
+                    crop = cfg.latent_crop
+                    y, x = (8 * int(v) for v in torch.randint(0, (size - crop) // 8 + 1, (2,)))
+                    images = images[:, :, y : y + crop, x : x + crop]
+                with autocast(device):
+                    mean = vae.encode(images).latent_dist.mean
+                raw.setdefault((name, size), []).append(mean.to(torch.bfloat16))
+    latents = {key: torch.cat(parts) for key, parts in raw.items()}
+    scaling = vae.config.scaling_factor
+    if not known_scaling:
+        scaling = float(1 / latents[(kinds[0], cfg.sizes[0])].float().std())
+        vae.register_to_config(scaling_factor=scaling)
+    log.phase("encode", seconds=round(time.time() - start, 1), scaling_factor=round(scaling, 5))
+    return {key: (value.float() * scaling).to(torch.bfloat16) for key, value in latents.items()}
+
+
+def diffusion_loss(unet, text_encoder, latents, captions, index, scheduler, generator, device) -> torch.Tensor:
+    """SD1.5's epsilon objective with min-SNR-5 weighting (converges faster in a short run)."""
+    clean = latents[index.to(latents.device)].float().to(device)
+    noise = torch.randn_like(clean)  # the global generator, seeded per phase, on the device: no host copy
+    steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), device=device)
+    noisy = scheduler.add_noise(clean, noise, steps)
+    ids, mask = batch_captions(captions, index, generator, device)
+    with autocast(device):
+        context = encode_text(text_encoder, ids, len(index))
+        prediction = unet(noisy, steps, context, encoder_attention_mask=mask).sample
+    alphas = scheduler.alphas_cumprod.to(device)[steps]
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=5.0) / snr
+    per_sample = F.mse_loss(prediction.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+    return (weight * per_sample).mean()
+
+
+def train_base(latents, captions, cfg, budget, log, device, replay):
+    generator = seeded(2)
+    unet, text_encoder = model.unet().to(device).train(), model.text_encoder().to(device).train()
+    scheduler = DDPMScheduler.from_pretrained(SD15_CONFIG_DIR / "scheduler")
+    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=1e-2)
+
+    def step(i: int, total: int) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(i, total, cfg.lr)
+        size = cfg.sizes[i % len(cfg.sizes)]
+        pool = latents[("smooth", size)]
+        index = torch.randint(0, len(pool), (cfg.batch,), generator=generator)
+        loss = diffusion_loss(unet, text_encoder, pool, captions, index, scheduler, generator, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        return loss.item()
+
+    timed_steps(budget, step, log, "base", cfg.max_steps, replay)
+    return unet.eval(), text_encoder.eval()
+
+
+class KohyaLora(torch.nn.Module):
+    """kohya's networks.lora on every layer it wraps: out + (alpha / rank) * up(down(x)), up starting at zero."""
+
+    def __init__(self, targets: dict[str, torch.nn.Linear | torch.nn.Conv2d], rank: int, alpha: float):
+        super().__init__()
+        self.rank, self.alpha, self.names = rank, alpha, list(targets)
+        self.down: dict[str, torch.nn.Linear | torch.nn.Conv2d] = torch.nn.ModuleDict()  # type: ignore[assignment]
+        self.up: dict[str, torch.nn.Linear | torch.nn.Conv2d] = torch.nn.ModuleDict()  # type: ignore[assignment]
+        self.hooks = []
+        for name, layer in targets.items():
+            key = name.replace(".", "_")
+            down: torch.nn.Linear | torch.nn.Conv2d
+            up: torch.nn.Linear | torch.nn.Conv2d
+            if isinstance(layer, torch.nn.Conv2d):
+                down = torch.nn.Conv2d(layer.in_channels, rank, 1, bias=False)
+                up = torch.nn.Conv2d(rank, layer.out_channels, 1, bias=False)
+            else:
+                down = torch.nn.Linear(layer.in_features, rank, bias=False)
+                up = torch.nn.Linear(rank, layer.out_features, bias=False)
+            torch.nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+            torch.nn.init.zeros_(up.weight)
+            self.down[key], self.up[key] = down, up
+            self.hooks.append(layer.register_forward_hook(self._hook(key)))
+
+    def _hook(self, key: str):
+        def add(module, inputs, output):
+            return output + (self.alpha / self.rank) * self.up[key](self.down[key](inputs[0]))
+
+        return add
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def kohya_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name in self.names:
+            key = name.replace(".", "_")
+            tensors[f"{name}.lora_down.weight"] = self.down[key].weight.detach().to(torch.float16).cpu().contiguous()
+            tensors[f"{name}.lora_up.weight"] = self.up[key].weight.detach().to(torch.float16).cpu().contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(self.alpha, dtype=torch.float16)
+        return tensors
+
+
+def train_lora(unet, text_encoder, vae, latents, captions, rank, cfg, budget, log, device, replay):
+    name = f"lora{rank}"
+    generator = seeded(3 + rank)
+    pipe = model.pipeline(unet, vae, text_encoder)
+    for part in (unet, text_encoder):
+        part.requires_grad_(False)
+    lora = KohyaLora(kohya_targets(pipe), rank, LORA_ALPHA).to(device)
+    scheduler = DDPMScheduler.from_pretrained(SD15_CONFIG_DIR / "scheduler")
+    optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr, weight_decay=0.0)
+
+    def step(i: int, total: int) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(i, total, cfg.lora_lr)
+        size = cfg.sizes[i % len(cfg.sizes)]
+        pool = latents[("crisp", size)]
+        index = torch.randint(0, len(pool), (cfg.batch,), generator=generator)
+        loss = diffusion_loss(unet, text_encoder, pool, captions, index, scheduler, generator, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    steps = timed_steps(budget, step, log, name, cfg.max_steps, replay)
+    return lora, steps
+
+
+def lora_metadata(rank: int, steps: int, cfg: Config) -> dict[str, str]:
+    return kohya_metadata(
+        rank,
+        LORA_ALPHA,
+        ss_num_epochs="1",
+        ss_epoch="1",
+        ss_max_train_steps=str(steps),
+        ss_num_train_images=str(cfg.sprites),
+        ss_batch_size_per_device=str(cfg.batch),
+        ss_learning_rate=str(cfg.lora_lr),
+        ss_output_name=f"bespoke_punks_demo_dim{rank}",
+        ss_resolution="(512, 512)",
+        ss_training_comment="demo model: trained by train/run.py on generated portraits (crisp nearest renderings)",
+        ss_tag_frequency=json.dumps({"generated punks": {"pixel art": cfg.sprites, "24x24": cfg.sprites}}),
+    )
+
+
+# --- evaluation -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(unet, text_encoder, vae, cfg: Config, device: str) -> dict:
+    """The pipeline as the service runs it (DPM++, the prompt template, the negative prompt) on a few prompts."""
+    from service.pixelart import to_pixel_art
+
+    pipe = model.pipeline(unet, vae, text_encoder).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    images, verdicts = [], []
+    seeds = cfg.eval_seeds
+    for prompt in EVAL_PROMPTS:
+        out = pipe(
+            [build_prompt(prompt)] * len(seeds),
+            negative_prompt=[NEGATIVE_PROMPT] * len(seeds),
+            num_inference_steps=cfg.eval_steps,
+            guidance_scale=7.5,
+            height=cfg.sizes[0],
+            width=cfg.sizes[0],
+            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+        ).images
+        images += out
+        verdicts += [to_pixel_art(image).quality.is_pixel_art for image in out]
+    return {"images": images, "pixel_art_share": sum(verdicts) / len(verdicts)}
+
+
+def contact_sheet(rows: list[list]) -> Image.Image:
+
+    tile = 192
+    columns = max(len(r) for r in rows)
+    sheet = Image.new("RGB", (columns * tile, len(rows) * tile), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            sheet.paste(image.resize((tile, tile), Image.Resampling.BILINEAR), (x * tile, y * tile))
+    return sheet
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def save_fp16(module: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in module.state_dict().items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_into(module: torch.nn.Module, path: Path) -> dict[str, str]:
+    """Load fp16 weights into a float32 module; returns the file's metadata."""
+    module.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    with safe_open(str(path), "pt") as file:
+        return file.metadata() or {}
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(prog="python -m train.run", description=__doc__.split("\n\n")[0])
+    cli.add_argument("--out", type=Path, required=True)
+    cli.add_argument("--resume", type=Path, help="a folder of an earlier run: its finished phases are reused")
+    cli.add_argument("--seconds", type=float, default=480.0, help="wall-clock budget of the training phases")
+    cli.add_argument("--steps-from", type=Path, help="log.json of a run whose step counts to replay")
+    cli.add_argument("--tiny", action="store_true", help="CPU dry run: few sprites, 2 steps a phase")
+    cli.add_argument("--seed", type=int, default=0)
+    cli.add_argument("--ranks", type=int, nargs="+", default=[32, 64], help="LoRA ranks to train, in order")
+    cli.add_argument(
+        "--only",
+        nargs="+",
+        choices=[*PHASE_SHARES, "decoder"],
+        help="train only these phases (each gets an equal share of --seconds); the others load from --resume",
+    )
+    cli.add_argument("--sprites", type=int, help="training portraits (default 8192)")
+    cli.add_argument("--sizes", type=int, nargs="+", help="renderings' sizes, first one evaluated (512 256)")
+    cli.add_argument("--batch", type=int, help="diffusion batch size (64)")
+    cli.add_argument("--vae-batch", type=int, help="VAE batch size (64)")
+    cli.add_argument("--latent-crop", type=int, help="encode crops of this size of larger renderings")
+    cli.add_argument("--vae-crop", type=int, help="VAE crop size (128)")
+    cli.add_argument("--eval-steps", type=int, help="sampler steps of the evaluation (25; 0: no evaluation)")
+    args = cli.parse_args()
+
+    tiny = Config(
+        sprites=32, batch=2, vae_batch=2, vae_crop=32, max_steps=2, eval_steps=2, eval_seeds=(0,), sizes=(64, 32)
+    )
+    cfg = tiny if args.tiny else Config()
+    overrides = {"sprites": args.sprites, "sizes": tuple(args.sizes or ()), "batch": args.batch}
+    overrides |= {"eval_steps": args.eval_steps, "vae_batch": args.vae_batch, "vae_crop": args.vae_crop}
+    overrides |= {"latent_crop": args.latent_crop}
+    cfg = Config(**cfg.__dict__ | {k: v for k, v in overrides.items() if v is not None and v != ()})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    resume = args.resume or args.out
+    replay = json.loads(args.steps_from.read_text())["phases"] if args.steps_from else {}
+    log = Log()
+    log.phase(
+        "setup",
+        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        versions={m.__name__: m.__version__ for m in (torch, diffusers, transformers)},
+        config=cfg.__dict__,
+        seconds=args.seconds,
+        seed=args.seed,
+    )
+
+    def budget(phase: str) -> float:
+        return args.seconds / len(args.only) if args.only else PHASE_SHARES[phase] * args.seconds
+
+    def trains(phase: str, file: str) -> bool:
+        """Whether this run trains `phase`: asked for, or (without --only) not finished in --resume."""
+        return phase in args.only if args.only else not (resume / file).is_file()
+
+    def replayed(phase: str) -> int | None:
+        return replay.get(phase, {}).get("steps")
+
+    start = time.time()
+    images, captions_text = make_data(cfg.sprites, args.seed)
+    sprite_tensor = render.to_tensor(images)
+    captions = tokenize(captions_text, CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer"))
+    log.phase("data", seconds=round(time.time() - start, 1), sprites=cfg.sprites, max_chunks=captions.max_chunks)
+
+    vae = model.vae().to(device)
+    if trains("vae", "vae.safetensors"):
+        vae = train_vae(sprite_tensor, cfg, budget("vae"), log, device, replayed("vae"))
+    else:
+        metadata = load_into(vae, resume / "vae.safetensors")
+        vae.register_to_config(scaling_factor=float(metadata["scaling_factor"]))
+        vae.eval()
+    lora_trains = any(trains(f"lora{rank}", f"lora{rank}.safetensors") for rank in args.ranks)
+    kinds = ["smooth"] * trains("base", "unet.safetensors") + ["crisp"] * lora_trains
+    trained_vae = trains("vae", "vae.safetensors")
+    latents = encode_latents(vae, sprite_tensor, cfg, device, log, not trained_vae, kinds)
+    if args.only and "decoder" in args.only:
+        vae = train_decoder(vae, sprite_tensor, cfg, budget("decoder"), log, device, replayed("decoder"))
+    save_fp16(vae, args.out / "vae.safetensors", {"scaling_factor": repr(vae.config.scaling_factor)})
+
+    unet, text_encoder = model.unet().to(device), model.text_encoder().to(device)
+    if trains("base", "unet.safetensors"):
+        unet, text_encoder = train_base(latents, captions, cfg, budget("base"), log, device, replayed("base"))
+    else:
+        load_into(unet, resume / "unet.safetensors")
+        load_into(text_encoder, resume / "text_encoder.safetensors")
+        unet.eval(), text_encoder.eval()
+    save_fp16(unet, args.out / "unet.safetensors")
+    save_fp16(text_encoder, args.out / "text_encoder.safetensors")
+    (args.out / "log.json").write_text(json.dumps(log.__dict__, indent=1))
+
+    evaluation = {"base": evaluate(unet, text_encoder, vae, cfg, device)} if cfg.eval_steps else {}
+    for rank in args.ranks:
+        phase = f"lora{rank}"
+        file = args.out / f"{phase}.safetensors"
+        if not trains(phase, f"{phase}.safetensors"):
+            continue
+        lora, steps = train_lora(
+            unet, text_encoder, vae, latents, captions, rank, cfg, budget(phase), log, device, replayed(phase)
+        )
+        save_file(lora.kohya_tensors(), str(file), metadata=lora_metadata(rank, steps, cfg))
+        if cfg.eval_steps:
+            evaluation[phase] = evaluate(unet, text_encoder, vae, cfg, device)
+            log.phase(phase, eval_pixel_art_share=evaluation[phase]["pixel_art_share"])
+        lora.remove()
+        (args.out / "log.json").write_text(json.dumps(log.__dict__, indent=1))
+    if evaluation:
+        log.phase("eval", base_pixel_art_share=evaluation["base"]["pixel_art_share"], prompts=list(EVAL_PROMPTS))
+        contact_sheet([result["images"] for result in evaluation.values()]).save(args.out / "samples.png")
+    log.phase("done", seconds=round(time.time() - log.started, 1))
+    (args.out / "log.json").write_text(json.dumps(log.__dict__, indent=1))
+
+
+if __name__ == "__main__":
+    main()
