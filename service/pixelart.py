@@ -5,15 +5,22 @@ bend, the grid is shifted and spans a little more or less than the canvas, flat 
 colour and edges are soft and JPEG-like. We *know* the grid size, so instead of guessing it we fit
 exactly `grid` cells per axis:
 
-1. edge profile: per axis, how much colour changes between adjacent columns (rows);
-2. grid lines: for each candidate pitch (span 496-528 px on 512), a dynamic programme places
-   the grid + 1 lines on the strongest edges, each cell pitch +-20% wide, outer lines near where
-   a centred grid puts them; the best-scoring pitch wins. Lines follow breathing cells, and
-   where a line has no edge at all (flat background) the width cost keeps it on the lattice;
-3. one colour per cell: per-channel median of samples from the cell's interior (edges are blurred);
-4. palette cleaning: near-identical cell colours are merged so a flat area is exactly one colour.
+1. edge energy: per axis, how much colour changes between adjacent columns (rows), over the whole
+   image and within strips one cell tall (wide);
+2. straight grid lines: for each candidate pitch (span 496-528 px on 512), a dynamic programme
+   places the grid + 1 lines on the strongest edges, each cell pitch +-20% wide, outer lines near
+   where a centred grid puts them; the two axes' pitches are chosen together (cells are square
+   overall). Lines follow breathing cells, and where a line has no edge at all (flat background)
+   the width cost keeps it on the lattice;
+3. bent lines: each strip's shift of the whole lattice (smooth from strip to strip) straightens the
+   image for a second fit, then every line gets its own shift per strip, pulled by its neighbours
+   where its own edges are weak. Only where the edges form a lattice at all (not noise or photos);
+4. one colour per cell: per-channel median of samples from the cell's interior (edges are blurred),
+   minus the smooth colour drift that steps between same-colour neighbours show;
+5. palette cleaning: cell colours closer than the merge distance are merged, so a flat area is
+   exactly one colour while two drawn colours 15 apart stay two.
 
-Pure numpy + Pillow (no torch, no scipy) and a few milliseconds per image.
+Pure numpy + Pillow (no torch, no scipy), about 15 ms per 512 px image on one CPU core.
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ WIDTH_STIFFNESS = 0.5  # cost of a cell at the width limit, in units of a line's
 BORDER_PULL = 0.05  # cost of an outer line at the edge of its window; only breaks ties
 POOL_FRACTION = 1 / 3  # differences are summed over runs this long before abs(): noise cancels
 MAX_BEND = 0.5  # the image's lines bend at most this far (pitches) from straight, strip by strip
-BEND_ROUNDS = 1  # rounds of straightening: fit the lattice, find each strip's shift, fit again straightened
 LATTICE_WEIGHT = 4.0  # the common bend's unary: a strip's energy on the whole lattice, in units of one line
 LINE_REACH = 0.2  # and each line at most this much further on its own
 BEND_STIFFNESS = 0.05  # cost of a 1 px change of a line's shift from one strip to the next (unary units)
@@ -124,10 +130,13 @@ def _edge_strips(rgb: np.ndarray, grid: int) -> tuple[tuple[np.ndarray, np.ndarr
         n = a.shape[axis] // run
         if axis == 0:
             return a[: n * run].reshape(n, run, *a.shape[1:]).sum(axis=1)
-        # along rows: one small matrix product per run (numpy's strided sum over a middle axis is 10x slower)
-        channels = a.shape[-1]
-        adder = np.tile(np.eye(channels, dtype=a.dtype), (run, 1))  # (run * channels, channels)
-        return a[:, : n * run].reshape(a.shape[0], n, run * channels) @ adder
+        # along rows: run strided slices added in place (numpy's sum over a middle axis is 5x slower; a BLAS
+        # product would start threads on a busy server)
+        pieces = a[:, : n * run].reshape(a.shape[0], n, run, *a.shape[2:])
+        total = pieces[:, :, 0].copy()
+        for offset in range(1, run):
+            total += pieces[:, :, offset]
+        return total
 
     def in_threes(runs: np.ndarray, axis: int) -> np.ndarray:  # strips of three runs (the last may be short)
         extra = -runs.shape[axis] % 3
@@ -146,11 +155,6 @@ def _edge_strips(rgb: np.ndarray, grid: int) -> tuple[tuple[np.ndarray, np.ndarr
     profiles = above_median(energy(x_runs, 1).sum(axis=0)), above_median(energy(y_runs, 0).sum(axis=1))
     strips = above_median(energy(in_threes(x_runs, 0), 1)), above_median(energy(in_threes(y_runs, 1), 0).T)
     return (profiles[0], profiles[1]), (strips[0], strips[1])
-
-
-def edge_profiles(rgb: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Edge energy at every column (x) and row (y) boundary position 0..W over the whole image."""
-    return _edge_strips(rgb, grid)[0]
 
 
 def _energy_at(profile: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -350,11 +354,6 @@ def _bent_lines(
     strip_lengths = [3 * max(1, int((strips[1 - axis].shape[1] - 1) / grid * POOL_FRACTION)) for axis in (0, 1)]
     bent = [_lines_across(straight[a], shifts[a], strip_lengths[a], straight[1 - a]) for a in (0, 1)]
     return (straight[0], straight[1]), (bent[0], bent[1])
-
-
-def _lines_from_profiles(profiles: tuple[np.ndarray, np.ndarray], grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """(xs, ys) from already computed profiles, which the quality signals reuse."""
-    return _fit_lines(profiles[0], grid), _fit_lines(profiles[1], grid)
 
 
 # --- cells and palette ----------------------------------------------------------------------------

@@ -196,14 +196,13 @@ MIN_SHADE_SEPARATION = 30.0  # a shade's distance from every colour other than t
 
 
 def _dilate(mask: np.ndarray, diagonal: bool = False) -> np.ndarray:
-    """mask grown by one cell in the 4 (or 8) directions."""
+    """mask grown by one cell in the 4 (or, with the diagonals, 8) directions."""
     grown = mask.copy()
     grown[1:] |= mask[:-1]
     grown[:-1] |= mask[1:]
-    grown[:, 1:] |= mask[:, :-1]
-    grown[:, :-1] |= mask[:, 1:]
-    if diagonal:
-        grown = _dilate(grown) | grown
+    sideways = grown.copy() if diagonal else mask  # grow the grown rows sideways: the corners too
+    grown[:, 1:] |= sideways[:, :-1]
+    grown[:, :-1] |= sideways[:, 1:]
     return grown
 
 
