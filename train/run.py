@@ -474,6 +474,7 @@ def main() -> None:
     cli.add_argument("--sprites", type=int, help="training portraits (default 8192)")
     cli.add_argument("--sizes", type=int, nargs="+", help="renderings' sizes, first one evaluated (512 256)")
     cli.add_argument("--batch", type=int, help="diffusion batch size (64)")
+    cli.add_argument("--lr", type=float, help="peak learning rate of the VAE, decoder and base phases (1e-3)")
     cli.add_argument("--vae-batch", type=int, help="VAE batch size (64)")
     cli.add_argument("--latent-crop", type=int, help="encode crops of this size of larger renderings")
     cli.add_argument("--vae-crop", type=int, help="VAE crop size (128)")
@@ -486,7 +487,7 @@ def main() -> None:
     cfg = tiny if args.tiny else Config()
     overrides = {"sprites": args.sprites, "sizes": tuple(args.sizes or ()), "batch": args.batch}
     overrides |= {"eval_steps": args.eval_steps, "vae_batch": args.vae_batch, "vae_crop": args.vae_crop}
-    overrides |= {"latent_crop": args.latent_crop}
+    overrides |= {"latent_crop": args.latent_crop, "lr": args.lr}
     cfg = Config(**cfg.__dict__ | {k: v for k, v in overrides.items() if v is not None and v != ()})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
