@@ -68,7 +68,10 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    """HEAD, marked when service/pixelart.py differs from it (then the numbers are not that commit's)."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "service/pixelart.py"]).returncode != 0
+    return head + (" + uncommitted service/pixelart.py" if changed else "")
 
 
 def other_snappers() -> dict[str, Snapper]:
