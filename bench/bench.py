@@ -29,6 +29,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -591,7 +592,7 @@ def main() -> None:
     }
     report = {
         "environment": environment(),
-        "command": " ".join(["python", "bench/bench.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "bench/bench.py", *sys.argv[1:]]),
         "note": args.note,
         "steps": args.steps,
         "runs": {"compiled": args.runs, "eager": args.slow_runs, "per_batch_size": args.batch_repeats},
