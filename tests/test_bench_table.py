@@ -1,0 +1,55 @@
+"""bench/readme_table.py: README's numbers are printed from one results file, ratios only within that run."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_table_module():
+    spec = importlib.util.spec_from_file_location("readme_table", REPO / "bench" / "readme_table.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(latency: float, by_batch: dict, **extra) -> dict:
+    return {"latency_s": {"median": latency, "p95": latency * 1.1}, "render_by_batch": by_batch} | extra
+
+
+def test_ratios_compare_the_compiled_engine_with_the_expert_of_the_same_file():
+    table = load_table_module()
+    results = {
+        "expert": run(0.25, {"4": {"render_s": 0.6, "images_per_s": 6.67, "images_per_s_with_png": 6.0}}),
+        "engine-compile": run(
+            0.2,
+            {"4": {"render_s": 0.5, "images_per_s": 8.0}},
+            throughput={"images_per_s": 7.5},
+            peak_memory_gib_batch4=3.3,
+            cold_start_s=58.0,
+        ),
+        "naive": {"skipped": "not started: too little of the run's time left"},
+    }
+    lines = table.main_table(results)
+    assert lines[0] == "| | expert diffusers recipe | engine, `PUNKS_COMPILE=true` | engine compiled vs expert |"
+    latency_row = next(line for line in lines if line.startswith("| end to end"))
+    assert "0.250 / 0.275 s" in latency_row and latency_row.endswith("| 1.25x |")  # expert time / engine time
+    batch4 = next(line for line in lines if line.startswith("| render alone, batch 4"))
+    assert batch4.endswith("| 1.20x |")  # 8.0 / 6.67 images/s
+    clients = next(line for line in lines if line.startswith("| throughput"))
+    assert "(6.00 images/s: batch 4 + PNGs, no server)" in clients and clients.endswith("| 1.25x |")
+    assert all("naive" not in line for line in lines)  # a skipped variant gets no column
+
+
+def test_the_committed_h200_file_prints(capsys, monkeypatch):
+    table = load_table_module()
+    path = REPO / "bench" / "results" / "2026-12-02-NVIDIA-H200-eager.json"
+    monkeypatch.setattr("sys.argv", ["readme_table.py", str(path)])
+    table.main()
+    printed = capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert printed.startswith("NVIDIA H200, driver 580.159.04, torch 2.11.0+cu130")
+    assert f"{report['results']['engine']['throughput']['images_per_s']:.2f} images/s" in printed
+    assert "| text_encoder_ms | 7.32 |" in printed
