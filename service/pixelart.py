@@ -112,14 +112,13 @@ def _rgb_array(image: Image.Image, grid: int) -> np.ndarray:
 # --- grid detection -------------------------------------------------------------------------------
 
 
-def _edge_strips(rgb: np.ndarray, grid: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Edge energy per axis, twice: over the whole image (profile) and within strips one cell wide.
+def _edge_strips(rgb: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Edge energy per axis within strips about one cell wide: (x strips, y strips), each (n, W + 1).
 
     For the x axis, position p is the edge between columns p-1 and p (0..W). Colour differences are summed
-    over runs along the line before abs(): pixel noise cancels, a real cell edge (a whole cell long) adds up.
-    The profile sums runs a third of a cell long; a strip sums one cell's length, so bent lines can be
-    followed strip by strip. Medians are subtracted so flat-but-noisy areas and the (edgeless) area outside
-    the image score alike. Returns ((x profile, y profile), (x strips, y strips)), strips as (n, W + 1)."""
+    over a strip's length (a cell) before abs(): pixel noise cancels, a real cell edge (a whole cell long)
+    adds up, and bent lines can be followed strip by strip. Each strip's median is subtracted so
+    flat-but-noisy areas and the (edgeless) area outside the image score alike."""
 
     height, width = rgb.shape[:2]
 
@@ -154,9 +153,8 @@ def _edge_strips(rgb: np.ndarray, grid: int) -> tuple[tuple[np.ndarray, np.ndarr
             np.maximum(values - np.median(values, axis=-1, keepdims=True), 0), [(0, 0)] * (values.ndim - 1) + [(1, 1)]
         )
 
-    profiles = above_median(energy(x_runs, 1).sum(axis=0)), above_median(energy(y_runs, 0).sum(axis=1))
     strips = above_median(energy(in_threes(x_runs, 0), 1)), above_median(energy(in_threes(y_runs, 1), 0).T)
-    return (profiles[0], profiles[1]), (strips[0], strips[1])
+    return strips[0], strips[1]
 
 
 def _energy_at(profile: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -332,17 +330,22 @@ def _lines_across(lines: np.ndarray, shifts: np.ndarray, strip_length: int, othe
     return lines[None, :] + shifts[below] * (1 - fraction) + shifts[above] * fraction
 
 
+@dataclass(frozen=True)
+class _Grid:
+    lines: tuple[np.ndarray, np.ndarray]  # straight xs, ys, fitted to the straightened image
+    bent: tuple[np.ndarray, np.ndarray]  # xs per cell row (rows, grid + 1), ys per cell column
+    profiles: tuple[np.ndarray, np.ndarray]  # edge energy of the straightened image, per axis (the verdict's)
+
+
 def find_grid_lines(rgb: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
     """Cell boundaries as they run through each cell row and column: xs (rows, grid + 1) and ys (cols,
     grid + 1), float px. Outer ones may lie outside the image when the drawn grid runs off the canvas."""
-    return _bent_lines(_edge_strips(rgb, grid)[1], grid)[1]
+    return _find_grid(rgb, grid).bent
 
 
-def _bent_lines(
-    strips: tuple[np.ndarray, np.ndarray], grid: int
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """((straight xs, ys), (bent xs per cell row, bent ys per cell column)). The straight lines are fitted
-    to the image straightened by the common bend; they feed the quality signals."""
+def _find_grid(rgb: np.ndarray, grid: int) -> _Grid:
+    """Straight lines fitted to the image straightened by the common bend, and the bent lines."""
+    strips = _edge_strips(rgb, grid)
     reaches = [max(0, int(MAX_BEND * (strips[1 - axis].shape[1] - 1) / grid)) for axis in (0, 1)]
     first = [_fit_lines(strips[axis].sum(axis=0), grid) for axis in (0, 1)]
     straightened = [_straightened(strips[a], _common_bend(strips[a], first[a], reaches[a])) for a in (0, 1)]
@@ -350,12 +353,13 @@ def _bent_lines(
     on_lines = [_share_on_lines(straightened[axis], straight[axis]) for axis in (0, 1)]
     if np.mean([near / max(total, 1e-9) for near, total in on_lines]) < LATTICE_ALIGNMENT:
         straight = first  # the edges are no lattice (noise, a photograph): no bend to follow
+        straightened = [strips[axis].sum(axis=0) for axis in (0, 1)]
         shifts = [np.zeros((len(strips[axis]), grid + 1), dtype=int) for axis in (0, 1)]
     else:
         shifts = [_bend_lines(strips[a], straight[a], _common_bend(strips[a], straight[a], reaches[a])) for a in (0, 1)]
     strip_lengths = [3 * max(1, int((strips[1 - axis].shape[1] - 1) / grid * POOL_FRACTION)) for axis in (0, 1)]
     bent = [_lines_across(straight[a], shifts[a], strip_lengths[a], straight[1 - a]) for a in (0, 1)]
-    return (straight[0], straight[1]), (bent[0], bent[1])
+    return _Grid((straight[0], straight[1]), (bent[0], bent[1]), (straightened[0], straightened[1]))
 
 
 # --- cells and palette ----------------------------------------------------------------------------
@@ -594,14 +598,11 @@ def _share_on_lines(profile: np.ndarray, lines: np.ndarray) -> tuple[float, floa
     return float(profile[near].sum()), float(profile.sum())
 
 
-def _quality(
-    rgb: np.ndarray,
-    profiles: tuple[np.ndarray, np.ndarray],
-    lines: tuple[np.ndarray, np.ndarray],
-    sprite: Image.Image,
-) -> QualitySignals:
-    grid_fit = _grid_fit(rgb, *lines)
-    alignment = _edge_alignment(profiles, lines)
+def _quality(rgb: np.ndarray, found: _Grid, sprite: Image.Image) -> QualitySignals:
+    """The signals on the straight lines; edge alignment on the straightened image, so that a bent but clean
+    lattice still counts as pixel art."""
+    grid_fit = _grid_fit(rgb, *found.lines)
+    alignment = _edge_alignment(found.profiles, found.lines)
     colours = sprite.getcolors(maxcolors=sprite.width * sprite.height)
     assert colours is not None  # None only when there are more than maxcolors colours: not more than the pixels
     palette_size = len(colours)
@@ -617,11 +618,10 @@ def quality_signals(image: Image.Image, grid: int = 24, sprite: Image.Image | No
     """How much `image` looks like a grid x grid pixel-art render. `sprite` (its snap) is
     computed when not given."""
     rgb = _rgb_array(image, grid)
-    profiles, strips = _edge_strips(rgb, grid)
-    lines, bent = _bent_lines(strips, grid)
+    found = _find_grid(rgb, grid)
     if sprite is None:
-        sprite = _sprite(rgb, *bent, None)
-    return _quality(rgb, profiles, lines, sprite.convert("RGB"))
+        sprite = _sprite(rgb, *found.bent, None)
+    return _quality(rgb, found, sprite.convert("RGB"))
 
 
 def to_pixel_art(
@@ -634,12 +634,11 @@ def to_pixel_art(
     """The whole post-processing: find the grid once, snap, clean the palette, judge, upscale."""
     _check_max_colors(max_colors)
     rgb = _rgb_array(image, grid)
-    profiles, strips = _edge_strips(rgb, grid)
-    lines, bent = _bent_lines(strips, grid)
-    sprite = _sprite(rgb, *bent, max_colors)
+    found = _find_grid(rgb, grid)
+    sprite = _sprite(rgb, *found.bent, max_colors)
     return PixelArt(
         sprite=sprite,
         image=upscale(sprite, size, integer_scale),
         palette=palette_hex(sprite),
-        quality=_quality(rgb, profiles, lines, sprite),
+        quality=_quality(rgb, found, sprite),
     )
