@@ -51,6 +51,7 @@ CELL_SAMPLES = 8  # samples per axis per cell (8x8 = 64 samples) for the median
 INTERIOR_MARGIN = 0.2  # skip this share of the cell on each side: blurred edges live there
 MERGE_DISTANCE = 12.0  # RGB distance below which two drift-corrected cell colours are "the same" colour
 MERGE_PER_SPREAD = 1.0  # ... or this many times the typical pixel spread inside a cell, if larger
+MERGE_PER_STEP = 4.0  # ... or this many times the typical step between neighbouring cells of one colour
 SAME_COLOUR_STEP = 10.0  # neighbouring cells closer than this are one colour, for the drift fit
 MIN_SAME_STEPS = 0.25  # share of neighbour steps that must be within one colour for a drift fit
 DRIFT_DEGREE = 3  # the colour drift is a polynomial of this degree in the cell position, per channel
@@ -392,12 +393,22 @@ def cell_colours(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return median, spread
 
 
-def merge_distance(spread: np.ndarray) -> float:
-    """How far apart two cell colours must be to stay two palette colours: MERGE_DISTANCE, or the typical
-    spread of the pixels inside a cell where that is larger. Pixel art has flat cells (spread = the
-    render's noise, 4-10); on noise or a photograph the cells' medians are themselves noisy, and a small
-    merge distance would give hundreds of colours that change with every pixel."""
-    return max(MERGE_DISTANCE, MERGE_PER_SPREAD * float(np.median(spread)))
+def merge_distance(spread: np.ndarray, colors: np.ndarray) -> float:
+    """How far apart two (drift-corrected) cell colours must be to stay two palette colours: MERGE_DISTANCE,
+    or more where the render is less flat: MERGE_PER_SPREAD times the typical spread of the pixels inside a
+    cell (noise, photographs: cell medians are noisy themselves), or MERGE_PER_STEP times the typical step
+    between neighbouring cells of one colour (soft local shading that the smooth drift does not explain).
+    Crisp renders keep MERGE_DISTANCE, so two drawn colours 15 apart stay two."""
+    steps = np.sqrt(np.square(_neighbour_steps(colors)).sum(axis=1))
+    same = steps[steps < SAME_COLOUR_STEP]
+    step = float(np.median(same)) if len(same) else 0.0
+    return max(MERGE_DISTANCE, MERGE_PER_SPREAD * float(np.median(spread)), MERGE_PER_STEP * step)
+
+
+def _neighbour_steps(a: np.ndarray) -> np.ndarray:
+    """(pairs, channels): differences to every right, lower and diagonal neighbour of a (rows, cols, channels)."""
+    pairs = [(a[:, 1:], a[:, :-1]), (a[1:], a[:-1]), (a[1:, 1:], a[:-1, :-1]), (a[1:, :-1], a[:-1, 1:])]
+    return np.concatenate([(p - q).reshape(-1, a.shape[-1]) for p, q in pairs])
 
 
 def colour_drift(colors: np.ndarray) -> np.ndarray:
@@ -414,11 +425,7 @@ def colour_drift(colors: np.ndarray) -> np.ndarray:
     powers = [(i, j) for i in range(DRIFT_DEGREE + 1) for j in range(DRIFT_DEGREE + 1 - i) if i + j]
     terms = np.stack([u**i * v**j for i, j in powers], axis=-1)  # (rows, cols, K)
 
-    def steps(a: np.ndarray) -> np.ndarray:  # to every right, lower and diagonal neighbour
-        pairs = [(a[:, 1:], a[:, :-1]), (a[1:], a[:-1]), (a[1:, 1:], a[:-1, :-1]), (a[1:, :-1], a[:-1, 1:])]
-        return np.concatenate([(p - q).reshape(-1, a.shape[-1]) for p, q in pairs])
-
-    colour_steps, term_steps = steps(colors), steps(terms)
+    colour_steps, term_steps = _neighbour_steps(colors), _neighbour_steps(terms)
     same = np.sqrt(np.square(colour_steps).sum(axis=1)) < SAME_COLOUR_STEP
     if same.mean() < MIN_SAME_STEPS:  # not flat areas (noise, a photograph): no drift to measure
         return np.zeros_like(colors)
@@ -501,7 +508,7 @@ def _merge_closest(
 def _sprite(rgb: np.ndarray, xs: np.ndarray, ys: np.ndarray, max_colors: int | None) -> Image.Image:
     colors, spread = cell_colours(cell_samples(rgb, xs, ys))
     colors = colors - colour_drift(colors)
-    cleaned = clean_palette(colors.reshape(-1, 3), max_colors, merge_distance(spread)).reshape(colors.shape)
+    cleaned = clean_palette(colors.reshape(-1, 3), max_colors, merge_distance(spread, colors)).reshape(colors.shape)
     return Image.fromarray(cleaned, "RGB")
 
 
