@@ -177,6 +177,21 @@ def encode_text(text_encoder, ids: torch.Tensor, batch: int) -> torch.Tensor:
 # --- phases ---------------------------------------------------------------------------------------
 
 
+def vae_batch(
+    sprite_tensor: torch.Tensor, cfg: Config, i: int, generator: torch.Generator, device: str, align: int = 1
+) -> torch.Tensor:
+    """One batch for the autoencoder: half crisp, half smooth renderings of random sprites at step i's size, one
+    random crop of cfg.vae_crop whose corner is a multiple of `align`."""
+    index = torch.randint(0, len(sprite_tensor), (cfg.vae_batch,), generator=generator)
+    size = cfg.sizes[i % len(cfg.sizes)]
+    chosen = sprite_tensor[index].to(device)
+    half = cfg.vae_batch // 2
+    images = torch.cat([render.crisp(chosen[:half], size), render.smooth(chosen[half:], size)])
+    crop = min(cfg.vae_crop, size)
+    y, x = (align * int(v) for v in torch.randint(0, (size - crop) // align + 1, (2,), generator=generator))
+    return images[:, :, y : y + crop, x : x + crop]
+
+
 def train_vae(
     sprite_tensor: torch.Tensor, cfg: Config, budget: float, log: Log, device: str, replay
 ) -> torch.nn.Module:
@@ -188,14 +203,7 @@ def train_vae(
     def step(i: int, total: int) -> float:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(i, total, cfg.lr)
-        index = torch.randint(0, len(sprite_tensor), (cfg.vae_batch,), generator=generator)
-        size = cfg.sizes[i % len(cfg.sizes)]
-        chosen = sprite_tensor[index].to(device)
-        half = cfg.vae_batch // 2
-        images = torch.cat([render.crisp(chosen[:half], size), render.smooth(chosen[half:], size)])
-        crop = min(cfg.vae_crop, size)
-        y, x = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=generator))
-        images = images[:, :, y : y + crop, x : x + crop]
+        images = vae_batch(sprite_tensor, cfg, i, generator, device)
         with autocast(device):
             posterior = vae.encode(images).latent_dist
             decoded = vae.decode(posterior.sample()).sample
@@ -222,14 +230,7 @@ def train_decoder(vae, sprite_tensor: torch.Tensor, cfg: Config, budget: float, 
     def step(i: int, total: int) -> float:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(i, total, cfg.lr)
-        index = torch.randint(0, len(sprite_tensor), (cfg.vae_batch,), generator=generator)
-        size = cfg.sizes[i % len(cfg.sizes)]
-        chosen = sprite_tensor[index].to(device)
-        half = cfg.vae_batch // 2
-        images = torch.cat([render.crisp(chosen[:half], size), render.smooth(chosen[half:], size)])
-        crop = min(cfg.vae_crop, size)
-        y, x = (8 * int(v) for v in torch.randint(0, (size - crop) // 8 + 1, (2,), generator=generator))
-        images = images[:, :, y : y + crop, x : x + crop]
+        images = vae_batch(sprite_tensor, cfg, i, generator, device, align=8)  # latent-aligned crops
         with torch.no_grad(), autocast(device):
             latent = vae.encode(images).latent_dist.mean
         with autocast(device):
