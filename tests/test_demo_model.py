@@ -59,7 +59,7 @@ def test_the_demo_lora_is_a_kohya_rank_32_alpha_16_sd15_lora():
 
 
 @needs_demo_model
-def test_the_lora_turns_smooth_portraits_into_pixel_art_with_the_prompted_attributes(tmp_path: Path):
+def test_demo_model_draws_some_pixel_art_and_prompted_attributes_through_the_engine(tmp_path: Path):
     settings = Settings(
         weights_dir=tmp_path, fallback_model="demo", device="cpu", steps=STEPS, generation_size=SIZE, warmup=False
     )
