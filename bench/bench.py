@@ -16,7 +16,10 @@ prompt in, 1024 px PNG bytes out:
   no server, so its "8 clients" figure is its batch-4 rate with the PNGs (perfect batching, for free);
 - engine / engine-compile: this service, PUNKS_COMPILE false / true; the compiled one also serves 8
   concurrent clients through the real FastAPI app (uvicorn in the worker, clients in this process), says
-  where a batch-1 request's time goes, and measures the levers of issue 17 one by one.
+  where a batch-1 request's time goes, and measures the levers of issue 17 one by one;
+- engine-compile-artifacts: a Replicate cold boot: a new process with brand-new empty compile caches and the
+  portable compile-artifacts file that engine-compile saved from its cold compile (what `python -m service
+  compile-cache` makes), measured to ready and through its first request.
 
 With random weights the diffusers columns' images are noise, whose 1024 px RGB PNG costs ~0.25 s per image on the
 H200 machine, while the engine encodes a snapped, indexed image (~4 ms): compare render_s across columns; with_png_s
@@ -38,6 +41,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -241,6 +245,10 @@ def worker_engine(args: argparse.Namespace) -> dict:
     engine = service.engine
     device = engine.device.type
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    if args.save_artifacts and settings.compile and device == "cuda":  # before the expert compiles in this process
+        from service.acceleration import save_compile_artifacts
+
+        report_part(compile_artifacts_mb=round(save_compile_artifacts(args.save_artifacts) / 1e6, 1))
 
     def on_gpu(call, *args):
         return service.gpu_thread.submit(call, *args).result()
@@ -250,6 +258,10 @@ def worker_engine(args: argparse.Namespace) -> dict:
         return [png_bytes(image.art.image) for image in result.images]
 
     result: dict = {}
+    if args.ready_only:  # a cold start: one request shows that nothing is left to compile
+        first = time.perf_counter()
+        on_gpu(request, 0)
+        return {"first_request_s": round(time.perf_counter() - first, 3)}
     result["latency_s"] = on_gpu(latency, request, args.runs if settings.compile else args.slow_runs, sync)
     report_part(latency_s=result["latency_s"])
     result["render_by_batch"] = on_gpu(render_by_batch, engine, args, sync)
@@ -429,12 +441,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_worker(kind: str, args: argparse.Namespace, env: dict[str, str], save, save_other) -> dict:
+def run_worker(kind: str, extra: list[str], args: argparse.Namespace, env: dict[str, str], save, save_other) -> dict:
     """Start a worker process; cold start = spawn -> its READY line. Its partial numbers go into the
     report as they come (save), and it asks for the 8 clients through the API with a SERVE line."""
     command = [sys.executable, __file__, "--worker", kind, "--weights", str(args.weights)]
     for option in ("runs", "slow_runs", "batch_repeats", "steps", "levers", "in_process"):
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    command += extra
     started = time.perf_counter()
     process = subprocess.Popen(
         command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, bufsize=1
@@ -540,7 +553,30 @@ VARIANTS = {  # name -> (worker, PUNKS_COMPILE)
     "expert": ("expert", None),
     "engine": ("engine", "false"),
     "engine-compile": ("engine", "true"),
+    "engine-compile-artifacts": ("engine", "true"),
 }
+ARTIFACTS = "compile-artifacts.bin"  # engine-compile writes it; engine-compile-artifacts starts from it
+
+
+def variant_setup(variant: str, args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
+    """A variant's environment and worker options beyond the common ones.
+
+    engine-compile saves the compile artifacts of its cold compile (what `python -m service compile-cache` makes);
+    engine-compile-artifacts is a Replicate cold boot: a new process, brand-new empty cache folders, that file."""
+    artifacts = args.weights / ARTIFACTS
+    if variant == "engine-compile":
+        return {}, ["--save-artifacts", str(artifacts)]
+    if variant == "engine-compile-artifacts":
+        if not artifacts.is_file():
+            raise RuntimeError(f"no {artifacts}: run engine-compile first in this run")
+        empty = Path(tempfile.mkdtemp(prefix="bench-empty-cache-"))
+        env = {
+            "PUNKS_COMPILE_ARTIFACTS": str(artifacts),
+            "TORCHINDUCTOR_CACHE_DIR": str(empty),
+            "TRITON_CACHE_DIR": str(empty / "triton"),
+        }
+        return env, ["--ready-only"]
+    return {}, []
 
 
 def main() -> None:
@@ -570,6 +606,8 @@ def main() -> None:
         help="comma list of naive, expert: also measured inside engine-compile's process after its numbers (one "
         "compile for both, when device time is short); their cold start and peak memory are then not measured",
     )
+    parser.add_argument("--save-artifacts", type=Path, help=argparse.SUPPRESS)  # worker: engine-compile's file
+    parser.add_argument("--ready-only", action="store_true", help=argparse.SUPPRESS)  # worker: a cold start only
     parser.add_argument("--deadline-s", type=float, help="start no variant later than this many seconds minus 30")
     parser.add_argument("--out", type=Path, help="folder (or .json file) for the results")
     parser.add_argument("--note", default="", help="stored in the report (how it was run, what differs)")
@@ -617,16 +655,20 @@ def main() -> None:
             path.with_suffix(".tmp").write_text(json.dumps(report, indent=2) + "\n")
             path.with_suffix(".tmp").replace(path)
 
+    if "engine-compile" in args.variants.split(","):
+        (args.weights / ARTIFACTS).unlink(missing_ok=True)  # engine-compile-artifacts uses this run's file only
     for variant in args.variants.split(","):
         worker, compile_ = VARIANTS[variant]
         if args.deadline_s and time.perf_counter() - started > args.deadline_s - 30:
             save(variant, {"skipped": "not started: too little of the run's time left"})
             continue
-        env = base_env | ({"PUNKS_COMPILE": compile_} if compile_ else {})
         print(f"{variant} ({round(time.perf_counter() - started)} s into the run)", flush=True)
         try:
+            extra_env, extra = variant_setup(variant, args)
+            env = base_env | ({"PUNKS_COMPILE": compile_} if compile_ else {}) | extra_env
             result = run_worker(
                 worker,
+                extra,
                 args,
                 env,
                 lambda partial, variant=variant: save(variant, partial),

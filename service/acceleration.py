@@ -18,7 +18,10 @@ log = logging.getLogger(__name__)
 
 
 def accelerate(pipe: StableDiffusionPipeline, settings: Settings) -> None:
-    """channels_last on CUDA (cuDNN's fast convolution layout); optional compile with an on-disk cache."""
+    """channels_last on CUDA (cuDNN's fast convolution layout); optional FP8 linear layers; optional compile with
+    an on-disk cache."""
+    if settings.fp8:
+        quantize_unet_fp8(pipe.unet, settings.torch_device)
     if not settings.torch_device.startswith("cuda"):
         return
     pipe.unet.to(memory_format=torch.channels_last)
@@ -36,6 +39,43 @@ def accelerate(pipe: StableDiffusionPipeline, settings: Settings) -> None:
     log.info("compiling UNet and VAE decoder with CUDA graphs (cache: %s)", os.environ["TORCHINDUCTOR_CACHE_DIR"])
     pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead", fullgraph=True)
+
+
+def quantize_unet_fp8(unet: torch.nn.Module, device: str) -> int:
+    """Swap the weights of the UNet's transformer-block linear layers (attention projections, feed-forward) for
+    FP8 ones with per-row scales, activations quantized on the fly (torchao's float8 dynamic recipe). The
+    convolutions, norms and the small time-embedding layers stay fp16. Returns the number of layers swapped.
+
+    Raises ValueError (a setting this machine cannot honour), before anything is changed, where FP8 cannot run:
+    no CUDA, a GPU older than compute capability 8.9, or no torchao."""
+    if not device.startswith("cuda"):
+        raise ValueError(f"fp8: PUNKS_FP8 needs a CUDA GPU of compute capability 8.9+ (device is {device!r})")
+    capability = torch.cuda.get_device_capability(torch.device(device))
+    if capability < (8, 9):
+        raise ValueError(
+            f"fp8: {torch.cuda.get_device_name(torch.device(device))} has compute capability "
+            f"{capability[0]}.{capability[1]}; FP8 matrix products need 8.9+ (Ada, Hopper); unset PUNKS_FP8"
+        )
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as error:
+        raise ValueError(
+            "fp8: PUNKS_FP8 needs torchao (pip install torchao==0.18.0, the project's fp8 extra)"
+        ) from error
+    swapped = [name for name, module in unet.named_modules() if _fp8_target(module, name)]
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_fp8_target)
+    log.info("fp8: %d linear layers of the UNet's transformer blocks quantized (torchao, per-row)", len(swapped))
+    return len(swapped)
+
+
+def _fp8_target(module: torch.nn.Module, name: str) -> bool:
+    """Linear layers inside transformer blocks whose sides suit FP8 kernels (multiples of 16)."""
+    return (
+        isinstance(module, torch.nn.Linear)
+        and ".transformer_blocks." in name
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
 
 
 def load_compile_artifacts(path: Path) -> None:

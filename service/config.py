@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         description="torch.compile the UNet and VAE decoder with CUDA graphs (mode reduce-overhead). CUDA only. "
         "Start-up compiles once per batch-size bucket; the compile cache is kept on disk (compile_cache_dir).",
     )
+    fp8: bool = Field(
+        False,
+        description="Opt-in: the UNet's attention and feed-forward linear layers in FP8 (torchao, dynamic per-row "
+        "scales for activations and weights), after the LoRA is fused. CUDA with compute capability 8.9+ (Ada, "
+        "Hopper) and the fp8 extra (torchao). Faster with compile, but not exact: its drift from fp16 is measured "
+        "in the README. Not with switchable LoRAs.",
+    )
     compile_cache_dir: Path = Field(
         Path(".cache/torch-compile"),
         description="Inductor/Triton cache, reused by the next start on this disk (a fresh "

@@ -219,11 +219,12 @@ class Engine:
         switcher = None
         lora = inspect_sd15_lora(weights.lora, settings.expected_lora_rank)
         if loras or settings.lora_url_cache_size:  # lora_url: LoRAs are added at run time (add_lora)
-            if settings.compile:
+            if settings.compile or settings.fp8:
+                mode = "compile" if settings.compile else "fp8"
                 raise ValueError(
-                    "compile: switching LoRAs (loras_dir, or lora_url with PUNKS_LORA_URL_CACHE_SIZE > 0) is not "
-                    "supported with torch.compile yet; to compile, set PUNKS_LORA_URL_CACHE_SIZE=0 and leave "
-                    f"{settings.loras_path()} empty"
+                    f"{mode}: switching LoRAs (loras_dir, or lora_url with PUNKS_LORA_URL_CACHE_SIZE > 0) is not "
+                    f"supported with PUNKS_{mode.upper()} (the switcher rewrites fp16 weights in place); set "
+                    f"PUNKS_LORA_URL_CACHE_SIZE=0 and leave {settings.loras_path()} empty"
                 )
             selectable = check_loras(pipe, loras, settings.expected_lora_rank)  # a wrong file fails now
             switcher = LoraSwitcher(pipe, settings.lora_scale, [lora, *selectable.values()])

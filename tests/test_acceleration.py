@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from service.acceleration import bucket_size, load_compile_artifacts
+from service.acceleration import _fp8_target, bucket_size, load_compile_artifacts
 from service.cli import main
 
 
@@ -29,3 +29,20 @@ def test_a_foreign_compile_cache_is_ignored_with_a_warning(tmp_path, caplog):
 def test_compile_cache_command_needs_a_gpu(capsys):
     assert main(["compile-cache"]) == 2
     assert "compile-cache: needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_fp8_is_refused_at_start_where_it_cannot_run(smoke_env, monkeypatch, capsys, tmp_path):
+    for name, value in smoke_env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PUNKS_FP8", "true")
+    monkeypatch.setenv("PUNKS_DEVICE", "cpu")
+    assert main(["generate", "lad with a red beanie", "--seed", "1", "-o", str(tmp_path / "punk.png")]) == 2
+    assert "fp8: PUNKS_FP8 needs a CUDA GPU of compute capability 8.9+ (device is 'cpu')" in capsys.readouterr().err
+
+
+def test_fp8_swaps_only_the_transformer_blocks_linear_layers(engine):
+    chosen = [name for name, module in engine.pipe.unet.named_modules() if _fp8_target(module, name)]
+    assert chosen, "the smoke UNet's attention and feed-forward layers are FP8 targets"
+    assert all(".transformer_blocks." in name for name in chosen)
+    assert {name.rsplit(".", 1)[-1] for name in chosen} >= {"to_q", "to_k", "to_v"}
+    assert not any("time_embedding" in name or "conv" in name for name in chosen)
