@@ -3,10 +3,11 @@ engine: loaded as the fallback, its LoRA through the project's own guard and fus
 (train/demo_eval.py): over SEEDS seeds, the share the snapper's verdict calls pixel art with the rank-32 LoRA fused
 and without it, and how often the prompted attribute (background colour, cap, sunglasses) is in the snapped sprite.
 It draws at 256 px (the model was trained at 512 and 256) with few steps, so that 2 CPU cores finish in about a
-minute. The asserted bounds are what this briefly trained model reaches, with a margin: pixel art 50% (with the
-snapper of 08:11 UTC, bench/results/2026-12-02-demo-model-256.json) and 100% (08:20 UTC, after concurrent snapper
-changes) with the LoRA; without it 50% and 100%, so no upper bound is asserted there; prompted attribute 31% and
-25%. The issue's goals (>= 80% with, <= 20% without, attribute >= 70%) are not reached yet.
+minute. The asserted bounds are what the model of the H200 run of 2026-12-02 (VAE 1180, base 1068, LoRA 577 steps)
+reaches here, with a margin (bench/results/2026-12-02-demo-model-256.json): pixel art 100% with the LoRA, asserted
+>= 75%; prompted attribute 19% (3 of 16, the seeds' own backgrounds: the model ignores the prompt), asserted
+>= 12.5%. Without the LoRA it is also 100% at 256 px and 8 steps (at 512 px and 25 steps: 0%, see the README), so
+no upper bound is asserted there. The issue's goals (<= 20% without the LoRA, attribute >= 70%) are not reached.
 """
 
 from pathlib import Path
@@ -69,5 +70,5 @@ def test_demo_model_draws_some_pixel_art_and_prompted_attributes_through_the_eng
         f"with the LoRA, {result['pixel_art_without_lora']:.0%} without; prompted attribute present "
         f"{result['attribute_present']:.0%} {result['attribute_present_by_kind']}"
     )
-    assert result["pixel_art_with_lora"] >= 0.375
+    assert result["pixel_art_with_lora"] >= 0.75
     assert result["attribute_present"] >= 0.125
