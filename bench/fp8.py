@@ -36,15 +36,20 @@ def drift(engine, seeds: int, steps: int) -> dict:
     from service.acceleration import quantize_unet_fp8
     from service.engine import GenerationRequest
 
-    def render_all() -> list:
-        return [
+    seconds: dict[str, float] = {}
+
+    def render_all(mode: str) -> list:
+        started = time.perf_counter()
+        images = [
             engine.generate(GenerationRequest(PROMPTS[seed % len(PROMPTS)], seed=seed, steps=steps)).images[0]
             for seed in range(seeds)
         ]
+        seconds[mode] = round((time.perf_counter() - started) / seeds, 4)
+        return images
 
-    fp16 = render_all()
+    fp16 = render_all("fp16")
     layers = quantize_unet_fp8(engine.pipe.unet, engine.settings.torch_device)
-    fp8 = render_all()
+    fp8 = render_all("fp8")
     per_seed = []
     for a, b in zip(fp16, fp8, strict=True):
         raw = np.abs(np.asarray(a.raw, np.int16) - np.asarray(b.raw, np.int16))
@@ -63,6 +68,7 @@ def drift(engine, seeds: int, steps: int) -> dict:
         "seeds": seeds,
         "steps": steps,
         "fp8_layers": layers,
+        "eager_s_per_image": seconds,  # generate + snap, one image at a time, uncompiled (launch-bound on a GPU)
         "max_abs_px": max(s["max_abs_px"] for s in per_seed),
         "mean_abs_px": round(statistics.mean(s["mean_abs_px"] for s in per_seed), 3),
         "sprite_cells_changed_median": statistics.median(changed),
@@ -146,9 +152,9 @@ def main() -> None:
 
     prepare_weights(args)
     full_size = {"weights_dir": args.weights, "base_model": args.weights / "stable-diffusion-v1-5"}
-    save("drift_demo_model", drift(load_engine(fallback_model="demo"), args.seeds, args.steps))
     quantized = load_engine(**full_size)
     save("drift_full_size_random", drift(quantized, args.seeds, args.steps))  # its UNet is FP8 from here on
+    save("drift_demo_model", drift(load_engine(fallback_model="demo"), args.seeds, args.steps))
     fp16 = load_engine(**full_size)
     save("unet_step_full_size", speed(fp16.pipe.unet, quantized.pipe.unet, tuple(args.batches)))
     if path:
