@@ -246,9 +246,10 @@ def test_adding_a_wrong_lora_raises_the_guards_error(url_engine, tmp_path: Path,
     assert "url-wrong-1" not in url_engine.loras and path not in url_engine.switcher.loras
 
 
-def test_compile_with_the_lora_url_cache_is_refused_at_load(smoke_settings):
+@pytest.mark.parametrize("mode", ["compile", "fp8"])
+def test_compile_or_fp8_with_the_lora_url_cache_is_refused_at_load(smoke_settings, mode):
     from service.engine import Engine
 
-    settings = smoke_settings.model_copy(update={"lora_url_cache_size": 8, "compile": True, "warmup": False})
-    with pytest.raises(ValueError, match="torch.compile yet; to compile, set PUNKS_LORA_URL_CACHE_SIZE=0"):
+    settings = smoke_settings.model_copy(update={"lora_url_cache_size": 8, mode: True, "warmup": False})
+    with pytest.raises(ValueError, match=f"not supported with PUNKS_{mode.upper()} .*set PUNKS_LORA_URL_CACHE_SIZE=0"):
         Engine.load(settings)
