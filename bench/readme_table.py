@@ -15,6 +15,7 @@ COLUMNS = {  # results key -> column title
     "expert": "expert diffusers recipe",
     "engine": "engine, eager",
     "engine-compile": "engine, `PUNKS_COMPILE=true`",
+    "engine-compile-artifacts": "engine compiled, cold boot from the compile-artifacts file",
 }
 
 
@@ -57,6 +58,7 @@ def main_table(results: dict) -> list[str]:
             lambda n, r: f"{r['peak_memory_gib_batch4']:.2f} GiB" if r.get("peak_memory_gib_batch4") else "",
         ),
         ("cold start (process start to ready)", lambda n, r: seconds(r.get("cold_start_s"), 1)),
+        ("its first request after ready", lambda n, r: seconds(r.get("first_request_s"))),
     ]
     lines = [
         "| | " + " | ".join(COLUMNS[name] for name in present) + " | engine compiled vs expert |",
@@ -78,6 +80,7 @@ def main_table(results: dict) -> list[str]:
             expert.get("render_by_batch", {}).get("4", {}).get("images_per_s_with_png"),
             True,
         ),
+        "",
         "",
         "",
     ]

@@ -31,9 +31,15 @@ def test_ratios_compare_the_compiled_engine_with_the_expert_of_the_same_file():
             cold_start_s=58.0,
         ),
         "naive": {"skipped": "not started: too little of the run's time left"},
+        "engine-compile-artifacts": {"cold_start_s": 41.04, "first_request_s": 0.31},
     }
     lines = table.main_table(results)
-    assert lines[0] == "| | expert diffusers recipe | engine, `PUNKS_COMPILE=true` | engine compiled vs expert |"
+    assert lines[0] == (
+        "| | expert diffusers recipe | engine, `PUNKS_COMPILE=true` | engine compiled, cold boot from the "
+        "compile-artifacts file | engine compiled vs expert |"
+    )
+    assert "| cold start (process start to ready) |  | 58.0 s | 41.0 s |  |" in lines
+    assert "| its first request after ready |  |  | 0.310 s |  |" in lines
     latency_row = next(line for line in lines if line.startswith("| end to end"))
     assert "0.250 / 0.275 s" in latency_row and latency_row.endswith("| 1.25x |")  # expert time / engine time
     batch4 = next(line for line in lines if line.startswith("| render alone, batch 4"))
