@@ -1,5 +1,6 @@
-"""Train the demo model in one device call: VAE, then base UNet + text encoder on smooth renderings, then the
-rank-32 / alpha-16 kohya LoRA on crisp renderings (and, with time left, a rank-64 one), then a small evaluation.
+"""Train the demo model in one device call: the text encoder (pretrained to name the portraits' attributes), the
+VAE, then the base UNet on smooth renderings (the text encoder frozen), then the rank-32 / alpha-16 kohya LoRA on
+crisp renderings (and, with time left, a rank-64 one), then a small evaluation.
 
     python -m train.run --out DIR --seconds 480            # on the GPU; everything lands in DIR as it goes
     python -m train.run --out DIR --resume DIR --seconds 300   # skips the phases whose files DIR already has
@@ -38,7 +39,8 @@ from service.prompts import NEGATIVE_PROMPT, build_prompt, chunk_input_ids
 from train import model, render, sprites
 
 CHUNK = 77
-PHASE_SHARES = {"vae": 0.20, "base": 0.50, "lora32": 0.27, "lora64": 0.10}  # rest: data, encoding, evaluation
+# rest: data, encoding, evaluation; lora64 only runs if the others finish early
+PHASE_SHARES = {"text": 0.03, "vae": 0.20, "base": 0.47, "lora32": 0.27, "lora64": 0.10}
 LORA_ALPHA = 16.0
 NULL_CAPTION_RATE = 0.1  # half "", half the service's negative prompt: what classifier-free guidance uses
 EVAL_PROMPTS = (
@@ -47,6 +49,12 @@ EVAL_PROMPTS = (
     "punk with a cap, red background",
     "lad with sunglasses, yellow background",
 )
+SEPARATION_PAIRS = {  # prompts that differ in one attribute: how far apart the text encoder puts them
+    "background": ("punk with a cap, blue background", "punk with a cap, red background"),
+    "hat": ("punk with a cap, blue background", "punk with a top hat, blue background"),
+    "glasses": ("lad with sunglasses, yellow background", "lad, yellow background"),
+    "empty": ("punk with a cap, blue background", None),  # None: "", the engine's unconditional prompt
+}
 
 
 @dataclass
@@ -56,6 +64,9 @@ class Config:
     vae_batch: int = 64
     vae_crop: int = 128
     lr: float = 1e-3
+    text_batch: int = 256
+    text_lr: float = 6e-3
+    held_out: int = 512  # portraits whose captions measure the text phase's attribute accuracy
     lora_lr: float = 2e-3
     max_steps: int | None = None  # caps every phase (dry runs)
     eval_steps: int = 25
@@ -122,14 +133,16 @@ class Captions:
     max_chunks: int
 
 
-def tokenize(captions: list[list[str]], tokenizer: CLIPTokenizer) -> Captions:
-    def rows(text: str, chunks: int | None = None) -> tuple[list[list[int]], int]:
-        ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-        needed = max(1, -(-len(ids) // (CHUNK - 2)))
-        return chunk_input_ids(tokenizer, tuple(ids), chunks or needed), needed
+def caption_rows(tokenizer: CLIPTokenizer, text: str) -> tuple[list[list[int]], int]:
+    """The text's token rows as the engine builds them (BOS, 75 tokens, EOS, padding) and how many it needs."""
+    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    needed = max(1, -(-len(ids) // (CHUNK - 2)))
+    return chunk_input_ids(tokenizer, tuple(ids), needed), needed
 
-    encoded = [[rows(text) for text in variants] for variants in captions]
-    null = [rows("")[0], rows(NEGATIVE_PROMPT)[0][:1]]
+
+def tokenize(captions: list[list[str]], tokenizer: CLIPTokenizer) -> Captions:
+    encoded = [[caption_rows(tokenizer, text) for text in variants] for variants in captions]
+    null = [caption_rows(tokenizer, "")[0], caption_rows(tokenizer, NEGATIVE_PROMPT)[0][:1]]
     most = max(n for variants in encoded for _, n in variants)
     filler = null[0][0]
 
@@ -144,13 +157,21 @@ def tokenize(captions: list[list[str]], tokenizer: CLIPTokenizer) -> Captions:
     )
 
 
-def make_data(count: int, seed: int) -> tuple[np.ndarray, list[list[str]]]:
-    """Sprites and two captions each (the seed's full format and a short user-style one)."""
+def make_data(count: int, seed: int) -> tuple[np.ndarray, list[list[str]], torch.Tensor]:
+    """Sprites, two captions each (the seed's full format and a short user-style one in the prompt template) and
+    the attributes each caption names: labels (count, 2, attributes), class indices of sprites.ATTRIBUTES, -1 where
+    that caption does not name the attribute."""
     rng = np.random.default_rng(seed)
     punks = [sprites.random_punk(rng) for _ in range(count)]
     images = np.stack([sprites.render(p) for p in punks])
-    captions = [[sprites.full_caption(p, s), sprites.short_caption(p, rng)] for p, s in zip(punks, images, strict=True)]
-    return images, captions
+    captions, labels = [], []
+    for punk, sprite in zip(punks, images, strict=True):
+        words, named = sprites.short_description(punk, rng)
+        captions.append([sprites.full_caption(punk, sprite), build_prompt(words)])
+        labels.append(
+            [sprites.attribute_labels(punk, sprites.full_caption_names(punk)), sprites.attribute_labels(punk, named)]
+        )
+    return images, captions, torch.tensor(labels)
 
 
 def batch_captions(captions: Captions, index: torch.Tensor, generator: torch.Generator, device: str):
@@ -165,7 +186,7 @@ def batch_captions(captions: Captions, index: torch.Tensor, generator: torch.Gen
     null = torch.rand(size, generator=generator) < NULL_CAPTION_RATE
     which = torch.randint(0, 2, (size,), generator=generator)
     ids[null] = captions.null_ids[which[null]]
-    mask = (torch.arange(captions.max_chunks).view(1, -1) < chunks.view(-1, 1)).repeat_interleave(CHUNK, dim=1)
+    mask = chunk_mask(chunks, captions.max_chunks)
     return ids.view(-1, CHUNK).to(device), mask.to(device)
 
 
@@ -174,7 +195,124 @@ def encode_text(text_encoder, ids: torch.Tensor, batch: int) -> torch.Tensor:
     return hidden.reshape(batch, -1, hidden.shape[-1])
 
 
+def chunk_mask(chunks: torch.Tensor, max_chunks: int) -> torch.Tensor:
+    """(B, max_chunks*77): the tokens of the chunks a caption uses, what the UNet's cross-attention sees."""
+    return (torch.arange(max_chunks).view(1, -1) < chunks.view(-1, 1)).repeat_interleave(CHUNK, dim=1)
+
+
 # --- phases ---------------------------------------------------------------------------------------
+
+
+class AttributeHeads(torch.nn.Module):
+    """Linear classifiers of the portrait's attributes from a caption's final hidden states (the UNet's context):
+    each reads the mean over the caption's tokens and an attention readout with its own query (one head of
+    cross-attention), so the attributes end up in the token states the UNet attends to. Thrown away after training."""
+
+    def __init__(self, width: int, classes: list[int]):
+        super().__init__()
+        self.query = torch.nn.Parameter(torch.randn(len(classes), width) / math.sqrt(width))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(2 * width, n) for n in classes)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        scores = torch.einsum("btw,aw->bat", hidden, self.query) / math.sqrt(hidden.shape[-1])
+        weights = scores.masked_fill(~mask[:, None], -torch.inf).softmax(-1)
+        attended = torch.einsum("bat,btw->baw", weights, hidden)
+        return [head(torch.cat([mean, attended[:, a]], -1)) for a, head in enumerate(self.heads)]
+
+
+def attribute_logits(text_encoder, heads, captions: Captions, index, variant, device: str) -> list[torch.Tensor]:
+    ids = captions.ids[index, variant].reshape(-1, CHUNK).to(device)
+    mask = chunk_mask(captions.chunks[index, variant], captions.max_chunks).to(device)
+    with autocast(device):
+        hidden = encode_text(text_encoder, ids, len(index))
+    return heads(hidden.float(), mask)
+
+
+def attribute_loss(logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per attribute over the captions that name it, summed over the attributes."""
+    losses = [
+        F.cross_entropy(x, y, ignore_index=-1, reduction="sum") / (y >= 0).sum().clamp(min=1)
+        for x, y in zip(logits, labels.unbind(1), strict=True)
+    ]
+    return torch.stack(losses).sum()
+
+
+@torch.no_grad()
+def attribute_accuracy(text_encoder, heads, captions: Captions, labels: torch.Tensor, device: str) -> dict:
+    """Share of named attributes the heads get right, per attribute, over both captions of every portrait."""
+    right, named = torch.zeros(labels.shape[-1]), torch.zeros(labels.shape[-1])
+    for variant in (0, 1):
+        for index in torch.arange(len(labels)).split(256):
+            logits = attribute_logits(text_encoder, heads, captions, index, torch.full_like(index, variant), device)
+            target = labels[index, variant]
+            for a, x in enumerate(logits):
+                known = target[:, a] >= 0
+                right[a] += (x.argmax(-1).cpu() == target[:, a])[known].sum()
+                named[a] += known.sum()
+    share = {name: round(float(r / n), 3) for name, r, n in zip(sprites.ATTRIBUTES, right, named, strict=True)}
+    return {"mean": round(float(right.sum() / named.sum()), 3), **share}
+
+
+@torch.no_grad()
+def prompt_separation(text_encoder, tokenizer: CLIPTokenizer, device: str) -> dict[str, float]:
+    """Relative distance ||a - b|| / ||a|| of the (77, width) hidden states of SEPARATION_PAIRS' prompts in the
+    service's template (the second one of "empty" is "", the unconditional prompt)."""
+
+    def hidden(prompt: str | None) -> torch.Tensor:
+        rows, _ = caption_rows(tokenizer, build_prompt(prompt) if prompt is not None else "")
+        return text_encoder(torch.tensor(rows[:1], device=device))[0].float()
+
+    result = {}
+    for name, (first, second) in SEPARATION_PAIRS.items():
+        a, b = hidden(first), hidden(second)
+        result[name] = round(float((a - b).norm() / a.norm()), 4)
+    return result
+
+
+def train_text(
+    captions: Captions,
+    labels: torch.Tensor,
+    held_out: tuple[Captions, torch.Tensor],
+    cfg: Config,
+    budget,
+    log,
+    device,
+    replay,
+):
+    """Pretrain the text encoder from scratch to name each caption's attributes (AttributeHeads, cross-entropy
+    on the attributes the caption names): diffusion gradients alone leave a new encoder's output almost the same
+    for every prompt, so the UNet would have nothing to condition on. `held_out`: (captions, labels) of other
+    portraits, to measure the accuracy."""
+    generator = seeded(5)
+    tokenizer = CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer")
+    text_encoder = model.text_encoder().to(device).train()
+    heads = AttributeHeads(model.TEXT_WIDTH, [len(v) for v in sprites.ATTRIBUTES.values()]).to(device)
+    log.phase("text", separation_before=prompt_separation(text_encoder, tokenizer, device))
+    parameters = [*text_encoder.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.text_lr, weight_decay=1e-2)
+
+    def step(i: int, total: int) -> float:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(i, total, cfg.text_lr)
+        index = torch.randint(0, len(labels), (cfg.text_batch,), generator=generator)
+        variant = torch.randint(0, 2, (cfg.text_batch,), generator=generator)
+        logits = attribute_logits(text_encoder, heads, captions, index, variant, device)
+        loss = attribute_loss(logits, labels[index, variant].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        return loss.item()
+
+    timed_steps(budget, step, log, "text", cfg.max_steps, replay)
+    text_encoder.eval()
+    log.phase(
+        "text",
+        separation=prompt_separation(text_encoder, tokenizer, device),
+        held_out_accuracy=attribute_accuracy(text_encoder, heads, held_out[0], held_out[1], device),
+    )
+    return text_encoder
 
 
 def vae_batch(
@@ -293,11 +431,14 @@ def diffusion_loss(unet, text_encoder, latents, captions, index, scheduler, gene
     return (weight * per_sample).mean()
 
 
-def train_base(latents, captions, cfg, budget, log, device, replay):
+def train_base(latents, captions, text_encoder, cfg, budget, log, device, replay):
+    """The UNet from scratch; the pretrained text encoder stays frozen (as SD's CLIP), so it keeps naming the
+    attributes the text phase taught it and costs no backward pass."""
     generator = seeded(2)
-    unet, text_encoder = model.unet().to(device).train(), model.text_encoder().to(device).train()
+    unet = model.unet().to(device).train()
+    text_encoder.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_pretrained(SD15_CONFIG_DIR / "scheduler")
-    parameters = [*unet.parameters(), *text_encoder.parameters()]
+    parameters = list(unet.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=1e-2)
 
     def step(i: int, total: int) -> float:
@@ -314,7 +455,7 @@ def train_base(latents, captions, cfg, budget, log, device, replay):
         return loss.item()
 
     timed_steps(budget, step, log, "base", cfg.max_steps, replay)
-    return unet.eval(), text_encoder.eval()
+    return unet.eval()
 
 
 class KohyaLora(torch.nn.Module):
@@ -476,6 +617,7 @@ def main() -> None:
     cli.add_argument("--sizes", type=int, nargs="+", help="renderings' sizes, first one evaluated (512 256)")
     cli.add_argument("--batch", type=int, help="diffusion batch size (64)")
     cli.add_argument("--lr", type=float, help="peak learning rate of the VAE, decoder and base phases (1e-3)")
+    cli.add_argument("--text-batch", type=int, help="text phase batch size (256)")
     cli.add_argument("--vae-batch", type=int, help="VAE batch size (64)")
     cli.add_argument("--latent-crop", type=int, help="encode crops of this size of larger renderings")
     cli.add_argument("--vae-crop", type=int, help="VAE crop size (128)")
@@ -483,12 +625,21 @@ def main() -> None:
     args = cli.parse_args()
 
     tiny = Config(
-        sprites=32, batch=2, vae_batch=2, vae_crop=32, max_steps=2, eval_steps=2, eval_seeds=(0,), sizes=(64, 32)
+        sprites=32,
+        batch=2,
+        vae_batch=2,
+        vae_crop=32,
+        text_batch=4,
+        held_out=8,
+        max_steps=2,
+        eval_steps=2,
+        eval_seeds=(0,),
+        sizes=(64, 32),
     )
     cfg = tiny if args.tiny else Config()
     overrides = {"sprites": args.sprites, "sizes": tuple(args.sizes or ()), "batch": args.batch}
     overrides |= {"eval_steps": args.eval_steps, "vae_batch": args.vae_batch, "vae_crop": args.vae_crop}
-    overrides |= {"latent_crop": args.latent_crop, "lr": args.lr}
+    overrides |= {"latent_crop": args.latent_crop, "lr": args.lr, "text_batch": args.text_batch}
     cfg = Config(**cfg.__dict__ | {k: v for k, v in overrides.items() if v is not None and v != ()})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -519,10 +670,21 @@ def main() -> None:
         return replay.get(phase, {}).get("steps")
 
     start = time.time()
-    images, captions_text = make_data(cfg.sprites, args.seed)
+    tokenizer = CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer")
+    images, captions_text, labels = make_data(cfg.sprites, args.seed)
     sprite_tensor = render.to_tensor(images)
-    captions = tokenize(captions_text, CLIPTokenizer.from_pretrained(SD15_CONFIG_DIR / "tokenizer"))
+    captions = tokenize(captions_text, tokenizer)
     log.phase("data", seconds=round(time.time() - start, 1), sprites=cfg.sprites, max_chunks=captions.max_chunks)
+
+    text_encoder = model.text_encoder().to(device)
+    if trains("text", "text_encoder.safetensors"):
+        _, held_out_text, held_out_labels = make_data(cfg.held_out, args.seed + 1)
+        held_out = (tokenize(held_out_text, tokenizer), held_out_labels)
+        text_encoder = train_text(captions, labels, held_out, cfg, budget("text"), log, device, replayed("text"))
+    else:
+        load_into(text_encoder, resume / "text_encoder.safetensors")
+        text_encoder.eval()
+    save_fp16(text_encoder, args.out / "text_encoder.safetensors")
 
     vae = model.vae().to(device)
     if trains("vae", "vae.safetensors"):
@@ -539,15 +701,13 @@ def main() -> None:
         vae = train_decoder(vae, sprite_tensor, cfg, budget("decoder"), log, device, replayed("decoder"))
     save_fp16(vae, args.out / "vae.safetensors", {"scaling_factor": repr(vae.config.scaling_factor)})
 
-    unet, text_encoder = model.unet().to(device), model.text_encoder().to(device)
+    unet = model.unet().to(device)
     if trains("base", "unet.safetensors"):
-        unet, text_encoder = train_base(latents, captions, cfg, budget("base"), log, device, replayed("base"))
+        unet = train_base(latents, captions, text_encoder, cfg, budget("base"), log, device, replayed("base"))
     else:
         load_into(unet, resume / "unet.safetensors")
-        load_into(text_encoder, resume / "text_encoder.safetensors")
-        unet.eval(), text_encoder.eval()
+        unet.eval()
     save_fp16(unet, args.out / "unet.safetensors")
-    save_fp16(text_encoder, args.out / "text_encoder.safetensors")
     (args.out / "log.json").write_text(json.dumps(log.__dict__, indent=1))
 
     evaluation = {"base": evaluate(unet, text_encoder, vae, cfg, device)} if cfg.eval_steps else {}

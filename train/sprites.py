@@ -114,6 +114,24 @@ class Punk:
     checkered: bool
 
 
+ATTRIBUTES: dict[str, tuple] = {  # Punk field -> its values, in a fixed order (class indices of train/run.py)
+    "subject": SUBJECTS,
+    "skin": tuple(SKINS),
+    "eyes": tuple(EYES),
+    "mouth": tuple(MOUTHS),
+    "hair_style": HAIR_STYLES,
+    "hair_colour": tuple(HAIR_COLOURS),
+    "headwear": HEADWEAR,
+    "hat_colour": tuple(HAT_COLOURS),
+    "glasses": GLASSES,
+    "earring": (False, True),
+    "cigarette": (False, True),
+    "shirt": tuple(SHIRT_COLOURS),
+    "background": tuple(BACKGROUNDS),
+    "checkered": (False, True),
+}
+
+
 def random_punk(rng: np.random.Generator) -> Punk:
     def pick(options) -> str:
         return str(options[rng.integers(len(options))])
@@ -296,25 +314,54 @@ def full_caption(punk: Punk, sprite: np.ndarray) -> str:
 def short_caption(punk: Punk, rng: np.random.Generator) -> str:
     """What a user might type ("lad with a red beanie, green background"), put into the service's template;
     a random subset of the attributes, so a prompt that names only some of them still matches."""
-    things = []
+    return build_prompt(short_description(punk, rng)[0])
+
+
+def short_description(punk: Punk, rng: np.random.Generator) -> tuple[str, set[str]]:
+    """The words of short_caption (before the template) and the attributes (Punk fields) they name."""
+    things, named = [], {"subject"}
     if punk.headwear != "none" and rng.random() < 0.9:
-        things.append(f"a {punk.hat_colour} {punk.headwear}" if rng.random() < 0.6 else f"a {punk.headwear}")
+        coloured = rng.random() < 0.6
+        things.append(f"a {punk.hat_colour} {punk.headwear}" if coloured else f"a {punk.headwear}")
+        named |= {"headwear", "hat_colour"} if coloured else {"headwear"}
     if punk.glasses != "none" and rng.random() < 0.9:
         things.append(punk.glasses)
+        named.add("glasses")
     if punk.hair_style != "bald" and rng.random() < 0.4:
         things.append(_hair_words(punk).split(" (")[0])
+        named |= {"hair_style", "hair_colour"}
     if punk.cigarette and rng.random() < 0.7:
         things.append("a cigarette")
+        named.add("cigarette")
     if punk.earring and rng.random() < 0.5:
         things.append("an earring")
+        named.add("earring")
     words = punk.subject
     if things:
         words += " with " + " and ".join(things)
     if rng.random() < 0.9:
         words += f", {_background_words(punk)}"
+        named |= {"background", "checkered"}
     if rng.random() < 0.3:
         words += f", {punk.shirt} shirt"
-    return build_prompt(words)
+        named.add("shirt")
+    return words, named
+
+
+def full_caption_names(punk: Punk) -> set[str]:
+    """The attributes (Punk fields) full_caption names: all of them, the absence of headwear, glasses, earring and
+    cigarette included, but no hat colour without a hat and no hair colour when bald."""
+    named = set(ATTRIBUTES)
+    if punk.headwear == "none":
+        named.remove("hat_colour")
+    if punk.hair_style == "bald":
+        named.remove("hair_colour")
+    return named
+
+
+def attribute_labels(punk: Punk, named: set[str]) -> list[int]:
+    """Class index of each attribute in ATTRIBUTES' order, -1 where the caption does not name it."""
+    return [values.index(getattr(punk, name)) if name in named else -1 for name, values in ATTRIBUTES.items()]
 
 
 def caption(punk: Punk, sprite: np.ndarray, rng: np.random.Generator) -> str:
@@ -330,4 +377,5 @@ def dataset(count: int, seed: int) -> tuple[np.ndarray, list[str], list[Punk]]:
     return sprites, captions, punks
 
 
+assert list(ATTRIBUTES) == list(Punk.__dataclass_fields__)
 assert PROMPT_PREFIX.endswith("bespoke punk ")  # full_caption writes the same prefix
