@@ -2,12 +2,13 @@
 engine: loaded as the fallback, its LoRA through the project's own guard and fuse, and what it draws
 (train/demo_eval.py): over SEEDS seeds, the share the snapper's verdict calls pixel art with the rank-32 LoRA fused
 and without it, and how often the prompted attribute (background colour, cap, sunglasses) is in the snapped sprite.
-It draws at 256 px (the model was trained at 512 and 256) with few steps, so that 2 CPU cores finish in about a
-minute. The asserted bounds are what the model of the H200 run of 2026-12-02 (VAE 1180, base 1068, LoRA 577 steps)
-reaches here, with a margin (bench/results/2026-12-02-demo-model-256.json): pixel art 100% with the LoRA, asserted
->= 75%; prompted attribute 19% (3 of 16, the seeds' own backgrounds: the model ignores the prompt), asserted
->= 12.5%. Without the LoRA it is also 100% at 256 px and 8 steps (at 512 px and 25 steps: 0%, see the README), so
-no upper bound is asserted there. The issue's goals (<= 20% without the LoRA, attribute >= 70%) are not reached.
+It draws at 256 px (the model was trained at 512 and 256) with few steps, so that 2 CPU cores finish in well under a
+minute. The asserted bounds are what the model of 2026-12-02 15:45 UTC (text phase 359, VAE 1289, base 1345 steps on
+the H200, the text encoder frozen; LoRA 1694 steps of batch 8 on the CPU) reaches here, with a margin
+(bench/results/2026-12-02-demo-model-256.json): pixel art 94% with the LoRA, asserted >= 75%; prompted attribute 44%
+(7 of 16), asserted >= 31% (the model before the text phase ignored the prompt: 19%). Without the LoRA it is 88% at
+256 px and 8 steps (at 512 px and 25 steps see the README), so no upper bound is asserted there. The issue's goals
+(<= 20% without the LoRA at this setting, attribute >= 70%) are not reached.
 """
 
 from pathlib import Path
@@ -71,4 +72,4 @@ def test_demo_model_draws_some_pixel_art_and_prompted_attributes_through_the_eng
         f"{result['attribute_present']:.0%} {result['attribute_present_by_kind']}"
     )
     assert result["pixel_art_with_lora"] >= 0.75
-    assert result["attribute_present"] >= 0.125
+    assert result["attribute_present"] >= 0.3125
