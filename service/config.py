@@ -95,8 +95,8 @@ class Settings(BaseSettings):
         False,
         description="Opt-in: the UNet's attention and feed-forward linear layers in FP8 (torchao, dynamic per-row "
         "scales for activations and weights), after the LoRA is fused. CUDA with compute capability 8.9+ (Ada, "
-        "Hopper) and the fp8 extra (torchao). Faster with compile, but not exact: its drift from fp16 is measured "
-        "in the README. Not with switchable LoRAs.",
+        "Hopper) and the fp8 extra (torchao). Not exact: bench/fp8.py measures its drift from fp16 and its speed "
+        "(not yet run on a GPU, see the README). Not with switchable LoRAs.",
     )
     compile_cache_dir: Path = Field(
         Path(".cache/torch-compile"),
