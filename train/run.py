@@ -122,6 +122,19 @@ def learning_rate(i: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(1, total))))
 
 
+def apply_gradients(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, clip: list | None = None) -> float:
+    """One optimizer step of `loss` at learning rate `lr`, the gradient norm of `clip` (parameters) capped at 1
+    where given; returns the loss's value, for the phase's log."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    optimizer.step()
+    return loss.item()
+
+
 # --- data ----------------------------------------------------------------------------------------
 
 
@@ -293,17 +306,11 @@ def train_text(
     optimizer = torch.optim.AdamW(parameters, lr=cfg.text_lr, weight_decay=1e-2)
 
     def step(i: int, total: int) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(i, total, cfg.text_lr)
         index = torch.randint(0, len(labels), (cfg.text_batch,), generator=generator)
         variant = torch.randint(0, 2, (cfg.text_batch,), generator=generator)
         logits = attribute_logits(text_encoder, heads, captions, index, variant, device)
         loss = attribute_loss(logits, labels[index, variant].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        return loss.item()
+        return apply_gradients(optimizer, loss, learning_rate(i, total, cfg.text_lr), parameters)
 
     timed_steps(budget, step, log, "text", cfg.max_steps, replay)
     text_encoder.eval()
@@ -339,17 +346,12 @@ def train_vae(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     def step(i: int, total: int) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(i, total, cfg.lr)
         images = vae_batch(sprite_tensor, cfg, i, generator, device)
         with autocast(device):
             posterior = vae.encode(images).latent_dist
             decoded = vae.decode(posterior.sample()).sample
         loss = F.l1_loss(decoded.float(), images) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
+        return apply_gradients(optimizer, loss, learning_rate(i, total, cfg.lr))
 
     timed_steps(budget, step, log, "vae", cfg.max_steps, replay)
     return vae.eval()
@@ -366,18 +368,13 @@ def train_decoder(vae, sprite_tensor: torch.Tensor, cfg: Config, budget: float, 
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
 
     def step(i: int, total: int) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(i, total, cfg.lr)
         images = vae_batch(sprite_tensor, cfg, i, generator, device, align=8)  # latent-aligned crops
         with torch.no_grad(), autocast(device):
             latent = vae.encode(images).latent_dist.mean
         with autocast(device):
             decoded = vae.decode(latent).sample
         loss = F.l1_loss(decoded.float(), images)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
+        return apply_gradients(optimizer, loss, learning_rate(i, total, cfg.lr))
 
     timed_steps(budget, step, log, "decoder", cfg.max_steps, replay)
     vae.requires_grad_(False)
@@ -442,17 +439,11 @@ def train_base(latents, captions, text_encoder, cfg, budget, log, device, replay
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=1e-2)
 
     def step(i: int, total: int) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(i, total, cfg.lr)
         size = cfg.sizes[i % len(cfg.sizes)]
         pool = latents[("smooth", size)]
         index = torch.randint(0, len(pool), (cfg.batch,), generator=generator)
         loss = diffusion_loss(unet, text_encoder, pool, captions, index, scheduler, generator, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        return loss.item()
+        return apply_gradients(optimizer, loss, learning_rate(i, total, cfg.lr), parameters)
 
     timed_steps(budget, step, log, "base", cfg.max_steps, replay)
     return unet.eval()
@@ -513,16 +504,11 @@ def train_lora(unet, text_encoder, vae, latents, captions, rank, cfg, budget, lo
     optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr, weight_decay=0.0)
 
     def step(i: int, total: int) -> float:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(i, total, cfg.lora_lr)
         size = cfg.sizes[i % len(cfg.sizes)]
         pool = latents[("crisp", size)]
         index = torch.randint(0, len(pool), (cfg.batch,), generator=generator)
         loss = diffusion_loss(unet, text_encoder, pool, captions, index, scheduler, generator, device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
+        return apply_gradients(optimizer, loss, learning_rate(i, total, cfg.lora_lr))
 
     steps = timed_steps(budget, step, log, name, cfg.max_steps, replay)
     return lora, steps
