@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import PROMPT, environment, prepare_weights  # noqa: E402  (bench/bench.py)
+from service.acceleration import quantize_unet_fp8  # noqa: E402
 
+PARTS = ("drift", "drift-demo", "speed")  # in the order they run; a call can hold them all (~9 min on an H200)
 PROMPTS = (PROMPT, "punk with a cap, blue background", "punk with a cap, red background", "lad with sunglasses")
 
 
@@ -33,7 +35,6 @@ def drift(engine, seeds: int, steps: int) -> dict:
     """Render `seeds` images in fp16, quantize the engine's UNet to FP8 in place, render them again, compare."""
     import numpy as np
 
-    from service.acceleration import quantize_unet_fp8
     from service.engine import GenerationRequest
 
     seconds: dict[str, float] = {}
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 8], help="UNet batch (2 per image with CFG)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure (all)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # prepare_weights' tiny model
     parser.add_argument("--out", type=Path, help="folder (or .json file) for the results")
     args = parser.parse_args()
@@ -153,10 +155,15 @@ def main() -> None:
     prepare_weights(args)
     full_size = {"weights_dir": args.weights, "base_model": args.weights / "stable-diffusion-v1-5"}
     quantized = load_engine(**full_size)
-    save("drift_full_size_random", drift(quantized, args.seeds, args.steps))  # its UNet is FP8 from here on
-    save("drift_demo_model", drift(load_engine(fallback_model="demo"), args.seeds, args.steps))
-    fp16 = load_engine(**full_size)
-    save("unet_step_full_size", speed(fp16.pipe.unet, quantized.pipe.unet, tuple(args.batches)))
+    if "drift" in args.parts:
+        save("drift_full_size_random", drift(quantized, args.seeds, args.steps))  # its UNet is FP8 from here on
+    else:
+        quantize_unet_fp8(quantized.pipe.unet, quantized.settings.torch_device)
+    if "drift-demo" in args.parts:
+        save("drift_demo_model", drift(load_engine(fallback_model="demo"), args.seeds, args.steps))
+    if "speed" in args.parts:
+        fp16 = load_engine(**full_size)
+        save("unet_step_full_size", speed(fp16.pipe.unet, quantized.pipe.unet, tuple(args.batches)))
     if path:
         print(f"wrote {path}")
 

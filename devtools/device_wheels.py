@@ -22,6 +22,7 @@ MISSING_ON_DEVICE = (
     "importlib-metadata",
     "lazy-importer",
     "fastapi",
+    "opentelemetry-api",  # fastapi 0.163 imports it
     "starlette",
     "uvicorn",
     "annotated-doc",

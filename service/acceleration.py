@@ -43,8 +43,9 @@ def accelerate(pipe: StableDiffusionPipeline, settings: Settings) -> None:
 
 def quantize_unet_fp8(unet: torch.nn.Module, device: str) -> int:
     """Swap the weights of the UNet's transformer-block linear layers (attention projections, feed-forward) for
-    FP8 ones with per-row scales, activations quantized on the fly (torchao's float8 dynamic recipe). The
-    convolutions, norms and the small time-embedding layers stay fp16. Returns the number of layers swapped.
+    FP8 ones with one scale per tensor, activations quantized on the fly (torchao's float8 dynamic recipe; its
+    per-row scales need bf16 weights, and the engine runs fp16). The convolutions, norms and the small
+    time-embedding layers stay fp16. Returns the number of layers swapped.
 
     Raises ValueError (a setting this machine cannot honour), before anything is changed, where FP8 cannot run:
     no CUDA, a GPU older than compute capability 8.9, or no torchao."""
@@ -57,14 +58,14 @@ def quantize_unet_fp8(unet: torch.nn.Module, device: str) -> int:
             f"{capability[0]}.{capability[1]}; FP8 matrix products need 8.9+ (Ada, Hopper); unset PUNKS_FP8"
         )
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerTensor, quantize_
     except ImportError as error:
         raise ValueError(
             "fp8: PUNKS_FP8 needs torchao (pip install torchao==0.18.0, the project's fp8 extra)"
         ) from error
     swapped = [name for name, module in unet.named_modules() if _fp8_target(module, name)]
-    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_fp8_target)
-    log.info("fp8: %d linear layers of the UNet's transformer blocks quantized (torchao, per-row)", len(swapped))
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor()), filter_fn=_fp8_target)
+    log.info("fp8: %d linear layers of the UNet's transformer blocks quantized (torchao, per-tensor)", len(swapped))
     return len(swapped)
 
 

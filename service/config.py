@@ -93,10 +93,10 @@ class Settings(BaseSettings):
     )
     fp8: bool = Field(
         False,
-        description="Opt-in: the UNet's attention and feed-forward linear layers in FP8 (torchao, dynamic per-row "
+        description="Opt-in: the UNet's attention and feed-forward linear layers in FP8 (torchao, dynamic per-tensor "
         "scales for activations and weights), after the LoRA is fused. CUDA with compute capability 8.9+ (Ada, "
-        "Hopper) and the fp8 extra (torchao). Not exact: bench/fp8.py measures its drift from fp16 and its speed "
-        "(not yet run on a GPU, see the README). Not with switchable LoRAs.",
+        "Hopper) and the fp8 extra (torchao). Not exact: its drift from fp16 is visible (bench/fp8.py, README); its "
+        "compiled speed is not measured yet. Not with switchable LoRAs.",
     )
     compile_cache_dir: Path = Field(
         Path(".cache/torch-compile"),
