@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,9 +102,9 @@ def unet_step_ms(unet, batch: int, repeats: int = 30) -> float:
     return round(statistics.median(times), 3)
 
 
-def speed(fp16_unet, fp8_unet, batches: tuple[int, ...]) -> dict:
-    """Compiled UNet step of each model at each batch (fp16 then FP8, batch by batch, so that a run cut short
-    still holds pairs); the seconds to compile and time each."""
+def speed(fp16_unet, fp8_unet, batches: tuple[int, ...], save: Callable[[dict], None]) -> None:
+    """Compiled UNet step of each model at each batch (fp16 then FP8, batch by batch), and the seconds to compile
+    and time each; `save` gets the report after every number, so that a call cut short keeps what it measured."""
     import torch
 
     compiled = {
@@ -117,9 +118,9 @@ def speed(fp16_unet, fp8_unet, batches: tuple[int, ...]) -> dict:
             started = time.perf_counter()
             numbers[f"{mode}_step_ms"] = unet_step_ms(unet, batch)
             numbers[f"{mode}_compile_and_time_s"] = round(time.perf_counter() - started, 1)
+            save(report)
         numbers["speedup"] = round(numbers["fp16_step_ms"] / numbers["fp8_step_ms"], 3)
-        print(f"  batch {batch}: {numbers}", flush=True)
-    return report
+        save(report)
 
 
 def load_engine(**settings):
@@ -163,7 +164,7 @@ def main() -> None:
         save("drift_demo_model", drift(load_engine(fallback_model="demo"), args.seeds, args.steps))
     if "speed" in args.parts:
         fp16 = load_engine(**full_size)
-        save("unet_step_full_size", speed(fp16.pipe.unet, quantized.pipe.unet, tuple(args.batches)))
+        speed(fp16.pipe.unet, quantized.pipe.unet, tuple(args.batches), lambda r: save("unet_step_full_size", r))
     if path:
         print(f"wrote {path}")
 
