@@ -21,11 +21,10 @@ $(STAMP): requirements/cpu.txt pyproject.toml Makefile
 	touch $(STAMP)
 
 # One image: the warm-up generation a server does before its first request would only add to the wait here.
-# Without weights it falls back (loudly) to the demo model trained on generated portraits, not the smoke model's
-# noise; PUNKS_FALLBACK_MODEL=smoke make demo picks the smoke model.
+# Without weights it falls back (loudly) to the demo model trained on generated portraits (the default of
+# PUNKS_FALLBACK_MODEL); PUNKS_FALLBACK_MODEL=smoke make demo picks the random smoke model.
 demo: $(STAMP)
-	PUNKS_WARMUP=false PUNKS_FALLBACK_MODEL=$${PUNKS_FALLBACK_MODEL:-demo} \
-		$(BIN)/python -m service generate "$(PROMPT)" --seed $(SEED) -o $(OUT)
+	PUNKS_WARMUP=false $(BIN)/python -m service generate "$(PROMPT)" --seed $(SEED) -o $(OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

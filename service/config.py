@@ -60,11 +60,10 @@ class Settings(BaseSettings):
         True, description="With no real weights, fall back (loudly) to the tiny random smoke model."
     )
     fallback_model: Literal["demo", "smoke"] = Field(
-        "smoke",
-        description="What stands in (loudly) for missing weights when allow_smoke_model is on: 'smoke', the tiny "
-        "random model, or 'demo', the small model trained on generated portraits in devtools/demo_model (the smoke "
-        "model where it is absent). Smoke by default until the demo model, trained only briefly so far, draws "
-        "pixel art (issue 19).",
+        "demo",
+        description="What stands in (loudly) for missing weights when allow_smoke_model is on: 'demo', the small "
+        "model trained on generated portraits in devtools/demo_model (the smoke model where it is absent), or "
+        "'smoke', the tiny random model (noise; quicker: the tests use it).",
     )
     smoke_dir: Path = Field(Path(".cache/smoke-model"), description="Where the smoke model is built and kept.")
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cuda', 'cuda:1', 'cpu'.")

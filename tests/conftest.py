@@ -11,6 +11,11 @@ from service.config import Settings
 
 TEST_STEPS = 2  # enough to exercise the scheduler; the smoke model's images are noise anyway
 
+# Missing weights fall back to the random smoke model in every test, in this process and in the servers it starts,
+# not to the trained demo model (the default): quicker, and the tests of the servers and the engine do not depend
+# on what it draws. tests/test_demo_model.py asks for the demo model by name.
+os.environ["PUNKS_FALLBACK_MODEL"] = "smoke"
+
 
 @pytest.fixture(scope="session")
 def smoke_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -23,8 +28,6 @@ def smoke_env(smoke_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     return os.environ | {
         "PUNKS_WEIGHTS_DIR": str(tmp_path_factory.mktemp("no-weights")),
         "PUNKS_SMOKE_DIR": str(smoke_dir),
-        "PUNKS_FALLBACK_MODEL": "smoke",  # the random smoke model, not the trained demo model: quick, and the
-        # tests of the servers and the engine do not depend on what it draws
         "PUNKS_STEPS": str(TEST_STEPS),
         "PUNKS_DEVICE": "cpu",
     }
