@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     lora_scale: float = Field(1.0, ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE, description="Strength the LoRA is fused at.")
     expected_lora_rank: int = Field(32, description="The rank that worked (dim 32 / alpha 16); others only warn.")
     allow_smoke_model: bool = Field(
-        True, description="With no real weights, fall back (loudly) to the tiny random smoke model."
+        True, description="With no real weights, fall back (loudly) to fallback_model (demo or smoke)."
     )
     fallback_model: Literal["demo", "smoke"] = Field(
         "demo",
