@@ -19,7 +19,14 @@ prompt in, 1024 px PNG bytes out:
   where a batch-1 request's time goes, and measures the levers of issue 17 one by one;
 - engine-compile-artifacts: a Replicate cold boot: a new process with brand-new empty compile caches and the
   portable compile-artifacts file that engine-compile saved from its cold compile (what `python -m service
-  compile-cache` makes), measured to ready and through its first request.
+  compile-cache` makes), measured to ready and through its first request;
+- engine-compile-fp8: the opt-in mode PUNKS_FP8=true, compiled (its drift from fp16 is bench/fp8.py's job);
+- levers of issue 17 that need their own process, measured like engine-compile: engine-compile-batch8 (batch
+  buckets up to 8, so 8 clients share one UNet call) and engine-compile-inductor-tuned (the Inductor flags of
+  diffusers' speed-up guide: conv_1x1_as_mm, coordinate_descent_tuning, no epilogue_fusion).
+
+A run that does not fit one device call goes on in a second one with --resume (the first call's report): the
+versions and GPU model must match, and each call is listed in the report with its GPU's UUID.
 
 With random weights the diffusers columns' images are noise, whose 1024 px RGB PNG costs ~0.25 s per image on the
 H200 machine, while the engine encodes a snapped, indexed image (~4 ms): compare render_s across columns; with_png_s
@@ -215,6 +222,11 @@ def worker_engine(args: argparse.Namespace) -> dict:
     from service.http.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # start-up stages, to stderr
+    if os.environ.get(INDUCTOR_TUNED):  # the lever engine-compile-inductor-tuned, before anything compiles
+        torch._inductor.config.conv_1x1_as_mm = True
+        torch._inductor.config.coordinate_descent_tuning = True
+        torch._inductor.config.coordinate_descent_check_all_directions = True
+        torch._inductor.config.epilogue_fusion = False
     settings = Settings()
     calls: list[tuple[float, float, int]] = []  # (start, end, images) of every engine.render call
 
@@ -264,7 +276,8 @@ def worker_engine(args: argparse.Namespace) -> dict:
         return {"first_request_s": round(time.perf_counter() - first, 3)}
     result["latency_s"] = on_gpu(latency, request, args.runs if settings.compile else args.slow_runs, sync)
     report_part(latency_s=result["latency_s"])
-    result["render_by_batch"] = on_gpu(render_by_batch, engine, args, sync)
+    sizes = sorted(set(BATCH_SIZES) | set(settings.batch_buckets if settings.compile else ()))
+    result["render_by_batch"] = on_gpu(render_by_batch, engine, sizes, args, sync)
     report_part(render_by_batch=result["render_by_batch"])
     result["peak_memory_gib_batch4"] = on_gpu(peak_memory, lambda: request(123, 4), device)
     report_part(peak_memory_gib_batch4=result["peak_memory_gib_batch4"])
@@ -283,7 +296,7 @@ def worker_engine(args: argparse.Namespace) -> dict:
     for variant in in_process:
         if variant != "expert":
             measure_in_process(variant)
-    if not settings.compile:
+    if not (settings.compile and args.levers):
         return result
     levers: dict = {}
     result["levers"] = levers
@@ -328,27 +341,27 @@ def serve_clients(port: int, label: str, calls: list, args: argparse.Namespace) 
         return reply
     span = window[-1][1] - window[0][0]
     gaps = [later[0] - earlier[1] for earlier, later in zip(window, window[1:], strict=False)]
-    full = [end - start for start, end, images in window if images == max(BATCH_SIZES)]
+    largest = max(images for *_, images in window)
+    full = [end - start for start, end, images in window if images == largest]
     return reply | {
         "gpu_thread_busy": round(sum(end - start for start, end, _ in window) / span, 3),
         "engine_calls": len(window),
         "mean_images_per_call": round(sum(images for *_, images in window) / len(window), 2),
         "gap_between_calls_ms": round(1000 * statistics.median(gaps), 2) if gaps else None,
-        "render_4_images_s_under_load": round(statistics.median(full), 4) if full else None,
+        f"render_{largest}_images_s_under_load": round(statistics.median(full), 4),
     }
 
 
-def render_by_batch(engine, args: argparse.Namespace, sync) -> dict:
+def render_by_batch(engine, sizes: list[int], args: argparse.Namespace, sync) -> dict:
     """The GPU half alone (engine.render: diffusion + VAE decode) per batch size: the throughput ceiling."""
+    from service.config import MAX_IMAGES
     from service.engine import GenerationRequest
 
     report = {}
-    for size in BATCH_SIZES:
-        seconds = timed(
-            lambda size=size: engine.render([GenerationRequest(PROMPT, seed=5, num_outputs=size, steps=args.steps)]),
-            args.batch_repeats,
-            sync,
-        )
+    for size in sizes:  # beyond MAX_IMAGES, several requests share the call, as the batcher groups them
+        counts = [MAX_IMAGES] * (size // MAX_IMAGES) + [size % MAX_IMAGES]
+        requests = [GenerationRequest(PROMPT, seed=5, num_outputs=n, steps=args.steps) for n in counts if n]
+        seconds = timed(lambda requests=requests: engine.render(requests), args.batch_repeats, sync)
         report[str(size)] = {"render_s": seconds, "images_per_s": round(size / seconds, 2)}
     return report
 
@@ -445,7 +458,7 @@ def run_worker(kind: str, extra: list[str], args: argparse.Namespace, env: dict[
     """Start a worker process; cold start = spawn -> its READY line. Its partial numbers go into the
     report as they come (save), and it asks for the 8 clients through the API with a SERVE line."""
     command = [sys.executable, __file__, "--worker", kind, "--weights", str(args.weights)]
-    for option in ("runs", "slow_runs", "batch_repeats", "steps", "levers", "in_process"):
+    for option in ("runs", "slow_runs", "batch_repeats", "steps"):
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     command += extra
     started = time.perf_counter()
@@ -548,24 +561,59 @@ def environment() -> dict:
     return info
 
 
-VARIANTS = {  # name -> (worker, PUNKS_COMPILE)
-    "naive": ("naive", None),
-    "expert": ("expert", None),
-    "engine": ("engine", "false"),
-    "engine-compile": ("engine", "true"),
-    "engine-compile-artifacts": ("engine", "true"),
+def gpu_identity() -> dict:
+    """Which physical GPU a call ran on (a resumed run says whether its calls shared one)."""
+    query = ["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"]
+    try:
+        return {"gpu_uuid": subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip()}
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+
+
+def resumed(earlier: dict, fresh: dict) -> dict:
+    """The earlier call's report, to be continued: refused when versions, GPU model or settings differ."""
+    same = ("python", "torch", "diffusers", "transformers", "peft", "gpu", "driver", "cuda")
+    differ = {
+        key: (earlier["environment"].get(key), fresh["environment"].get(key))
+        for key in same
+        if earlier["environment"].get(key) != fresh["environment"].get(key)
+    }
+    for key in ("steps", "runs", "model"):
+        if earlier.get(key) != fresh[key]:
+            differ[key] = (earlier.get(key), fresh[key])
+    if differ:
+        raise SystemExit(f"--resume: this call differs from the earlier one: {differ}")
+    if fresh["note"]:
+        earlier["note"] = " ".join(filter(None, [earlier.get("note"), fresh["note"]]))
+    return earlier
+
+
+VARIANTS = {  # name -> (worker, environment beyond the common one)
+    "naive": ("naive", {}),
+    "expert": ("expert", {}),
+    "engine": ("engine", {"PUNKS_COMPILE": "false"}),
+    "engine-compile": ("engine", {"PUNKS_COMPILE": "true"}),
+    "engine-compile-artifacts": ("engine", {"PUNKS_COMPILE": "true"}),
+    "engine-compile-fp8": ("engine", {"PUNKS_COMPILE": "true", "PUNKS_FP8": "true"}),
+    "engine-compile-batch8": (
+        "engine",
+        {"PUNKS_COMPILE": "true", "PUNKS_BATCH_BUCKETS": "[1, 2, 4, 8]", "PUNKS_MAX_BATCH_SIZE": "8"},
+    ),
+    "engine-compile-inductor-tuned": ("engine", {"PUNKS_COMPILE": "true", "BENCH_INDUCTOR_TUNED": "1"}),
 }
 ARTIFACTS = "compile-artifacts.bin"  # engine-compile writes it; engine-compile-artifacts starts from it
+INDUCTOR_TUNED = "BENCH_INDUCTOR_TUNED"  # set: the engine worker sets diffusers' guide's Inductor flags
 
 
 def variant_setup(variant: str, args: argparse.Namespace) -> tuple[dict[str, str], list[str]]:
     """A variant's environment and worker options beyond the common ones.
 
-    engine-compile saves the compile artifacts of its cold compile (what `python -m service compile-cache` makes);
+    engine-compile saves the compile artifacts of its cold compile (what `python -m service compile-cache` makes)
+    and alone runs the in-process diffusers variants and the levers that share its process;
     engine-compile-artifacts is a Replicate cold boot: a new process, brand-new empty cache folders, that file."""
     artifacts = args.weights / ARTIFACTS
     if variant == "engine-compile":
-        return {}, ["--save-artifacts", str(artifacts)]
+        return {}, ["--save-artifacts", str(artifacts), f"--in-process={args.in_process}", f"--levers={args.levers}"]
     if variant == "engine-compile-artifacts":
         if not artifacts.is_file():
             raise RuntimeError(f"no {artifacts}: run engine-compile first in this run")
@@ -576,7 +624,7 @@ def variant_setup(variant: str, args: argparse.Namespace) -> tuple[dict[str, str
             "TRITON_CACHE_DIR": str(empty / "triton"),
         }
         return env, ["--ready-only"]
-    return {}, []
+    return {}, ["--in-process=", "--levers="]  # the worker's defaults are the parent's: say none
 
 
 def main() -> None:
@@ -610,6 +658,12 @@ def main() -> None:
     parser.add_argument("--ready-only", action="store_true", help=argparse.SUPPRESS)  # worker: a cold start only
     parser.add_argument("--deadline-s", type=float, help="start no variant later than this many seconds minus 30")
     parser.add_argument("--out", type=Path, help="folder (or .json file) for the results")
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="a report of this run's earlier call (same versions, same GPU model): its results are kept, "
+        "the variants of this call are added",
+    )
     parser.add_argument("--note", default="", help="stored in the report (how it was run, what differs)")
     args = parser.parse_args()
     if args.worker:
@@ -632,9 +686,11 @@ def main() -> None:
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
+    command = shlex.join(["python", "bench/bench.py", *sys.argv[1:]])
+    this_call = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "command": command} | gpu_identity()
     report = {
         "environment": environment(),
-        "command": shlex.join(["python", "bench/bench.py", *sys.argv[1:]]),
+        "command": command,
         "note": args.note,
         "steps": args.steps,
         "runs": {"compiled": args.runs, "eager": args.slow_runs, "per_batch_size": args.batch_repeats},
@@ -642,6 +698,9 @@ def main() -> None:
         "weights_prepared_s": round(time.perf_counter() - started, 1),
         "results": {},
     }
+    if args.resume:
+        report = resumed(json.loads(args.resume.read_text()), report)
+    report["calls"] = report.get("calls", []) + [this_call | {"variants": args.variants.split(",")}]
     path = None
     if args.out:
         name = f"{report['environment']['date']}-{report['environment']['gpu'].replace(' ', '-')}.json"
@@ -650,7 +709,7 @@ def main() -> None:
 
     def save(variant: str, result: dict) -> None:  # after every number, so a run cut short still leaves them
         report["results"][variant] = result
-        report["elapsed_s"] = round(time.perf_counter() - started, 1)
+        report["calls"][-1]["elapsed_s"] = round(time.perf_counter() - started, 1)
         if path:
             path.with_suffix(".tmp").write_text(json.dumps(report, indent=2) + "\n")
             path.with_suffix(".tmp").replace(path)
@@ -658,16 +717,16 @@ def main() -> None:
     if "engine-compile" in args.variants.split(","):
         (args.weights / ARTIFACTS).unlink(missing_ok=True)  # engine-compile-artifacts uses this run's file only
     for variant in args.variants.split(","):
-        worker, compile_ = VARIANTS[variant]
+        kind, variant_env = VARIANTS[variant]
         if args.deadline_s and time.perf_counter() - started > args.deadline_s - 30:
             save(variant, {"skipped": "not started: too little of the run's time left"})
             continue
-        print(f"{variant} ({round(time.perf_counter() - started)} s into the run)", flush=True)
+        print(f"{variant} ({round(time.perf_counter() - started)} s into the call)", flush=True)
         try:
             extra_env, extra = variant_setup(variant, args)
-            env = base_env | ({"PUNKS_COMPILE": compile_} if compile_ else {}) | extra_env
+            env = base_env | variant_env | extra_env
             result = run_worker(
-                worker,
+                kind,
                 extra,
                 args,
                 env,

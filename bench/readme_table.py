@@ -16,6 +16,11 @@ COLUMNS = {  # results key -> column title
     "engine": "engine, eager",
     "engine-compile": "engine, `PUNKS_COMPILE=true`",
     "engine-compile-artifacts": "engine compiled, cold boot from the compile-artifacts file",
+    "engine-compile-fp8": "engine compiled, `PUNKS_FP8=true` (opt-in, not exact)",
+}
+LEVER_VARIANTS = {  # results key -> lever row title (a lever that needs its own process)
+    "engine-compile-batch8": "batch buckets up to 8, max_batch_size 8 (own process)",
+    "engine-compile-inductor-tuned": "Inductor flags of diffusers' guide (own process)",
 }
 
 
@@ -89,21 +94,31 @@ def main_table(results: dict) -> list[str]:
     return lines
 
 
-def levers_table(engine: dict) -> list[str]:
+def largest_render(result: dict) -> str:
+    """The render of the largest batch size measured, e.g. `batch 8: 1.010 s (7.92/s)`."""
+    sizes = sorted(result.get("render_by_batch", {}), key=int)
+    return f"batch {sizes[-1]}: {by_batch(result, int(sizes[-1]))}" if sizes else ""
+
+
+def levers_table(engine: dict, results: dict | None = None) -> list[str]:
+    """Where a batch-1 request's time goes, then every lever: those measured in the engine's process and the
+    lever variants of `results` that needed a process of their own."""
     where = engine.get("where_batch1_goes", {})
     levers = engine.get("levers", {})
-    base = engine.get("throughput", {})
     lines = ["| where a batch-1 request's time goes | measured |", "| --- | --- |"]
     for key, value in where.items():
         lines.append(f"| {key} | {value} |")
-    lines += ["", "| lever (one at a time, same process) | batch-1 p50 / p95 | 8 clients | GPU thread busy |"]
-    lines.append("| --- | --- | --- | --- |")
-    rows = [("none (defaults)", engine.get("latency_s"), base)]
-    rows += [(name, lever.get("latency_s"), lever.get("throughput", {})) for name, lever in levers.items()]
-    for name, numbers, load in rows:
+    lines += ["", "| lever (one at a time) | batch-1 p50 / p95 | render, largest batch | 8 clients | GPU thread busy |"]
+    lines.append("| --- | --- | --- | --- | --- |")
+    rows = [("none (defaults)", engine)]
+    rows += [(f"{name} (same process)", lever) for name, lever in levers.items()]
+    rows += [(title, (results or {})[key]) for key, title in LEVER_VARIANTS.items() if key in (results or {})]
+    for name, lever in rows:
+        numbers, load = lever.get("latency_s"), lever.get("throughput", {})
         p50 = f"{numbers['median']:.3f} / {numbers['p95']:.3f} s" if numbers and "median" in numbers else ""
-        rate = f"{load['images_per_s']:.2f} images/s" if "images_per_s" in load else ""
-        lines.append(f"| {name} | {p50} | {rate} | {load.get('gpu_thread_busy', '')} |")
+        rate = f"{load['images_per_s']:.2f} images/s" if "images_per_s" in load else lever.get("error", "")[:80]
+        busy = load.get("gpu_thread_busy", "")
+        lines.append(f"| {name} | {p50} | {largest_render(lever)} | {rate} | {busy} |")
     return lines
 
 
@@ -116,14 +131,17 @@ def main() -> None:
         f"{env['gpu']}, driver {env.get('driver', '')}, torch {env['torch']}, diffusers {env['diffusers']}, "
         f"transformers {env['transformers']}, {env['date']}; {report['model']}, {report['steps']} steps."
     )
-    print(f"Command: `{report.get('command', '')}`")
+    calls = report.get("calls") or [{"command": report.get("command", "")}]
+    for number, call in enumerate(calls, 1):
+        where = f" (GPU {call['gpu_uuid']})" if "gpu_uuid" in call else ""
+        print(f"Command{f' {number} of {len(calls)}' if len(calls) > 1 else ''}{where}: `{call['command']}`")
     print()
     print("\n".join(main_table(report["results"])))
     for variant in ("engine-compile", "engine"):  # the compiled engine's breakdown, else the eager one's
         if "where_batch1_goes" in report["results"].get(variant, {}):
             print()
             print(f"{variant}:")
-            print("\n".join(levers_table(report["results"][variant])))
+            print("\n".join(levers_table(report["results"][variant], report["results"])))
             break
 
 

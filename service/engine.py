@@ -288,9 +288,11 @@ class Engine:
         """Generate once per batch bucket (compile: record each CUDA graph) so no user request pays for it."""
         started = time.perf_counter()
         sizes = self.settings.batch_buckets if self.settings.compile else (1,)
-        for size in sizes:
-            warm_up = GenerationRequest("warm-up", seed=0, num_outputs=size, steps=2)
-            self._run_pipeline([self._resolve(0, warm_up, self.check_request(warm_up))], None, 0, 2)
+        for size in sizes:  # a bucket beyond one request's MAX_IMAGES is filled as the batcher fills it: by several
+            counts = [config.MAX_IMAGES] * (size // config.MAX_IMAGES) + [size % config.MAX_IMAGES]
+            warm_ups = [GenerationRequest("warm-up", seed=0, num_outputs=count, steps=2) for count in counts if count]
+            jobs = [self._resolve(i, request, self.check_request(request)) for i, request in enumerate(warm_ups)]
+            self._run_pipeline(jobs, None, 0, 2)
         if self.upscaler is not None:
             size = self.settings.generation_size
             self.upscaler.upscale(Image.new("RGB", (size, size)), self.settings.output_size)

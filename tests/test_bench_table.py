@@ -59,3 +59,24 @@ def test_the_committed_h200_file_prints(capsys, monkeypatch):
     assert printed.startswith("NVIDIA H200, driver 580.159.04, torch 2.11.0+cu130")
     assert f"{report['results']['engine']['throughput']['images_per_s']:.2f} images/s" in printed
     assert "| text_encoder_ms | 7.32 |" in printed
+
+
+def test_levers_of_their_own_process_get_rows_with_their_largest_batch():
+    table = load_table_module()
+    engine = run(0.2, {"4": {"render_s": 0.5, "images_per_s": 8.0}}, throughput={"images_per_s": 7.5})
+    engine["levers"] = {"gc_freeze": {"latency_s": {"median": 0.19, "p95": 0.2}}}
+    batch8 = run(
+        0.21,
+        {"4": {"render_s": 0.5, "images_per_s": 8.0}, "8": {"render_s": 0.9, "images_per_s": 8.89}},
+        throughput={"images_per_s": 8.1, "gpu_thread_busy": 0.99},
+    )
+    tuned = {"error": "x"}
+    results = {"engine-compile": engine, "engine-compile-batch8": batch8, "engine-compile-inductor-tuned": tuned}
+    lines = table.levers_table(engine, results)
+    assert "| none (defaults) | 0.200 / 0.220 s | batch 4: 0.500 s (8.00/s) | 7.50 images/s |  |" in lines
+    assert "| gc_freeze (same process) | 0.190 / 0.200 s |  |  |  |" in lines
+    assert (
+        "| batch buckets up to 8, max_batch_size 8 (own process) | 0.210 / 0.231 s | batch 8: 0.900 s (8.89/s) "
+        "| 8.10 images/s | 0.99 |"
+    ) in lines
+    assert "| Inductor flags of diffusers' guide (own process) |  |  | x |  |" in lines

@@ -5,9 +5,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.config import MAX_SEED
+from service.config import MAX_SEED, Settings
 from service.delivery import summary
-from service.engine import GenerationRequest
+from service.engine import Engine, GenerationRequest
 from service.errors import RequestError
 from service.pixelart import QualitySignals
 from service.prompts import PROMPT_SUFFIX
@@ -49,6 +49,15 @@ def test_generation_returns_sprite_upscale_palette_and_quality(engine):
     assert sprite_colours == set(image.art.palette)
     described = summary(result)
     assert described["images"][0]["seed"] == 7 and described["truncated"] is False
+
+
+def test_warm_up_fills_buckets_beyond_one_requests_images(engine, smoke_settings):
+    """A compiled server with max_batch_size 8 warms a bucket of 8 up the way the batcher fills it (two 4-image
+    requests in one call); one 8-image request would be refused and the server would not start."""
+    calls: list[int] = []
+    wide = smoke_settings.model_dump() | {"compile": True, "batch_buckets": (1, 4, 8), "max_batch_size": 8}
+    Engine(CountingPipe(engine.pipe, calls), Settings(**wide), engine.weights, engine.lora).warm_up()
+    assert calls == [1, 4, 8]
 
 
 def test_same_seed_same_image_and_other_seed_other_image(engine):
