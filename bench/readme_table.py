@@ -17,6 +17,7 @@ COLUMNS = {  # results key -> column title
     "engine-compile": "engine, `PUNKS_COMPILE=true`",
     "engine-compile-artifacts": "engine compiled, cold boot from the compile-artifacts file",
     "engine-compile-fp8": "engine compiled, `PUNKS_FP8=true` (opt-in, not exact)",
+    "engine-compile-fp8-bucket4": "engine compiled, `PUNKS_FP8=true`, one bucket of 4 (opt-in, not exact)",
 }
 LEVER_VARIANTS = {  # results key -> lever row title (a lever that needs its own process)
     "engine-compile-batch8": "batch buckets up to 8, max_batch_size 8 (own process)",
