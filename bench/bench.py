@@ -564,16 +564,17 @@ def environment() -> dict:
 
 def gpu_identity() -> dict:
     """Which physical GPU a call ran on (a resumed run says whether its calls shared one)."""
-    query = ["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"]
+    query = ["nvidia-smi", "--query-gpu=uuid,driver_version", "--format=csv,noheader"]
     try:
-        return {"gpu_uuid": subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip()}
-    except (OSError, subprocess.CalledProcessError):
+        uuid, driver = subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip().split(", ")
+        return {"gpu_uuid": uuid, "driver": driver}
+    except (OSError, subprocess.CalledProcessError, ValueError):
         return {}
 
 
 def resumed(earlier: dict, fresh: dict) -> dict:
     """The earlier call's report, to be continued: refused when versions, GPU model or settings differ."""
-    same = ("python", "torch", "diffusers", "transformers", "peft", "gpu", "driver", "cuda")
+    same = ("python", "torch", "diffusers", "transformers", "peft", "gpu", "cuda")  # each call says its driver
     differ = {
         key: (earlier["environment"].get(key), fresh["environment"].get(key))
         for key in same
