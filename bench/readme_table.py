@@ -47,6 +47,12 @@ def clients(name: str, result: dict) -> str:
     return f"{numbers['images_per_s']:.2f} images/s" if "images_per_s" in numbers else ""
 
 
+def cold_start(name: str, result: dict) -> str:
+    if "not_ready_after_s" in result:  # a worker the device call's limit killed before it was ready
+        return f"not ready after {result['not_ready_after_s']:.0f} s (killed)"
+    return seconds(result.get("cold_start_s"), 1)
+
+
 def ratio(engine: float | None, expert: float | None, higher_is_better: bool) -> str:
     if not engine or not expert:
         return ""
@@ -63,7 +69,7 @@ def main_table(results: dict) -> list[str]:
             "peak GPU memory, batch 4",
             lambda n, r: f"{r['peak_memory_gib_batch4']:.2f} GiB" if r.get("peak_memory_gib_batch4") else "",
         ),
-        ("cold start (process start to ready)", lambda n, r: seconds(r.get("cold_start_s"), 1)),
+        ("cold start (process start to ready)", cold_start),
         ("its first request after ready", lambda n, r: seconds(r.get("first_request_s"))),
     ]
     lines = [

@@ -36,6 +36,11 @@ def accelerate(pipe: StableDiffusionPipeline, settings: Settings) -> None:
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     load_compile_artifacts(settings.compile_artifacts_path())
+    if settings.fp8:
+        log.warning(
+            "fp8 with compile: on the H200 (torch 2.11, torchao 0.18) this compile did not finish within 9 minutes, "
+            "even for one batch bucket (bench/results/2026-12-02-NVIDIA-H200.json); start-up may take that long"
+        )
     log.info("compiling UNet and VAE decoder with CUDA graphs (cache: %s)", os.environ["TORCHINDUCTOR_CACHE_DIR"])
     pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead", fullgraph=True)

@@ -94,8 +94,9 @@ class Settings(BaseSettings):
         False,
         description="Opt-in: the UNet's attention and feed-forward linear layers in FP8 (torchao, dynamic per-tensor "
         "scales for activations and weights), after the LoRA is fused. CUDA with compute capability 8.9+ (Ada, "
-        "Hopper) and the fp8 extra (torchao). Not exact: its drift from fp16 is visible (bench/fp8.py, README); its "
-        "compiled speed is not measured yet. Not with switchable LoRAs.",
+        "Hopper) and the fp8 extra (torchao). Not exact: its drift from fp16 is visible (bench/fp8.py, README). Not "
+        "faster: eager it is 3-4x slower than fp16, and with compile its start-up did not finish within 9 minutes on "
+        "the H200, even for one batch bucket (README, Measured numbers). Not with switchable LoRAs.",
     )
     compile_cache_dir: Path = Field(
         Path(".cache/torch-compile"),

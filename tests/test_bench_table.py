@@ -32,14 +32,15 @@ def test_ratios_compare_the_compiled_engine_with_the_expert_of_the_same_file():
         ),
         "naive": {"skipped": "not started: too little of the run's time left"},
         "engine-compile-artifacts": {"cold_start_s": 41.04, "first_request_s": 0.31},
+        "engine-compile-fp8": {"started_s_into_call": 13, "not_ready_after_s": 580},
     }
     lines = table.main_table(results)
     assert lines[0] == (
         "| | expert diffusers recipe | engine, `PUNKS_COMPILE=true` | engine compiled, cold boot from the "
-        "compile-artifacts file | engine compiled vs expert |"
+        "compile-artifacts file | engine compiled, `PUNKS_FP8=true` (opt-in, not exact) | engine compiled vs expert |"
     )
-    assert "| cold start (process start to ready) |  | 58.0 s | 41.0 s |  |" in lines
-    assert "| its first request after ready |  |  | 0.310 s |  |" in lines
+    assert "| cold start (process start to ready) |  | 58.0 s | 41.0 s | not ready after 580 s (killed) |  |" in lines
+    assert "| its first request after ready |  |  | 0.310 s |  |  |" in lines
     latency_row = next(line for line in lines if line.startswith("| end to end"))
     assert "0.250 / 0.275 s" in latency_row and latency_row.endswith("| 1.25x |")  # expert time / engine time
     batch4 = next(line for line in lines if line.startswith("| render alone, batch 4"))
@@ -51,14 +52,16 @@ def test_ratios_compare_the_compiled_engine_with_the_expert_of_the_same_file():
 
 def test_the_committed_h200_file_prints(capsys, monkeypatch):
     table = load_table_module()
-    path = REPO / "bench" / "results" / "2026-12-02-NVIDIA-H200-eager.json"
+    path = REPO / "bench" / "results" / "2026-12-02-NVIDIA-H200.json"
     monkeypatch.setattr("sys.argv", ["readme_table.py", str(path)])
     table.main()
     printed = capsys.readouterr().out
     report = json.loads(path.read_text())
     assert printed.startswith("NVIDIA H200, driver 580.159.04, torch 2.11.0+cu130")
-    assert f"{report['results']['engine']['throughput']['images_per_s']:.2f} images/s" in printed
-    assert "| text_encoder_ms | 7.32 |" in printed
+    for variant in ("engine", "engine-compile"):
+        assert f"{report['results'][variant]['throughput']['images_per_s']:.2f} images/s" in printed
+    assert "| text_encoder_ms | 3.78 |" in printed
+    assert "Command 3 of 3 (GPU GPU-a6db3668" in printed  # a run continued over device calls names each
 
 
 def test_levers_of_their_own_process_get_rows_with_their_largest_batch():
