@@ -153,6 +153,14 @@ class CogServer:
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read() or b"{}")
 
+    def has_started(self, prediction_id: str, log_offset: int) -> bool:
+        """Whether coglet has given the prediction a slot since the log was log_offset bytes long: it logs
+        "Starting prediction" once it has (an ID can come again once its prediction is over)."""
+        with self.log.open("rb") as log:
+            log.seek(log_offset)
+            lines = log.read().decode(errors="replace").splitlines()
+        return any('"Starting prediction"' in line and f'"prediction_id":"{prediction_id}"' in line for line in lines)
+
     def predict(self, **inputs) -> tuple[int, dict]:
         """POST /predictions, synchronously. coglet answers 409 (at capacity) for a moment after a
         prediction while its one slot is released; a client retries, as Replicate's does."""
@@ -372,11 +380,17 @@ def test_concurrency_is_declared():
 
 
 def post_together(server: CogServer, bodies: list[tuple[str, dict]]) -> list[tuple[int, dict]]:
-    """PUT /predictions/<id> for each (id, input) at once, each on its own thread, synchronously; no retry on 409."""
+    """PUT /predictions/<id> for each (id, input), each on its own thread, synchronously; no retry on 409.
+    Each goes once coglet has given the one before its slot: they all run together, but no two ask for a slot at
+    the same instant. coglet 0.23.1 answers 409 (at capacity) to one of two requests that do, however many slots
+    are free: PermitPool::try_acquire gives up when the other request holds the pool's lock (try_lock)."""
     with ThreadPoolExecutor(len(bodies)) as pool:
-        futures = [
-            pool.submit(server.request, "PUT", f"/predictions/{id_}", {"input": inputs}) for id_, inputs in bodies
-        ]
+        futures = []
+        for id_, inputs in bodies:
+            log_offset = server.log.stat().st_size
+            futures.append(pool.submit(server.request, "PUT", f"/predictions/{id_}", {"input": inputs}))
+            while not (futures[-1].done() or server.has_started(id_, log_offset)):
+                time.sleep(0.01)
         return [future.result() for future in futures]
 
 
