@@ -162,8 +162,8 @@ class CogServer:
         return any('"Starting prediction"' in line and f'"prediction_id":"{prediction_id}"' in line for line in lines)
 
     def predict(self, **inputs) -> tuple[int, dict]:
-        """POST /predictions, synchronously. coglet answers 409 (at capacity) for a moment after a
-        prediction while its one slot is released; a client retries, as Replicate's does."""
+        """POST /predictions, synchronously. coglet 0.23.1 can answer 409 (at capacity) with slots free when
+        another request asks for a slot at the same instant (post_together says why); a client retries."""
         deadline = time.monotonic() + 30
         while True:
             status, body = self.request("POST", "/predictions", {"input": inputs})
