@@ -355,13 +355,11 @@ def serve_clients(port: int, label: str, calls: list, args: argparse.Namespace) 
 
 def render_by_batch(engine, sizes: list[int], args: argparse.Namespace, sync) -> dict:
     """The GPU half alone (engine.render: diffusion + VAE decode) per batch size: the throughput ceiling."""
-    from service.config import MAX_IMAGES
-    from service.engine import GenerationRequest
+    from service.engine import GenerationRequest, request_sizes
 
     report = {}
-    for size in sizes:  # beyond MAX_IMAGES, several requests share the call, as the batcher groups them
-        counts = [MAX_IMAGES] * (size // MAX_IMAGES) + [size % MAX_IMAGES]
-        requests = [GenerationRequest(PROMPT, seed=5, num_outputs=n, steps=args.steps) for n in counts if n]
+    for size in sizes:
+        requests = [GenerationRequest(PROMPT, seed=5, num_outputs=n, steps=args.steps) for n in request_sizes(size)]
         seconds = timed(lambda requests=requests: engine.render(requests), args.batch_repeats, sync)
         report[str(size)] = {"render_s": seconds, "images_per_s": round(size / seconds, 2)}
     return report

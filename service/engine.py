@@ -288,9 +288,8 @@ class Engine:
         """Generate once per batch bucket (compile: record each CUDA graph) so no user request pays for it."""
         started = time.perf_counter()
         sizes = self.settings.batch_buckets if self.settings.compile else (1,)
-        for size in sizes:  # a bucket beyond one request's MAX_IMAGES is filled as the batcher fills it: by several
-            counts = [config.MAX_IMAGES] * (size // config.MAX_IMAGES) + [size % config.MAX_IMAGES]
-            warm_ups = [GenerationRequest("warm-up", seed=0, num_outputs=count, steps=2) for count in counts if count]
+        for size in sizes:
+            warm_ups = [GenerationRequest("warm-up", seed=0, num_outputs=n, steps=2) for n in request_sizes(size)]
             jobs = [self._resolve(i, request, self.check_request(request)) for i, request in enumerate(warm_ups)]
             self._run_pipeline(jobs, None, 0, 2)
         if self.upscaler is not None:
@@ -463,6 +462,13 @@ class Engine:
         return to_pixel_art(
             raw, grid=s.grid, size=job.output_size, max_colors=s.max_colors, integer_scale=job.integer_scale
         )
+
+
+def request_sizes(images: int) -> list[int]:
+    """Image counts of the fewest requests that fill a batch of `images`: a batch beyond one request's
+    MAX_IMAGES is several requests grouped, as the batcher groups them."""
+    full, rest = divmod(images, config.MAX_IMAGES)
+    return [config.MAX_IMAGES] * full + ([rest] if rest else [])
 
 
 class _Stopwatch:
