@@ -23,7 +23,9 @@ prompt in, 1024 px PNG bytes out:
 - engine-compile-fp8: the opt-in mode PUNKS_FP8=true, compiled (its drift from fp16 is bench/fp8.py's job);
 - levers of issue 17 that need their own process, measured like engine-compile: engine-compile-batch8 (batch
   buckets up to 8, so 8 clients share one UNet call) and engine-compile-inductor-tuned (the Inductor flags of
-  diffusers' speed-up guide: conv_1x1_as_mm, coordinate_descent_tuning, no epilogue_fusion).
+  diffusers' speed-up guide: conv_1x1_as_mm, coordinate_descent_tuning, no epilogue_fusion) and
+  engine-compile-snap-processes (PUNKS_SNAP_PROCESSES=4: a batch's images are snapped in four worker processes,
+  so the snapping's Python work no longer holds the GIL the GPU thread needs between graph replays).
 
 A run that does not fit one device call goes on in a second one with --resume (the first call's report): the
 versions and GPU model must match, and each call is listed in the report with its GPU's UUID.
@@ -605,6 +607,7 @@ VARIANTS = {  # name -> (worker, environment beyond the common one)
         {"PUNKS_COMPILE": "true", "PUNKS_BATCH_BUCKETS": "[1, 2, 4, 8]", "PUNKS_MAX_BATCH_SIZE": "8"},
     ),
     "engine-compile-inductor-tuned": ("engine", {"PUNKS_COMPILE": "true", INDUCTOR_TUNED: "1"}),
+    "engine-compile-snap-processes": ("engine", {"PUNKS_COMPILE": "true", "PUNKS_SNAP_PROCESSES": "4"}),
 }
 ARTIFACTS = "compile-artifacts.bin"  # engine-compile writes it; engine-compile-artifacts starts from it
 
@@ -679,6 +682,8 @@ def main() -> None:
         print(json.dumps(worker()), flush=True)
         return
 
+    if unknown := sorted(set(args.variants.split(",")) - set(VARIANTS)):
+        parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     started = time.perf_counter()
     prepare_weights(args)
     base_env = os.environ | {

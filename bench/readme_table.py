@@ -22,6 +22,7 @@ COLUMNS = {  # results key -> column title
 LEVER_VARIANTS = {  # results key -> lever row title (a lever that needs its own process)
     "engine-compile-batch8": "batch buckets up to 8, max_batch_size 8 (own process)",
     "engine-compile-inductor-tuned": "Inductor flags of diffusers' guide (own process)",
+    "engine-compile-snap-processes": "snapping in 4 worker processes, PUNKS_SNAP_PROCESSES=4 (own process)",
 }
 
 

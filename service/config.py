@@ -157,6 +157,14 @@ class Settings(BaseSettings):
         "5% more images/s than 4 for twice the wait, and 4 leaves room to snap one batch while the next renders "
         "(bench/results/2026-11-25-NVIDIA-H100-80GB-HBM3-batch8.json).",
     )
+    snap_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Worker processes that snap the rendered images (the CPU half) while the GPU renders the next "
+        "batch. 0: snap on threads of the serving process, where the snapping's many small numpy calls hold the GIL "
+        "that the GPU thread needs between its graph replays. Each process costs ~60 MB and starts at warm-up.",
+    )
     max_batch_wait_ms: float = Field(
         10.0, ge=0, description="How long the first queued request waits for others to share its pipeline call."
     )

@@ -6,11 +6,14 @@ generator, so a seed gives the same image whether it was generated alone or in a
 """
 
 import logging
+import multiprocessing
 import secrets
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import groupby
 from pathlib import Path
 
@@ -183,6 +186,16 @@ class Engine:
         self.upscaler = upscaler  # loaded only with settings.upscaler == "realesrgan"
         self.device = torch.device(settings.torch_device)
         self._negative_embeddings: dict[tuple, torch.Tensor] = {}
+        self._snap_processes = (  # spawned, not forked: this process holds CUDA and threads
+            ProcessPoolExecutor(settings.snap_processes, mp_context=multiprocessing.get_context("spawn"))
+            if settings.snap_processes
+            else None
+        )
+
+    def close(self) -> None:
+        """Stop the snap processes (PUNKS_SNAP_PROCESSES), if any; the engine snaps no more afterwards."""
+        if self._snap_processes is not None:
+            self._snap_processes.shutdown(cancel_futures=True)
 
     @property
     def lora_names(self) -> list[str]:
@@ -295,6 +308,9 @@ class Engine:
         if self.upscaler is not None:
             size = self.settings.generation_size
             self.upscaler.upscale(Image.new("RGB", (size, size)), self.settings.output_size)
+        if self._snap_processes is not None:  # start every snap process now (each one imports numpy and Pillow)
+            blank = Image.new("RGB", (self.settings.generation_size,) * 2)
+            list(self._snap_processes.map(to_pixel_art, [blank] * self.settings.snap_processes))
         log.info("warm-up (batch sizes %s) took %.1fs", sizes, time.perf_counter() - started)
 
     def check_request(self, request: GenerationRequest) -> PromptTokens:
@@ -459,9 +475,12 @@ class Engine:
 
     def _snap(self, raw: Image.Image, job: _Job) -> PixelArt:
         s = self.settings
-        return to_pixel_art(
-            raw, grid=s.grid, size=job.output_size, max_colors=s.max_colors, integer_scale=job.integer_scale
+        snap = partial(
+            to_pixel_art, grid=s.grid, size=job.output_size, max_colors=s.max_colors, integer_scale=job.integer_scale
         )
+        if self._snap_processes is None:
+            return snap(raw)
+        return self._snap_processes.submit(snap, raw).result()  # this thread waits without holding the GIL
 
 
 def request_sizes(images: int) -> list[int]:

@@ -7,10 +7,12 @@ generating 256 px in 1 step) so tests can count, hold and fail engine calls.
 
 import base64
 import io
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -31,6 +33,7 @@ from tests.live_server import (
     make_app,
     metric_samples,
     post,
+    served_process,
     subprocess_server,
     thread_server,
     wait_queued,
@@ -108,6 +111,49 @@ def test_json_path_images_sprites_seeds_and_truncation(deployed: str):
     # image 2 of the first request is seed 12's image: made first in another batch of 2 (tests/test_http_determinism.py)
     again = post(deployed, {"prompt": prompt, "seed": 12, "num_outputs": 2})
     assert again.json()["images"][0]["image"] == result["images"][1]["image"]
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after "pid (command name)": state, parent id, ...; None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def children_of(pid: int) -> set[int]:
+    """Process ids whose parent is `pid` (Linux /proc)."""
+    return {
+        int(path.name)
+        for path in Path("/proc").glob("[0-9]*")
+        if (fields := _proc_stat(int(path.name))) is not None and int(fields[1]) == pid
+    }
+
+
+def running(pid: int) -> bool:
+    """Not exited: a zombie has exited, only its parent (here, maybe a container's PID 1) has not reaped it."""
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def test_snap_processes_serve_the_same_images_and_stop_with_the_server(deployed: str, smoke_env: dict[str, str]):
+    """PUNKS_SNAP_PROCESSES=2 on `python -m service serve`: a request gets the image the default server (snapping
+    on threads) gives, concurrent ones are all answered, and SIGTERM leaves no snap process behind."""
+    body = {"prompt": "punk with a cap", "seed": 3, "return_sprites": True}
+    with served_process(smoke_env | {"PUNKS_SNAP_PROCESSES": "2"}) as (url, process):
+        children = children_of(process.pid)  # the two snap processes and multiprocessing's resource tracker
+        assert len(children) >= 2
+        alone = post(url, body)
+        with ThreadPoolExecutor(3) as pool:  # batched together: their raw images round a little differently
+            together = list(pool.map(lambda seed: post(url, body | {"seed": seed}), [4, 5, 6]))
+    assert process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its shutdown
+    assert alone.status_code == 200, alone.text
+    assert alone.json()["images"] == post(deployed, body).json()["images"]
+    for response in together:
+        assert response.status_code == 200, response.text
+        (image,) = response.json()["images"]
+        assert (cells_are_flat(decode(image["image"])) == np.asarray(decode(image["sprite"]).convert("RGB"))).all()
+    assert not [child for child in children if running(child)]
 
 
 # --- validation: every field's bad values are a 4xx naming the field, never a 500 ------------------

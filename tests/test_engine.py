@@ -1,5 +1,6 @@
 """The engine on the smoke model: seeds, batching, chunked prompts, progress, post-processing."""
 
+import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -80,6 +81,28 @@ def test_render_then_finish_on_another_thread_is_generate(engine):
     for split, together in zip(finished.images, whole.images, strict=True):
         assert np.array_equal(pixels(split.art.image.convert("RGB")), pixels(together.art.image.convert("RGB")))
     assert finished.timings["pipeline_s"] > 0 and finished.timings["postprocess_s"] > 0
+
+
+def test_snap_processes_snap_exactly_as_this_process_and_stop_on_close(engine, smoke_settings):
+    """PUNKS_SNAP_PROCESSES: the snapping runs in spawned processes (started at warm-up, stopped by close) and
+    gives the same sprites, palettes and signals as snapping on the rendering process's own threads."""
+    before = set(multiprocessing.active_children())
+    settings = Settings(**smoke_settings.model_dump() | {"snap_processes": 2})
+    in_processes = Engine(engine.pipe, settings, engine.weights, engine.lora)
+    try:
+        in_processes.warm_up()
+        workers = set(multiprocessing.active_children()) - before
+        assert len(workers) == 2 and all(worker.is_alive() for worker in workers)
+        request = GenerationRequest(PROMPT, seed=31, num_outputs=2)
+        (rendered,) = engine.render([request])
+        here, there = engine.finish(rendered), in_processes.finish(rendered)
+    finally:
+        in_processes.close()
+    for mine, theirs in zip(here.images, there.images, strict=True):
+        assert mine.art.sprite.tobytes() == theirs.art.sprite.tobytes()
+        assert mine.art.image.tobytes() == theirs.art.image.tobytes() and mine.art.image.mode == theirs.art.image.mode
+        assert mine.art.palette == theirs.art.palette and mine.art.quality == theirs.art.quality
+    assert not any(worker.is_alive() for worker in workers)
 
 
 def test_random_seed_is_chosen_and_reported(engine):

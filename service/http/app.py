@@ -119,6 +119,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         with suppress(asyncio.CancelledError):
             await loader
         await service.shutdown()
+        if service.engine is not None:
+            service.engine.close()
         service.gpu_thread.shutdown(wait=False, cancel_futures=True)  # a load still running ends with the process
 
     app = FastAPI(
