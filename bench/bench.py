@@ -25,7 +25,8 @@ prompt in, 1024 px PNG bytes out:
   buckets up to 8, so 8 clients share one UNet call) and engine-compile-inductor-tuned (the Inductor flags of
   diffusers' speed-up guide: conv_1x1_as_mm, coordinate_descent_tuning, no epilogue_fusion) and
   engine-compile-snap-processes (PUNKS_SNAP_PROCESSES=4: a batch's images are snapped in four worker processes,
-  so the snapping's Python work no longer holds the GIL the GPU thread needs between graph replays).
+  so the snapping's Python work no longer holds the GIL the GPU thread needs between graph replays; the default
+  on CUDA since) and engine-compile-snap-threads (PUNKS_SNAP_PROCESSES=0: snapping on the server's threads).
 
 A run that does not fit one device call goes on in a second one with --resume (the first call's report): the
 versions and GPU model must match, and each call is listed in the report with its GPU's UUID.
@@ -608,6 +609,7 @@ VARIANTS = {  # name -> (worker, environment beyond the common one)
     ),
     "engine-compile-inductor-tuned": ("engine", {"PUNKS_COMPILE": "true", INDUCTOR_TUNED: "1"}),
     "engine-compile-snap-processes": ("engine", {"PUNKS_COMPILE": "true", "PUNKS_SNAP_PROCESSES": "4"}),
+    "engine-compile-snap-threads": ("engine", {"PUNKS_COMPILE": "true", "PUNKS_SNAP_PROCESSES": "0"}),
 }
 ARTIFACTS = "compile-artifacts.bin"  # engine-compile writes it; engine-compile-artifacts starts from it
 

@@ -23,6 +23,7 @@ LEVER_VARIANTS = {  # results key -> lever row title (a lever that needs its own
     "engine-compile-batch8": "batch buckets up to 8, max_batch_size 8 (own process)",
     "engine-compile-inductor-tuned": "Inductor flags of diffusers' guide (own process)",
     "engine-compile-snap-processes": "snapping in 4 worker processes, PUNKS_SNAP_PROCESSES=4 (own process)",
+    "engine-compile-snap-threads": "snapping on the server's threads, PUNKS_SNAP_PROCESSES=0 (own process)",
 }
 
 

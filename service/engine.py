@@ -6,12 +6,10 @@ generator, so a seed gives the same image whether it was generated alone or in a
 """
 
 import logging
-import multiprocessing
 import secrets
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import groupby
@@ -21,7 +19,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from service import config
+from service import config, snap_processes
 from service.acceleration import accelerate, bucket_size
 from service.config import Settings
 from service.errors import RequestError
@@ -186,11 +184,8 @@ class Engine:
         self.upscaler = upscaler  # loaded only with settings.upscaler == "realesrgan"
         self.device = torch.device(settings.torch_device)
         self._negative_embeddings: dict[tuple, torch.Tensor] = {}
-        self._snap_processes = (  # spawned, not forked: this process holds CUDA and threads
-            ProcessPoolExecutor(settings.snap_processes, mp_context=multiprocessing.get_context("spawn"))
-            if settings.snap_processes
-            else None
-        )
+        count = settings.snap_process_count
+        self._snap_processes = snap_processes.start(count) if count else None
 
     def close(self) -> None:
         """Stop the snap processes (PUNKS_SNAP_PROCESSES), if any; the engine snaps no more afterwards."""
@@ -310,7 +305,7 @@ class Engine:
             self.upscaler.upscale(Image.new("RGB", (size, size)), self.settings.output_size)
         if self._snap_processes is not None:  # start every snap process now (each one imports numpy and Pillow)
             blank = Image.new("RGB", (self.settings.generation_size,) * 2)
-            list(self._snap_processes.map(to_pixel_art, [blank] * self.settings.snap_processes))
+            list(self._snap_processes.map(to_pixel_art, [blank] * self.settings.snap_process_count))
         log.info("warm-up (batch sizes %s) took %.1fs", sizes, time.perf_counter() - started)
 
     def check_request(self, request: GenerationRequest) -> PromptTokens:

@@ -18,3 +18,14 @@ def test_compiled_buckets_must_hold_the_largest_batch():
     with pytest.raises(ValidationError, match="batch_buckets: with compile the largest bucket must hold 8 images"):
         Settings(compile=True, max_batch_size=8, batch_buckets=(1, 2, 4))
     assert Settings(compile=False, max_batch_size=8, batch_buckets=(1, 2, 4)).max_batch_size == 8  # eager: any size
+
+
+def test_snap_processes_default_to_a_batch_on_cuda_and_none_on_cpu(monkeypatch):
+    """Unset: one snap process per image of a batch where a GPU renders, none on a CPU; a set value wins."""
+    assert Settings(device="cuda", max_batch_size=8).snap_process_count == 8
+    assert Settings(device="cpu").snap_process_count == 0
+    monkeypatch.setenv("PUNKS_SNAP_PROCESSES", "2")
+    assert Settings(device="cuda").snap_process_count == 2 and Settings(device="cpu").snap_process_count == 2
+    monkeypatch.setenv("PUNKS_SNAP_PROCESSES", "-1")
+    with pytest.raises(ValidationError, match="snap_processes"):
+        Settings()
