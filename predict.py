@@ -4,8 +4,9 @@ sprites) out. Thin on purpose: parse the input, submit it to the engine's batche
 Concurrent predictions share GPU batches exactly as the HTTP service's requests do: `run` is async and marked
 `@cog.concurrent(max=8)` (cog build bakes that into the image as COG_MAX_CONCURRENCY), so coglet runs up to 8
 of them on its one event loop; each awaits the same Batcher (service/batcher.py), which renders them in shared
-batches on the one GPU thread and snaps them on other threads while the GPU goes on. Cancelling a prediction
-(Replicate's cancel route) cancels its await: a queued one leaves the queue unrendered.
+batches on the one GPU thread and snaps them on other threads (in the engine's snap processes on a GPU) while the
+GPU goes on. Cancelling a prediction (Replicate's cancel route) cancels its await: a queued one leaves the queue
+unrendered.
 
 Served by `python -m cog.server.http` (coglet) with COG_PREDICT_TYPE_STUB=predict.py:Runner; cog.yaml says
 `run: "predict.py:Runner"`. Inputs are validated by coglet against .cog/openapi_schema.json, which

@@ -5,15 +5,36 @@ the snapper (service/pixelart.py), numpy and Pillow."""
 import ctypes
 import ctypes.util
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 KEPT_HEAP_BYTES = 64 * 2**20  # larger than any array of a snap (a 512 px image in float64 is 6 MB)
 
 
+PARENT_POLL_S = 1.0
+
+
 def start(count: int) -> ProcessPoolExecutor:
     """`count` processes, spawned (this process holds CUDA and threads: a fork would copy them half-made)."""
-    return ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"), initializer=keep_freed_memory)
+    return ProcessPoolExecutor(
+        count, mp_context=multiprocessing.get_context("spawn"), initializer=_set_up, initargs=(os.getpid(),)
+    )
+
+
+def _set_up(parent: int) -> None:
+    keep_freed_memory()
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once the serving process is gone without stopping it (killed, or a host such as Ray Serve
+    that ends a replica without its shutdown): a worker holds its own task pipe open, so it would wait forever."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(0)
 
 
 def keep_freed_memory() -> None:

@@ -41,6 +41,7 @@ def smoke_settings(smoke_env: dict[str, str]) -> Settings:
         fallback_model="smoke",
         steps=TEST_STEPS,
         device="cpu",
+        snap_processes=0,  # whatever PUNKS_SNAP_PROCESSES a test puts in the environment for its servers
     )
 
 

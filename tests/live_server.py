@@ -12,6 +12,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import torch
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
@@ -177,3 +178,11 @@ def behind_blocker(url: str, spy: SpyEngine, bodies: list[dict]) -> list[httpx.R
         spy.gate.set()
         assert blocker.result().status_code == 200
         return [future.result() for future in futures]
+
+
+def still_running(process: psutil.Process) -> bool:
+    """Not exited (a zombie has: only its parent, maybe a container's PID 1, has not reaped it)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -12,10 +12,10 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -34,6 +34,7 @@ from tests.live_server import (
     metric_samples,
     post,
     served_process,
+    still_running,
     subprocess_server,
     thread_server,
     wait_queued,
@@ -113,35 +114,12 @@ def test_json_path_images_sprites_seeds_and_truncation(deployed: str):
     assert again.json()["images"][0]["image"] == result["images"][1]["image"]
 
 
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after "pid (command name)": state, parent id, ...; None once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def children_of(pid: int) -> set[int]:
-    """Process ids whose parent is `pid` (Linux /proc)."""
-    return {
-        int(path.name)
-        for path in Path("/proc").glob("[0-9]*")
-        if (fields := _proc_stat(int(path.name))) is not None and int(fields[1]) == pid
-    }
-
-
-def running(pid: int) -> bool:
-    """Not exited: a zombie has exited, only its parent (here, maybe a container's PID 1) has not reaped it."""
-    fields = _proc_stat(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
 def test_snap_processes_serve_the_same_images_and_stop_with_the_server(deployed: str, smoke_env: dict[str, str]):
     """PUNKS_SNAP_PROCESSES=2 on `python -m service serve`: a request gets the image the default server (snapping
     on threads) gives, concurrent ones are all answered, and SIGTERM leaves no snap process behind."""
     body = {"prompt": "punk with a cap", "seed": 3, "return_sprites": True}
     with served_process(smoke_env | {"PUNKS_SNAP_PROCESSES": "2"}) as (url, process):
-        children = children_of(process.pid)  # the two snap processes and multiprocessing's resource tracker
+        children = psutil.Process(process.pid).children()  # the two snap processes, multiprocessing's resource tracker
         assert len(children) >= 2
         alone = post(url, body)
         with ThreadPoolExecutor(3) as pool:  # batched together: their raw images round a little differently
@@ -153,7 +131,7 @@ def test_snap_processes_serve_the_same_images_and_stop_with_the_server(deployed:
         assert response.status_code == 200, response.text
         (image,) = response.json()["images"]
         assert (cells_are_flat(decode(image["image"])) == np.asarray(decode(image["sprite"]).convert("RGB"))).all()
-    assert not [child for child in children if running(child)]
+    assert not [child for child in children if still_running(child)]
 
 
 # --- validation: every field's bad values are a 4xx naming the field, never a 500 ------------------

@@ -33,6 +33,7 @@ RAY_ENV = {
     "PUNKS_RAY_MAX_ONGOING_REQUESTS": "1",
     "PUNKS_RAY_MAX_QUEUED_REQUESTS": "1",
     "PUNKS_WARMUP": "false",
+    "PUNKS_SNAP_PROCESSES": "1",  # as on a GPU (default: 4); the processes must stop with the replicas
 }
 
 

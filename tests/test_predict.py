@@ -184,14 +184,16 @@ class CogServer:
 @pytest.fixture(scope="module")
 def cog_servers(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     """Three servers, started together (they load in parallel), each test waits for the one it uses:
-    ready: the committed schema and the smoke model, as on Replicate but without weights (lora_url on, as cog.yaml);
+    ready: the committed schema and the smoke model, as on Replicate but without weights (lora_url on, as cog.yaml),
+    snapping in worker processes as on a GPU (where PUNKS_SNAP_PROCESSES defaults to 4; on a CPU to none);
     no_schema: same runner without .cog/openapi_schema.json, so bad input reaches run();
     no_weights: smoke fallback disallowed (as cog.yaml sets it) and no weights: setup fails."""
     logs = tmp_path_factory.mktemp("cog-logs")
     bare = tmp_path_factory.mktemp("no-schema-cwd")
     lora_url_cache = {"PUNKS_LORA_URL_CACHE_SIZE": "2", "PUNKS_LORA_URL_CACHE_DIR": str(logs / "lora-url-cache")}
+    snap_processes = {"PUNKS_SNAP_PROCESSES": "2"}
     servers = {
-        "ready": CogServer("ready", smoke_env | lora_url_cache, ROOT, logs),
+        "ready": CogServer("ready", smoke_env | lora_url_cache | snap_processes, ROOT, logs),
         "no_schema": CogServer(
             "no-schema", smoke_env | {"PYTHONPATH": str(ROOT)}, bare, logs, runner_ref=f"{ROOT / 'predict.py'}:Runner"
         ),
