@@ -61,7 +61,8 @@ def test_the_committed_h200_file_prints(capsys, monkeypatch):
     for variant in ("engine", "engine-compile"):
         assert f"{report['results'][variant]['throughput']['images_per_s']:.2f} images/s" in printed
     assert "| text_encoder_ms | 3.78 |" in printed
-    assert "Command 3 of 3 (GPU GPU-a6db3668" in printed  # a run continued over device calls names each
+    calls = report["calls"]  # a run continued over device calls names each
+    assert f"Command {len(calls)} of {len(calls)} (GPU {calls[-1]['gpu_uuid']}" in printed
 
 
 def test_levers_of_their_own_process_get_rows_with_their_largest_batch():
@@ -74,12 +75,22 @@ def test_levers_of_their_own_process_get_rows_with_their_largest_batch():
         throughput={"images_per_s": 8.1, "gpu_thread_busy": 0.99},
     )
     tuned = {"error": "x"}
-    results = {"engine-compile": engine, "engine-compile-batch8": batch8, "engine-compile-inductor-tuned": tuned}
+    killed = {"started_s_into_call": 12.2, "not_ready_after_s": 583}
+    results = {
+        "engine-compile": engine,
+        "engine-compile-batch8": batch8,
+        "engine-compile-inductor-tuned": tuned,
+        "engine-compile-snap-threads": killed,
+    }
     lines = table.levers_table(engine, results)
-    assert "| none (defaults) | 0.200 / 0.220 s | batch 4: 0.500 s (8.00/s) | 7.50 images/s |  |" in lines
+    assert "| none (engine-compile as run) | 0.200 / 0.220 s | batch 4: 0.500 s (8.00/s) | 7.50 images/s |  |" in lines
     assert "| gc_freeze (same process) | 0.190 / 0.200 s |  |  |  |" in lines
     assert (
         "| batch buckets up to 8, max_batch_size 8 (own process) | 0.210 / 0.231 s | batch 8: 0.900 s (8.89/s) "
         "| 8.10 images/s | 0.99 |"
     ) in lines
     assert "| Inductor flags of diffusers' guide (own process) |  |  | x |  |" in lines
+    assert (
+        "| snapping on the server's threads, PUNKS_SNAP_PROCESSES=0 (own process) |  |  | not ready after 583 s "
+        "(killed) |  |"
+    ) in lines
