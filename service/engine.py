@@ -10,6 +10,7 @@ import secrets
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import groupby
@@ -473,9 +474,17 @@ class Engine:
         snap = partial(
             to_pixel_art, grid=s.grid, size=job.output_size, max_colors=s.max_colors, integer_scale=job.integer_scale
         )
-        if self._snap_processes is None:
+        processes = self._snap_processes
+        if processes is None:
             return snap(raw)
-        return self._snap_processes.submit(snap, raw).result()  # this thread waits without holding the GIL
+        try:
+            return processes.submit(snap, raw).result()  # this thread waits without holding the GIL
+        except BrokenProcessPool:  # a worker died (killed, out of memory): the pool takes no more work
+            if self._snap_processes is processes:
+                log.error("a snap process died; snapping on this process's threads from now on", exc_info=True)
+                self._snap_processes = None
+                processes.shutdown(wait=False, cancel_futures=True)
+            return snap(raw)
 
 
 def request_sizes(images: int) -> list[int]:

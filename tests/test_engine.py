@@ -105,6 +105,26 @@ def test_snap_processes_snap_exactly_as_this_process_and_stop_on_close(engine, s
     assert not any(worker.is_alive() for worker in workers)
 
 
+def test_a_dead_snap_process_falls_back_to_snapping_on_threads(engine, smoke_settings, caplog):
+    """A snap worker killed (out of memory, by hand) breaks the pool for good: requests are then snapped on the
+    rendering process's threads, the same sprites, and the log says so, instead of failing every request."""
+    before = set(multiprocessing.active_children())
+    settings = Settings(**smoke_settings.model_dump() | {"snap_processes": 1})
+    in_processes = Engine(engine.pipe, settings, engine.weights, engine.lora)
+    (rendered,) = engine.render([GenerationRequest(PROMPT, seed=41)])
+    try:
+        in_processes.warm_up()
+        (worker,) = set(multiprocessing.active_children()) - before
+        worker.kill()
+        worker.join()
+        snapped = in_processes.finish(rendered)
+        assert in_processes.finish(rendered).images[0].art.sprite.tobytes() == snapped.images[0].art.sprite.tobytes()
+    finally:
+        in_processes.close()
+    assert snapped.images[0].art.sprite.tobytes() == engine.finish(rendered).images[0].art.sprite.tobytes()
+    assert "a snap process died" in caplog.text
+
+
 def test_random_seed_is_chosen_and_reported(engine):
     result = engine.generate(GenerationRequest(PROMPT, num_outputs=2))
     seeds = [image.seed for image in result.images]
