@@ -22,11 +22,11 @@ prompt in, 1024 px PNG bytes out:
   compile-cache` makes), measured to ready and through its first request;
 - engine-compile-fp8: the opt-in mode PUNKS_FP8=true, compiled (its drift from fp16 is bench/fp8.py's job);
 - levers of issue 17 that need their own process, measured like engine-compile: engine-compile-batch8 (batch
-  buckets up to 8, so 8 clients share one UNet call) and engine-compile-inductor-tuned (the Inductor flags of
-  diffusers' speed-up guide: conv_1x1_as_mm, coordinate_descent_tuning, no epilogue_fusion) and
+  buckets up to 8, so 8 clients share one UNet call); engine-compile-inductor-tuned (the Inductor flags of
+  diffusers' speed-up guide: conv_1x1_as_mm, coordinate_descent_tuning, no epilogue_fusion);
   engine-compile-snap-processes (PUNKS_SNAP_PROCESSES=4: a batch's images are snapped in four worker processes,
   so the snapping's Python work no longer holds the GIL the GPU thread needs between graph replays; the default
-  on CUDA since) and engine-compile-snap-threads (PUNKS_SNAP_PROCESSES=0: snapping on the server's threads).
+  on CUDA since); engine-compile-snap-threads (PUNKS_SNAP_PROCESSES=0: snapping on the server's threads).
 
 A run that does not fit one device call goes on in a second one with --resume (the first call's report): the
 versions and GPU model must match, and each call is listed in the report with its GPU's UUID.

@@ -12,9 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 KEPT_HEAP_BYTES = 64 * 2**20  # larger than any array of a snap (a 512 px image in float64 is 6 MB)
-
-
-PARENT_POLL_S = 1.0
+PARENT_POLL_S = 1.0  # how often a worker checks that the serving process is still its parent
 
 
 def start(count: int) -> ProcessPoolExecutor:
@@ -39,9 +37,10 @@ def _exit_with_parent(parent: int) -> None:
 
 def keep_freed_memory() -> None:
     """Keep freed arrays in the heap for the next snap. In a fresh process glibc gives every freed block of more
-    than 128 KB back to the OS at once, so each snap maps and page-faults its 1-6 MB arrays again: 25% slower
-    (16 instead of 12.3 ms per image on the CI machine) than in a process whose heap has grown. A no-op where
-    the C library is not glibc."""
+    than 128 KB back to the OS at once, so each snap maps and page-faults its 1-6 MB arrays again: before this, a
+    snap through a worker took 27.6 ms against 20.3 ms on the server's threads on the H200 host, far more than
+    moving a 512 px image and its result costs (bench/results/2026-12-02-NVIDIA-H200.json, finish_snap_ms). A
+    no-op where the C library is not glibc."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError):
