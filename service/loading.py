@@ -29,13 +29,24 @@ SCHEDULERS = {  # config.Scheduler's names
 }
 
 
-def load_base_pipeline(path: Path, config_dir: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
+class OneDevicePipeline(StableDiffusionPipeline):
+    """diffusers' SD1.5 pipeline for a service that keeps every model on one device (it never offloads)."""
+
+    @property
+    def _execution_device(self) -> torch.device:
+        """Where the UNet's weights are. diffusers' own answer (and ModelMixin.device) walks every module of every
+        component looking for offload hooks, on every call: ~3 ms of CPU per render on the GPU thread
+        (bench/pipeline_overhead.py)."""
+        return next(self.unet.parameters()).device
+
+
+def load_base_pipeline(path: Path, config_dir: Path, dtype: torch.dtype) -> OneDevicePipeline:
     """Load SD1.5 offline from a diffusers folder or a single checkpoint file, and check its tokenizer."""
     try:
         if path.is_dir():
             if not (path / "model_index.json").is_file():
                 raise WeightsError(f"{path} is not a diffusers folder: model_index.json is missing")
-            pipe = StableDiffusionPipeline.from_pretrained(
+            pipe = OneDevicePipeline.from_pretrained(
                 path,
                 dtype=dtype,
                 local_files_only=True,
@@ -45,7 +56,7 @@ def load_base_pipeline(path: Path, config_dir: Path, dtype: torch.dtype) -> Stab
                 variant=folder_variant(path),  # the safety checker's; not downloaded
             )
         elif path.suffix in SINGLE_FILE_SUFFIXES:
-            pipe = StableDiffusionPipeline.from_single_file(
+            pipe = OneDevicePipeline.from_single_file(
                 str(path),
                 config=str(config_dir),
                 dtype=dtype,

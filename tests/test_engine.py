@@ -69,6 +69,36 @@ def test_same_seed_same_image_and_other_seed_other_image(engine):
     assert not np.array_equal(pixels(first.raw), pixels(other.raw))
 
 
+class AlsoPil:
+    """The engine's pipeline, also rendering each call again with diffusers' own output_type="pil"."""
+
+    def __init__(self, pipe):
+        self.pipe, self.images = pipe, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kwargs):
+        states = [generator.get_state() for generator in kwargs["generator"]]
+        output = self.pipe(**kwargs)
+        for generator, state in zip(kwargs["generator"], states, strict=True):
+            generator.set_state(state)
+        self.images += self.pipe(**kwargs | {"output_type": "pil"}).images
+        return output
+
+
+def test_raw_images_are_the_bytes_of_diffusers_own_pil_output(engine, monkeypatch):
+    """The engine converts to 8 bits on the model's device (to_pil) instead of diffusers' postprocess: same bytes."""
+    pipe = AlsoPil(engine.pipe)
+    monkeypatch.setattr(engine, "pipe", pipe)
+    (rendered,) = engine.render([GenerationRequest(PROMPT, seed=31, num_outputs=2, steps=2)])
+    assert len(pipe.images) == len(rendered.raws) == 2
+    for ours, diffusers_own in zip(rendered.raws, pipe.images, strict=True):
+        assert ours.mode == diffusers_own.mode == "RGB"
+        assert np.array_equal(np.asarray(ours), np.asarray(diffusers_own))
+    assert not np.array_equal(np.asarray(rendered.raws[0]), np.asarray(rendered.raws[1]))
+
+
 def test_render_then_finish_on_another_thread_is_generate(engine):
     """The API renders on the GPU thread and finishes elsewhere: the result must not depend on it."""
     request = GenerationRequest(PROMPT, seed=21, num_outputs=2)

@@ -1,16 +1,18 @@
 """Loading SD1.5 offline (folder and single file), the tokenizer check, the LoRA guard and fusing."""
 
+import inspect
 import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from devtools.smoke import SMOKE_FOLDER, SMOKE_LORA, SMOKE_SINGLE_FILE
 from service.config import Settings
-from service.loading import WeightsError, load_base_pipeline
+from service.loading import OneDevicePipeline, WeightsError, load_base_pipeline
 from service.lora.fuse import check_lora_matches_model, count_lora_layers, fuse_lora, kohya_targets
 from service.lora.inspect import LoraError, inspect_lora, inspect_sd15_lora
 from service.weights.resolve import resolve_weights
@@ -67,6 +69,17 @@ def test_folder_and_single_file_load_the_same_weights_offline(smoke_dir, monkeyp
         assert folder_state.keys() == file_state.keys(), name
         for key, tensor in folder_state.items():
             assert torch.equal(tensor, file_state[key]), f"{name}.{key}"
+
+
+def test_the_pipeline_names_its_device_without_walking_its_modules(smoke_dir):
+    """OneDevicePipeline answers _execution_device from the UNet's weights; diffusers' pipeline must still ask for it
+    on each call (else the override is dead) and its own answer must agree."""
+    pipe = load_smoke(smoke_dir)
+    assert isinstance(pipe, OneDevicePipeline)
+    assert "self._execution_device" in inspect.getsource(StableDiffusionPipeline.__call__)
+    assert isinstance(inspect.getattr_static(StableDiffusionPipeline, "_execution_device"), property)
+    assert pipe._execution_device == StableDiffusionPipeline._execution_device.fget(pipe) == torch.device("cpu")
+    assert load_smoke(smoke_dir, single_file=True).__class__ is OneDevicePipeline
 
 
 def test_empty_tokenizer_folder_is_caught(smoke_dir, tmp_path):
