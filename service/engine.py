@@ -7,6 +7,7 @@ generator, so a seed gives the same image whether it was generated alone or in a
 
 import logging
 import secrets
+import threading
 import time
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -187,6 +188,7 @@ class Engine:
         self._negative_embeddings: dict[tuple, torch.Tensor] = {}
         count = settings.snap_process_count
         self._snap_processes = snap_processes.start(count) if count else None
+        self._running = _Running()  # renders and in-process snaps now: a snap goes to a process only beside others
 
     def close(self) -> None:
         """Stop the snap processes (PUNKS_SNAP_PROCESSES), if any; the engine snaps no more afterwards."""
@@ -335,6 +337,13 @@ class Engine:
     def render(self, requests: Sequence[GenerationRequest], progress: Progress | None = None) -> list[Rendered]:
         """The GPU half: generate every request's raw images with as few pipeline calls as their settings
         allow (plus the Real-ESRGAN upscale, also on the GPU). Run it on the thread that loaded the engine."""
+        self._running.join()
+        try:
+            return self._render(requests, progress)
+        finally:
+            self._running.leave()
+
+    def _render(self, requests: Sequence[GenerationRequest], progress: Progress | None) -> list[Rendered]:
         checked = [self.check_request(request) for request in requests]  # every request, before any rendering
         jobs = [
             self._resolve(index, request, tokens)
@@ -471,6 +480,9 @@ class Engine:
         return to_pil(output.images[:wanted])
 
     def _snap(self, raw: Image.Image, job: _Job) -> PixelArt:
+        """With snap processes, in a worker only while a render or another snap runs here: the GIL they would share
+        is what workers are for. A lone image snaps on this thread, where it waits for no hand-off (H200: batch-1
+        p50 0.228 s snapping in workers, 0.2075 s on threads; bench/results/2026-12-02-NVIDIA-H200.json, call 4)."""
         s = self.settings
         snap = partial(
             to_pixel_art, grid=s.grid, size=job.output_size, max_colors=s.max_colors, integer_scale=job.integer_scale
@@ -478,6 +490,11 @@ class Engine:
         processes = self._snap_processes
         if processes is None:
             return snap(raw)
+        if self._running.join(only_if_idle=True):
+            try:
+                return snap(raw)
+            finally:
+                self._running.leave()
         try:
             return processes.submit(snap, raw).result()  # this thread waits without holding the GIL
         except BrokenProcessPool:  # a worker died (killed, out of memory): the pool takes no more work
@@ -486,6 +503,26 @@ class Engine:
                 self._snap_processes = None
                 processes.shutdown(wait=False, cancel_futures=True)
             return snap(raw)
+
+
+class _Running:
+    """How many renders and in-process snaps of one engine run right now, across its threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def join(self, only_if_idle: bool = False) -> bool:
+        """Count one more, unless `only_if_idle` and something runs; True when counted (then call leave)."""
+        with self._lock:
+            if only_if_idle and self._count:
+                return False
+            self._count += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._count -= 1
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

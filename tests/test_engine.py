@@ -113,25 +113,47 @@ def test_render_then_finish_on_another_thread_is_generate(engine):
     assert finished.timings["pipeline_s"] > 0 and finished.timings["postprocess_s"] > 0
 
 
-def test_snap_processes_snap_exactly_as_this_process_and_stop_on_close(engine, smoke_settings):
-    """PUNKS_SNAP_PROCESSES: the snapping runs in spawned processes (started at warm-up, stopped by close) and
-    gives the same sprites, palettes and signals as snapping on the rendering process's own threads."""
+def finish_during_a_render(engine, rendered):
+    """engine.finish(rendered) called while the engine renders another request (from its progress callback), as
+    the API snaps one batch while the GPU renders the next."""
+    finished = []
+
+    def progress(done: int, total: int) -> None:
+        if not finished:
+            finished.append(engine.finish(rendered))
+
+    engine.render([GenerationRequest(PROMPT, seed=1, steps=2)], progress)
+    return finished[0]
+
+
+def test_snap_processes_snap_exactly_as_this_process_and_stop_on_close(engine, smoke_settings, monkeypatch):
+    """PUNKS_SNAP_PROCESSES: while the engine renders, images are snapped in spawned processes (started at warm-up,
+    stopped by close), with the same sprites, palettes and signals as on the rendering process's own threads; an
+    image snapped while nothing else runs stays on the calling thread (no hand-off to wait for)."""
     before = set(multiprocessing.active_children())
     settings = Settings(**smoke_settings.model_dump() | {"snap_processes": 2})
     in_processes = Engine(engine.pipe, settings, engine.weights, engine.lora)
+    submitted = []
     try:
         in_processes.warm_up()
         workers = set(multiprocessing.active_children()) - before
         assert len(workers) == 2 and all(worker.is_alive() for worker in workers)
+        pool = in_processes._snap_processes
+        monkeypatch.setattr(pool, "submit", lambda *args: submitted.append(args) or type(pool).submit(pool, *args))
         request = GenerationRequest(PROMPT, seed=31, num_outputs=2)
         (rendered,) = engine.render([request])
-        here, there = engine.finish(rendered), in_processes.finish(rendered)
+        here, alone = engine.finish(rendered), in_processes.finish(rendered)
+        assert submitted == []
+        there = finish_during_a_render(in_processes, rendered)
+        assert len(submitted) == 2
     finally:
         in_processes.close()
     for mine, theirs in zip(here.images, there.images, strict=True):
         assert mine.art.sprite.tobytes() == theirs.art.sprite.tobytes()
         assert mine.art.image.tobytes() == theirs.art.image.tobytes() and mine.art.image.mode == theirs.art.image.mode
         assert mine.art.palette == theirs.art.palette and mine.art.quality == theirs.art.quality
+    sprites = [[image.art.sprite.tobytes() for image in result.images] for result in (here, alone)]
+    assert sprites[0] == sprites[1]
     assert not any(worker.is_alive() for worker in workers)
 
 
@@ -147,8 +169,9 @@ def test_a_dead_snap_process_falls_back_to_snapping_on_threads(engine, smoke_set
         (worker,) = set(multiprocessing.active_children()) - before
         worker.kill()
         worker.join()
-        snapped = in_processes.finish(rendered)
-        assert in_processes.finish(rendered).images[0].art.sprite.tobytes() == snapped.images[0].art.sprite.tobytes()
+        snapped = finish_during_a_render(in_processes, rendered)
+        again = finish_during_a_render(in_processes, rendered)
+        assert again.images[0].art.sprite.tobytes() == snapped.images[0].art.sprite.tobytes()
     finally:
         in_processes.close()
     assert snapped.images[0].art.sprite.tobytes() == engine.finish(rendered).images[0].art.sprite.tobytes()
