@@ -719,7 +719,7 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(variant: str, result: dict) -> None:  # after every number, so a run cut short still leaves them
-        report["results"][variant] = result
+        report["results"][variant] = {"call": len(report["calls"])} | result  # which call measured it
         report["calls"][-1]["elapsed_s"] = round(time.perf_counter() - started, 1)
         if path:
             path.with_suffix(".tmp").write_text(json.dumps(report, indent=2) + "\n")

@@ -24,6 +24,7 @@ LEVER_VARIANTS = {  # results key -> lever row title (a lever that needs its own
     "engine-compile-inductor-tuned": "Inductor flags of diffusers' guide (own process)",
     "engine-compile-snap-processes": "snapping in 4 worker processes, PUNKS_SNAP_PROCESSES=4 (own process)",
     "engine-compile-snap-threads": "snapping on the server's threads, PUNKS_SNAP_PROCESSES=0 (own process)",
+    "engine-compile-snaps-always-in-workers": "every snap in a worker process, a lone one too (own process)",
 }
 
 
@@ -73,6 +74,7 @@ def main_table(results: dict) -> list[str]:
         ),
         ("cold start (process start to ready)", cold_start),
         ("its first request after ready", lambda n, r: seconds(r.get("first_request_s"))),
+        ("measured in device call", lambda n, r: str(r.get("call", ""))),
     ]
     lines = [
         "| | " + " | ".join(COLUMNS[name] for name in present) + " | engine compiled vs expert |",
@@ -97,6 +99,7 @@ def main_table(results: dict) -> list[str]:
         "",
         "",
         "",
+        "",
     ]
     for (title, cell), comparison in zip(rows, comparisons, strict=True):
         lines.append(f"| {title} | " + " | ".join(cell(n, results[n]) for n in present) + f" | {comparison} |")
@@ -117,19 +120,27 @@ def levers_table(engine: dict, results: dict | None = None) -> list[str]:
     lines = ["| where a batch-1 request's time goes | measured |", "| --- | --- |"]
     for key, value in where.items():
         lines.append(f"| {key} | {value} |")
-    lines += ["", "| lever (one at a time) | batch-1 p50 / p95 | render, largest batch | 8 clients | GPU thread busy |"]
-    lines.append("| --- | --- | --- | --- | --- |")
-    rows = [("none (engine-compile as run)", engine)]
-    rows += [(f"{name} (same process)", lever) for name, lever in levers.items()]
-    rows += [(title, (results or {})[key]) for key, title in LEVER_VARIANTS.items() if key in (results or {})]
-    for name, lever in rows:
+    lines += [
+        "",
+        "| lever (one at a time) | batch-1 p50 / p95 | render, largest batch | 8 clients | GPU thread busy | call |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    call = engine.get("call", "")
+    rows = [("none (engine-compile as run)", engine, call)]
+    rows += [(f"{name} (same process)", lever, call) for name, lever in levers.items()]
+    rows += [
+        (title, (results or {})[key], (results or {})[key].get("call", ""))
+        for key, title in LEVER_VARIANTS.items()
+        if key in (results or {})
+    ]
+    for name, lever, call in rows:
         numbers, load = lever.get("latency_s"), lever.get("throughput", {})
         p50 = f"{numbers['median']:.3f} / {numbers['p95']:.3f} s" if numbers and "median" in numbers else ""
         rate = f"{load['images_per_s']:.2f} images/s" if "images_per_s" in load else lever.get("error", "")[:80]
         if "not_ready_after_s" in lever:
             rate = cold_start(name, lever)
         busy = load.get("gpu_thread_busy", "")
-        lines.append(f"| {name} | {p50} | {largest_render(lever)} | {rate} | {busy} |")
+        lines.append(f"| {name} | {p50} | {largest_render(lever)} | {rate} | {busy} | {call} |")
     return lines
 
 
