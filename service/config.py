@@ -162,7 +162,8 @@ class Settings(BaseSettings):
         ge=0,
         le=64,
         description="Worker processes that snap the rendered images (the CPU half) while the GPU renders the next "
-        "batch; 0: threads of the serving process, where the snapping's many small numpy calls hold the GIL that "
+        "batch (an image finished while nothing else runs is snapped in the serving process, with no hand-off); "
+        "0: threads of the serving process, where the snapping's many small numpy calls hold the GIL that "
         "the GPU thread needs between graph replays (on the H200, 8 clients got 6.84 images/s with threads, 7.68 "
         "with 4 processes). Unset: max_batch_size on CUDA, 0 on CPU (rendering there is far slower than snapping).",
     )

@@ -481,8 +481,8 @@ class Engine:
 
     def _snap(self, raw: Image.Image, job: _Job) -> PixelArt:
         """With snap processes, in a worker only while a render or another snap runs here: the GIL they would share
-        is what workers are for. A lone image snaps on this thread, where it waits for no hand-off (H200: batch-1
-        p50 0.228 s snapping in workers, 0.2075 s on threads; bench/results/2026-12-02-NVIDIA-H200.json, call 4)."""
+        is what workers are for. A lone image snaps on this thread, where it waits for no hand-off (H200 call 4: batch-1
+        p50 0.228 s snapping in workers, 0.2075 s on threads; bench/results/2026-12-02-NVIDIA-H200.json)."""
         s = self.settings
         snap = partial(
             to_pixel_art, grid=s.grid, size=job.output_size, max_colors=s.max_colors, integer_scale=job.integer_scale
