@@ -527,9 +527,9 @@ class _Running:
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """PIL images from the pipeline's (n, 3, h, w) 0..1 tensor, as diffusers' output_type="pil" makes them
-    (x 255 in float32, rounded half to even: the same bytes) but converted on the device, so the CPU copies a
-    quarter of the bytes and does no float work: ~4 ms per 512 px image less on the GPU thread (CPU,
-    bench/pipeline_overhead.py)."""
+    (x 255 in float32, rounded half to even: the same bytes) but converted on the device, so the CPU copies half
+    the bytes and does no float work: 2.8 vs 3.8 ms per 512 px image on the GPU thread of an H200 host
+    (bench/results/2026-12-03-pipeline-overhead-NVIDIA-H200.json)."""
     pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(image) for image in pixels]
 
