@@ -25,6 +25,8 @@ LEVER_VARIANTS = {  # results key -> lever row title (a lever that needs its own
     "engine-compile-snap-processes": "snapping in 4 worker processes, PUNKS_SNAP_PROCESSES=4 (own process)",
     "engine-compile-snap-threads": "snapping on the server's threads, PUNKS_SNAP_PROCESSES=0 (own process)",
     "engine-compile-snaps-always-in-workers": "every snap in a worker process, a lone one too (own process)",
+    "engine-compile-snap-processes-call-4": "snapping in 4 worker processes, diffusers' render path (own process)",
+    "engine-compile-snap-threads-call-1": "snapping on threads, diffusers' render path (own process)",
 }
 
 
