@@ -130,11 +130,8 @@ def levers_table(engine: dict, results: dict | None = None) -> list[str]:
     call = engine.get("call", "")
     rows = [("none (engine-compile as run)", engine, call)]
     rows += [(f"{name} (same process)", lever, call) for name, lever in levers.items()]
-    rows += [
-        (title, (results or {})[key], (results or {})[key].get("call", ""))
-        for key, title in LEVER_VARIANTS.items()
-        if key in (results or {})
-    ]
+    own_process = {key: (results or {})[key] for key in LEVER_VARIANTS if key in (results or {})}
+    rows += [(LEVER_VARIANTS[key], lever, lever.get("call", "")) for key, lever in own_process.items()]
     for name, lever, call in rows:
         numbers, load = lever.get("latency_s"), lever.get("throughput", {})
         p50 = f"{numbers['median']:.3f} / {numbers['p95']:.3f} s" if numbers and "median" in numbers else ""
