@@ -1,0 +1,207 @@
+"""Kernel-level levers of the full-size SD1.5 UNet and VAE decoder on one GPU, fp16, random weights.
+
+    python bench/unet_kernels.py --out bench/results/             # on the device's H200
+
+Where a denoising step's GPU time goes (eager, torch.profiler, by aten op), which attention kernel is fastest
+at SD1.5's attention shapes (flash, memory-efficient, cuDNN), and what each exact lever does to the UNet step
+compiled as the engine compiles it (reduce-overhead, fullgraph, channels_last), at batch 2 and 8 (one and four
+images with classifier-free guidance):
+
+    cudnn_benchmark   torch.backends.cudnn.benchmark: cuDNN times its convolution algorithms per shape
+    cudnn_attention   scaled_dot_product_attention through cuDNN (flash and memory-efficient switched off)
+    fused_qkv         diffusers' unet.fuse_qkv_projections(): one matrix product for q, k and v
+    conv_1x1_as_mm    Inductor lowers 1x1 convolutions to matrix products (diffusers' speed-up guide)
+
+Each lever alone against the baseline, in one process (torch._dynamo.reset() between them). The VAE decoder
+(eager, per image) with and without cudnn_benchmark. Results are saved after every number, so that a call cut
+short keeps what it measured.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import environment  # noqa: E402  (bench/bench.py)
+
+LEVERS = ("baseline", "cudnn_benchmark", "cudnn_attention", "fused_qkv", "conv_1x1_as_mm")
+# (query tokens, key tokens, head dim) of SD1.5's attention at 512 px, 8 heads: self- then cross-attention
+ATTENTION_SHAPES = ((4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (1024, 77, 80), (256, 256, 160), (256, 77, 160))
+
+
+def cuda_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
+    """Median ms of fn on the GPU (CUDA events)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return round(statistics.median(times), 3)
+
+
+def unet_inputs(batch: int) -> tuple:
+    import torch
+
+    latents = torch.randn(batch, 4, 64, 64, device="cuda", dtype=torch.float16)
+    text = torch.randn(batch, 77, 768, device="cuda", dtype=torch.float16)
+    return latents, torch.tensor(500, device="cuda"), text
+
+
+def where_the_step_goes(unet, batch: int) -> dict:
+    """GPU ms of one eager UNet call by aten op family (self CUDA time, summed over 5 calls, divided by 5)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    latents, timestep, text = unet_inputs(batch)
+    for _ in range(3):
+        unet(latents, timestep, encoder_hidden_states=text)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            unet(latents, timestep, encoder_hidden_states=text)
+        torch.cuda.synchronize()
+    families = {"convolution": 0.0, "attention": 0.0, "matmul": 0.0, "norm": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        ms = event.self_device_time_total / 1000 / 5
+        name = event.key
+        if "conv" in name:
+            families["convolution"] += ms
+        elif "attention" in name:
+            families["attention"] += ms
+        elif any(op in name for op in ("::mm", "::addmm", "::bmm", "::baddbmm", "::linear", "::matmul")):
+            families["matmul"] += ms
+        elif "norm" in name:
+            families["norm"] += ms
+        elif name.startswith("aten::"):
+            families["other"] += ms
+    return {family: round(ms, 3) for family, ms in families.items()}
+
+
+def attention_backends(batch: int) -> dict:
+    """ms of scaled_dot_product_attention at each SD1.5 shape with each backend alone (None: not supported)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    report = {}
+    for queries, keys, head_dim in ATTENTION_SHAPES:
+        q = torch.randn(batch, 8, queries, head_dim, device="cuda", dtype=torch.float16)
+        k = torch.randn(batch, 8, keys, head_dim, device="cuda", dtype=torch.float16)
+        row: dict[str, float | None] = {}
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            try:
+                with sdpa_kernel([backend]):
+                    row[backend.name.lower()] = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, k))  # noqa: B023
+            except RuntimeError:
+                row[backend.name.lower()] = None
+        report[f"{queries}x{keys}x{head_dim}"] = row
+    return report
+
+
+@contextmanager
+def lever(name: str, unet) -> Iterator[None]:
+    """Switch one lever on for the duration (the UNet's fused projections are undone afterwards)."""
+    import torch
+    import torch._inductor.config as inductor
+
+    if name == "cudnn_benchmark":
+        torch.backends.cudnn.benchmark = True
+    elif name == "cudnn_attention":
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+    elif name == "fused_qkv":
+        unet.fuse_qkv_projections()
+    elif name == "conv_1x1_as_mm":
+        inductor.conv_1x1_as_mm = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.enable_flash_sdp(True)
+        torch.backends.cuda.enable_mem_efficient_sdp(True)
+        inductor.conv_1x1_as_mm = False
+        if name == "fused_qkv":
+            unet.unfuse_qkv_projections()
+
+
+def compiled_step_ms(unet, batch: int) -> float:
+    import torch
+
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, mode="reduce-overhead", fullgraph=True)
+    latents, timestep, text = unet_inputs(batch)
+    with torch.inference_mode():
+        return cuda_ms(lambda: compiled(latents, timestep, encoder_hidden_states=text), repeats=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[2, 8], help="UNet batch (2 per image with CFG)")
+    parser.add_argument("--levers", nargs="+", choices=LEVERS, default=list(LEVERS))
+    parser.add_argument("--deadline-s", type=float, default=540, help="start no compile after this many seconds")
+    parser.add_argument("--out", type=Path, help="folder (or .json file) for the results")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    import torch
+
+    from devtools.smoke import build_full_size_pipeline
+
+    command = " ".join(["python", "bench/unet_kernels.py", *sys.argv[1:]])
+    report: dict = {"environment": environment(), "command": command}
+    path = None
+    if args.out:
+        name = f"{report['environment']['date']}-unet-kernels-{report['environment']['gpu'].replace(' ', '-')}.json"
+        path = args.out / name if args.out.suffix != ".json" else args.out
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(key: str, value) -> None:
+        report[key] = value
+        print(f"{time.perf_counter() - started:6.1f}s", key, json.dumps(value)[:800], flush=True)
+        if path:
+            path.write_text(json.dumps(report, indent=2) + "\n")
+
+    pipe = build_full_size_pipeline().to("cuda", torch.float16)
+    unet, vae = pipe.unet, pipe.vae
+    unet.to(memory_format=torch.channels_last)
+    vae.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        save("eager_step_gpu_ms_by_op", {str(b): where_the_step_goes(unet, b) for b in args.batches})
+        save("attention_ms_by_backend", {str(b): attention_backends(b) for b in args.batches})
+        decoder = {}
+        for name in ("baseline", "cudnn_benchmark"):
+            with lever(name, unet):
+                for images in (1, 4):
+                    z = torch.randn(images, 4, 64, 64, device="cuda", dtype=torch.float16)
+                    decoder[f"{name}_batch{images}"] = cuda_ms(lambda: vae.decode(z), repeats=10)  # noqa: B023
+        save("vae_decode_eager_ms", decoder)
+    steps: dict = {}
+    for batch in args.batches:
+        for name in args.levers:
+            if time.perf_counter() - started > args.deadline_s:
+                save("stopped", f"deadline {args.deadline_s} s reached before {name} at batch {batch}")
+                return
+            compile_started = time.perf_counter()
+            with lever(name, unet):
+                steps.setdefault(str(batch), {})[name] = compiled_step_ms(unet, batch)
+            steps[str(batch)][f"{name}_compile_and_time_s"] = round(time.perf_counter() - compile_started, 1)
+            save("compiled_step_ms", steps)
+    if path:
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
