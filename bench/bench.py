@@ -268,9 +268,14 @@ def worker_engine(args: argparse.Namespace) -> dict:
     def on_gpu(call, *args):
         return service.gpu_thread.submit(call, *args).result()
 
+    parts: list[dict[str, float]] = []  # per request: where its time went (the latency's split)
+
     def request(seed: int, count: int = 1, prompt: str = PROMPT) -> list[bytes]:
         result = engine.generate(GenerationRequest(prompt, seed=seed, num_outputs=count, steps=args.steps))
-        return [png_bytes(image.art.image) for image in result.images]
+        started = time.perf_counter()
+        encoded = [png_bytes(image.art.image) for image in result.images]
+        parts.append(result.timings | {"png_s": time.perf_counter() - started})
+        return encoded
 
     result: dict = {}
     if args.ready_only:  # a cold start: one request shows that nothing is left to compile
@@ -279,7 +284,15 @@ def worker_engine(args: argparse.Namespace) -> dict:
         server.should_exit = True
         return {"first_request_s": round(time.perf_counter() - first, 3)}
     result["latency_s"] = on_gpu(latency, request, args.runs if settings.compile else args.slow_runs, sync)
-    report_part(latency_s=result["latency_s"])
+    result["latency_parts_ms"] = {  # medians of each part over the same requests (they need not add up exactly)
+        name.removesuffix("_s"): round(1000 * statistics.median(p[name] for p in parts), 2)
+        for name in parts[0]
+        if all(name in p for p in parts)
+    }
+    report_part(latency_s=result["latency_s"], latency_parts_ms=result["latency_parts_ms"])
+    if settings.compile:  # the same requests through the API: one client, one request at a time
+        result["http_latency"] = serve_clients(port, "one_client", calls, args, clients=1)
+        report_part(http_latency=result["http_latency"])
     sizes = sorted(set(BATCH_SIZES) | set(settings.batch_buckets if settings.compile else ()))
     result["render_by_batch"] = on_gpu(render_by_batch, engine, sizes, args, sync)
     report_part(render_by_batch=result["render_by_batch"])
@@ -335,10 +348,10 @@ def attempt(measure) -> dict:
         return {"error": f"{type(error).__name__}: {error}"[-2000:]}
 
 
-def serve_clients(port: int, label: str, calls: list, args: argparse.Namespace) -> dict:
+def serve_clients(port: int, label: str, calls: list, args: argparse.Namespace, clients: int = 8) -> dict:
     """Let the parent's clients load the API, then say how busy the GPU thread was meanwhile."""
     first = len(calls)
-    print(f"{SERVE}{port} {label}", flush=True)
+    print(f"{SERVE}{port} {label} {clients}", flush=True)
     reply = json.loads(sys.stdin.readline())  # the parent's client numbers, when its clients are done
     window = calls[first + 1 :]  # the parent's one unmeasured request first
     if not window:
@@ -480,9 +493,9 @@ def run_worker(kind: str, extra: list[str], args: argparse.Namespace, env: dict[
                 continue
             result |= numbers
         elif line.startswith(SERVE):
-            port, label = line[len(SERVE) :].split()
-            try:
-                clients = load_clients(int(port), args)
+            port, label, count = line[len(SERVE) :].split()
+            try:  # one client: as many requests as the in-process latency, one at a time
+                clients = load_clients(int(port), args, int(count), args.runs if count == "1" else args.rounds)
             except Exception as error:  # keep the worker's other numbers
                 clients = {"error": f"{type(error).__name__}: {error}"[-2000:]}
             print(f"  clients ({label}):", json.dumps(clients), flush=True)
@@ -498,7 +511,7 @@ def run_worker(kind: str, extra: list[str], args: argparse.Namespace, env: dict[
     return result | json.loads(lines[-1])
 
 
-def load_clients(port: int, args: argparse.Namespace, clients: int = 8) -> dict:
+def load_clients(port: int, args: argparse.Namespace, clients: int, rounds: int) -> dict:
     """`clients` threads, each sending `rounds` one-image requests back to back (PNG back), after one unmeasured."""
     url = f"http://127.0.0.1:{port}/v1/generate"
 
@@ -513,7 +526,7 @@ def load_clients(port: int, args: argparse.Namespace, clients: int = 8) -> dict:
     send(10_000)
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        seconds = list(pool.map(send, [c * 100 + r for c in range(clients) for r in range(args.rounds)]))
+        seconds = list(pool.map(send, [c * 100 + r for c in range(clients) for r in range(rounds)]))
     elapsed = time.perf_counter() - started
     return {
         "clients": clients,

@@ -1,8 +1,8 @@
 """Group concurrent generation requests into one engine call on one worker thread.
 
 The GPU does one thing at a time, so a single thread owns it and the event loop never blocks.
-Requests that arrive while it is busy, or within `max_wait_s` of each other, share the next
-engine call (up to `max_images` images): one pipeline call of 8 images costs far less than 8 calls.
+Requests that arrive while it is busy (or within `max_wait_s` of each other, where a wait is set) share the
+next engine call (up to `max_images` images): one pipeline call of 8 images costs far less than 8 calls.
 The engine's CPU half (snapping, `finish`) runs on other threads, so the GPU thread goes straight
 on to the next batch instead of waiting for it; with PUNKS_SNAP_PROCESSES those threads only wait for the
 engine's snap processes, so the snapping's Python work does not hold this process's GIL.

@@ -168,7 +168,12 @@ class Settings(BaseSettings):
         "with 4 processes). Unset: max_batch_size on CUDA, 0 on CPU (rendering there is far slower than snapping).",
     )
     max_batch_wait_ms: float = Field(
-        10.0, ge=0, description="How long the first queued request waits for others to share its pipeline call."
+        0.0,
+        ge=0,
+        description="How long the first queued request waits for others to share its pipeline call. 0: a request "
+        "to an idle GPU starts at once, and requests that arrive while it renders share the next call anyway (as "
+        "Triton's dynamic batcher does by default); a lone request used to wait the whole 10 ms default for "
+        "nobody. Set it for traffic that comes in bursts of simultaneous requests.",
     )
     max_queue: int = Field(64, ge=1, description="Requests allowed to wait for the GPU; beyond it the API answers 429.")
     request_timeout_s: float = Field(

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from service.batcher import CLIENT_GONE, Batcher, GenerationFailed, QueueFull, ShuttingDown
+from service.config import Settings
 from service.engine import GenerationRequest
 from service.http.metrics import Metrics
 
@@ -251,3 +252,17 @@ def test_cancelling_a_queued_request_counts_why_it_was_never_rendered():
     assert run(scenario, metrics=metrics) == [["running"]]
     assert metrics.unrendered.labels(CLIENT_GONE)._value.get() == 1
     assert metrics.unrendered.labels("other")._value.get() == 1
+
+
+@pytest.mark.parametrize(("wait_s", "expected"), [(0.2, [["a", "b"]]), (None, [["a"], ["b"]])])
+def test_a_request_to_an_idle_gpu_waits_for_company_only_where_a_wait_is_set(wait_s, expected):
+    """None: the default setting, under which a lone request starts at once instead of waiting for nobody."""
+
+    async def scenario(batcher, engine):
+        a = asyncio.ensure_future(batcher.submit(GenerationRequest("a")))
+        await asyncio.sleep(0.05)
+        b = asyncio.ensure_future(batcher.submit(GenerationRequest("b")))
+        assert [(await a).result, (await b).result] == ["result of a", "result of b"]
+
+    default_wait_s = Settings().max_batch_wait_ms / 1000
+    assert run(scenario, max_wait_s=default_wait_s if wait_s is None else wait_s) == expected
