@@ -42,7 +42,6 @@ UNet and VAE graphs): the variant compiled first pays the empty-cache compile.
 
 import argparse
 import gc
-import io
 import json
 import os
 import platform
@@ -81,9 +80,10 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 
 
 def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    """The service's own PNG encoding (service/delivery.py), for every column alike."""
+    from service.delivery import encode
+
+    return encode(image, "png")
 
 
 def report_part(variant: str | None = None, **numbers) -> None:

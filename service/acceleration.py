@@ -13,13 +13,15 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from service.config import Settings
+from service.prompts import CHUNK_TOKENS, MAX_CHUNKS
 
 log = logging.getLogger(__name__)
 
 
-def accelerate(pipe: StableDiffusionPipeline, settings: Settings) -> None:
+def accelerate(pipe: StableDiffusionPipeline, settings: Settings) -> "GraphedTextEncoder | None":
     """channels_last on CUDA (cuDNN's fast convolution layout); optional FP8 linear layers; optional compile with
-    an on-disk cache."""
+    an on-disk cache, and then the text encoder's CUDA graphs (returned: what encodes prompts; None: the encoder
+    itself, eagerly)."""
     cuda = settings.torch_device.startswith("cuda")
     if cuda:
         pipe.unet.to(memory_format=torch.channels_last)
@@ -27,7 +29,7 @@ def accelerate(pipe: StableDiffusionPipeline, settings: Settings) -> None:
     if settings.fp8:  # after channels_last, as bench/fp8.py measures it; refused off CUDA
         quantize_unet_fp8(pipe.unet, settings.torch_device)
     if not (cuda and settings.compile):
-        return
+        return None
     cache = settings.compile_cache_dir.resolve()
     cache.mkdir(parents=True, exist_ok=True)
     # Inductor reads these when it first compiles: kernels and FX graphs then survive restarts.
@@ -44,6 +46,72 @@ def accelerate(pipe: StableDiffusionPipeline, settings: Settings) -> None:
     log.info("compiling UNet and VAE decoder with CUDA graphs (cache: %s)", os.environ["TORCHINDUCTOR_CACHE_DIR"])
     pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode="reduce-overhead", fullgraph=True)
+    # the rows a compiled engine feeds the encoder: a batch bucket's prompts, or the negative prompt, in 1..3 chunks
+    rows = {size * chunks for size in (1, *settings.batch_buckets) for chunks in range(1, MAX_CHUNKS + 1)}
+    return GraphedTextEncoder(pipe.text_encoder, rows, CHUNK_TOKENS + 2)
+
+
+class GraphedTextEncoder:
+    """The text encoder's last hidden state, replayed from CUDA graphs captured at start-up, one per input shape a
+    compiled engine feeds it; other shapes run eagerly. At batch 1 the eager encoder is launch-bound: its few hundred
+    small kernels took 3.9-6.9 ms on the H200 hosts (bench/results/2026-12-02-NVIDIA-H200.json, text_encoder_ms),
+    on the latency path before the first denoising step; a replay launches them all at once.
+
+    The graphs read the weights where they lie, so a LoRA fused in place (service/lora/switch.py) shows at once;
+    weights moved to new memory are noticed at the next call, which captures the graphs again. Not for concurrent
+    use: the engine encodes on its one GPU thread."""
+
+    def __init__(self, encoder: torch.nn.Module, rows: set[int], tokens: int):
+        self.encoder = encoder
+        self.shapes = sorted((count, tokens) for count in rows)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._weights: list[int] = []
+        self.capture()
+
+    def _weight_addresses(self) -> list[int]:
+        return [parameter.data_ptr() for parameter in self.encoder.parameters()]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """One graph per shape, all in one memory pool (replays are one at a time, on one stream). A shape whose
+        capture fails stays eager, with a warning: slower, never wrong."""
+        self._graphs.clear()
+        device = next(self.encoder.parameters()).device
+        pool = None
+        for shape in self.shapes:
+            ids = torch.zeros(shape, dtype=torch.long, device=device)
+            try:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):  # lazy set-ups run here, before the capture (CUDA's documented recipe)
+                    for _ in range(2):
+                        self.encoder(ids)
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = self.encoder(ids)[0]
+            except Exception as error:  # any capture failure: the rest of the shapes stay eager
+                log.warning(
+                    "text encoder: no CUDA graph from %s token ids on (%s: %s)", shape, type(error).__name__, error
+                )
+                break
+            pool = graph.pool()
+            self._graphs[shape] = (graph, ids, hidden)
+        self._weights = self._weight_addresses()
+        log.info("text encoder: CUDA graphs for %d of %d input shapes", len(self._graphs), len(self.shapes))
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        shape = (input_ids.shape[0], input_ids.shape[1])
+        if shape not in self._graphs:
+            return self.encoder(input_ids)[0]
+        if self._weight_addresses() != self._weights:
+            log.warning("text encoder: its weights moved in memory; capturing its CUDA graphs again")
+            self.capture()
+            return self(input_ids)
+        graph, ids, hidden = self._graphs[shape]
+        ids.copy_(input_ids)
+        graph.replay()
+        return hidden.clone()  # the next replay overwrites `hidden`
 
 
 def quantize_unet_fp8(unet: torch.nn.Module, device: str) -> int:

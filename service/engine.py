@@ -176,7 +176,10 @@ class Engine:
         loras: dict[str, Path] | None = None,
         switcher: LoraSwitcher | None = None,
         upscaler: Upscaler | None = None,
+        text_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
+        """`text_encoder`: what turns token ids into CLIP hidden states (accelerate's CUDA graphs); None: the
+        pipeline's encoder, eagerly."""
         self.pipe = pipe
         self.settings = settings
         self.weights = weights
@@ -185,6 +188,7 @@ class Engine:
         self.switcher = switcher
         self.upscaler = upscaler  # loaded only with settings.upscaler == "realesrgan"
         self.device = torch.device(settings.torch_device)
+        self._text_encoder = text_encoder or (lambda ids: pipe.text_encoder(ids)[0])
         self._negative_embeddings: dict[tuple, torch.Tensor] = {}
         count = settings.snap_process_count
         self._snap_processes = snap_processes.start(count) if count else None
@@ -248,9 +252,9 @@ class Engine:
         else:
             fuse_lora(pipe, lora, settings.lora_scale)
         stages.lap("fuse LoRA")
-        accelerate(pipe, settings)
+        text_encoder = accelerate(pipe, settings)
         pipe.set_progress_bar_config(disable=True)
-        engine = cls(pipe, settings, weights, lora, loras, switcher, upscaler)
+        engine = cls(pipe, settings, weights, lora, loras, switcher, upscaler, text_encoder)
         if settings.warmup:
             engine.warm_up()
             stages.lap("warm-up")
@@ -416,7 +420,7 @@ class Engine:
     def _encode(self, token_rows: list[tuple[int, ...]], chunks: int) -> torch.Tensor:
         """CLIP hidden states of each prompt, its 77-token chunks side by side: (batch, 77*chunks, width)."""
         ids = [row for tokens in token_rows for row in chunk_input_ids(self.pipe.tokenizer, tokens, chunks)]
-        hidden = self.pipe.text_encoder(torch.tensor(ids, device=self.device))[0]
+        hidden = self._text_encoder(torch.tensor(ids, device=self.device))
         return hidden.reshape(len(token_rows), -1, hidden.shape[-1])
 
     def _negative(self, chunks: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from devtools.smoke import build_full_size_pipeline, save_random_model, save_smoke_model
+from service.acceleration import GraphedTextEncoder
 from service.config import Settings
 from service.engine import Engine, GenerationRequest
 from service.lora.fuse import count_lora_layers
@@ -89,3 +90,33 @@ def test_compiled_engine_matches_eager_within_fp16_tolerance(engine, weights, tm
     assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8
     three = compiled_engine.generate(GenerationRequest(PROMPT, seed=5, num_outputs=3)).images
     assert np.abs(pixels(three[0].raw) - pixels(compiled.raw)).mean() < 1.0
+
+
+def test_graphed_text_encoder_matches_the_eager_one_and_follows_its_weights(engine):
+    """The compiled engine's prompt encoder (service.acceleration.GraphedTextEncoder): same hidden states as the
+    eager encoder for captured shapes, eager ones for others, and it sees weights changed in place (a LoRA fuse)
+    or moved to new memory."""
+    encoder = engine.pipe.text_encoder
+    graphed = GraphedTextEncoder(encoder, {1, 2}, 77)
+    ids = torch.randint(0, encoder.config.vocab_size, (2, 77), device="cuda")
+    norm = encoder.text_model.final_layer_norm
+
+    def check(token_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            hidden, eager = graphed(token_ids), encoder(token_ids)[0]
+        torch.testing.assert_close(hidden, eager, rtol=1e-3, atol=1e-3)
+        return hidden
+
+    before = check(ids)
+    check(ids[:1])
+    check(ids[:1].repeat(3, 1))  # not captured: runs eagerly
+    with torch.no_grad():
+        norm.weight.mul_(2)  # in place, as a LoRA fuse changes weights
+    assert not torch.allclose(check(ids), before, atol=1e-2)
+    with torch.no_grad():
+        norm.weight.div_(2)
+    original = norm.weight
+    norm.weight = torch.nn.Parameter(original.detach() * 3)  # new memory: the graphs are captured again
+    assert not torch.allclose(check(ids), before, atol=1e-2)
+    norm.weight = original
+    torch.testing.assert_close(check(ids), before, rtol=1e-3, atol=1e-3)
