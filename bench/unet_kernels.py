@@ -2,8 +2,8 @@
 
     python bench/unet_kernels.py --out bench/results/             # on the device's H200
 
-Where a denoising step's GPU time goes (eager, torch.profiler, by aten op), which attention kernel is fastest
-at SD1.5's attention shapes (flash, memory-efficient, cuDNN), and what each exact lever does to the UNet step
+Which attention kernel is fastest at SD1.5's attention shapes (flash, memory-efficient, cuDNN, eager), and what
+each exact lever does to the UNet step
 compiled as the engine compiles it (reduce-overhead, fullgraph, channels_last), at batch 2 and 8 (one and four
 images with classifier-free guidance):
 
@@ -59,36 +59,6 @@ def unet_inputs(batch: int) -> tuple:
     latents = torch.randn(batch, 4, 64, 64, device="cuda", dtype=torch.float16)
     text = torch.randn(batch, 77, 768, device="cuda", dtype=torch.float16)
     return latents, torch.tensor(500, device="cuda"), text
-
-
-def where_the_step_goes(unet, batch: int) -> dict:
-    """GPU ms of one eager UNet call by aten op family (self CUDA time, summed over 5 calls, divided by 5)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    latents, timestep, text = unet_inputs(batch)
-    for _ in range(3):
-        unet(latents, timestep, encoder_hidden_states=text)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            unet(latents, timestep, encoder_hidden_states=text)
-        torch.cuda.synchronize()
-    families = {"convolution": 0.0, "attention": 0.0, "matmul": 0.0, "norm": 0.0, "other": 0.0}
-    for event in prof.key_averages():
-        ms = event.self_device_time_total / 1000 / 5
-        name = event.key
-        if "conv" in name:
-            families["convolution"] += ms
-        elif "attention" in name:
-            families["attention"] += ms
-        elif any(op in name for op in ("::mm", "::addmm", "::bmm", "::baddbmm", "::linear", "::matmul")):
-            families["matmul"] += ms
-        elif "norm" in name:
-            families["norm"] += ms
-        elif name.startswith("aten::"):
-            families["other"] += ms
-    return {family: round(ms, 3) for family, ms in families.items()}
 
 
 def attention_backends(batch: int) -> dict:
@@ -179,7 +149,6 @@ def main() -> None:
     unet.to(memory_format=torch.channels_last)
     vae.to(memory_format=torch.channels_last)
     with torch.inference_mode():
-        save("eager_step_gpu_ms_by_op", {str(b): where_the_step_goes(unet, b) for b in args.batches})
         save("attention_ms_by_backend", {str(b): attention_backends(b) for b in args.batches})
         decoder = {}
         for name in ("baseline", "cudnn_benchmark"):

@@ -99,7 +99,7 @@ def test_graphed_text_encoder_matches_the_eager_one_and_follows_its_weights(engi
     encoder = engine.pipe.text_encoder
     graphed = GraphedTextEncoder(encoder, {1, 2}, 77)
     ids = torch.randint(0, encoder.config.vocab_size, (2, 77), device="cuda")
-    norm = encoder.text_model.final_layer_norm
+    norm = next(module for name, module in encoder.named_modules() if name.endswith("final_layer_norm"))
 
     def check(token_ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
