@@ -27,6 +27,8 @@ LEVER_VARIANTS = {  # results key -> lever row title (a lever that needs its own
     "engine-compile-snaps-always-in-workers": "every snap in a worker process, a lone one too (own process)",
     "engine-compile-snap-processes-call-4": "snapping in 4 worker processes, diffusers' render path (own process)",
     "engine-compile-snap-threads-call-1": "snapping on threads, diffusers' render path (own process)",
+    "engine-compile-call-7": "batcher waiting 10 ms for company, eager text encoder, PNG level 6 (own process)",
+    "engine-compile-call-9": "batcher wait 0, eager text encoder, PNG level 6 (own process)",
 }
 
 
@@ -37,6 +39,16 @@ def seconds(value: float | None, digits: int = 3) -> str:
 def latency(result: dict) -> str:
     numbers = result.get("latency_s")
     return f"{numbers['median']:.3f} / {numbers['p95']:.3f} s" if numbers else ""
+
+
+def http_latency(result: dict) -> str:
+    numbers = result.get("http_latency", {}).get("request_s")
+    return f"{numbers['median']:.3f} / {numbers['p95']:.3f} s" if numbers else ""
+
+
+def latency_split(result: dict) -> str:
+    parts = result.get("latency_parts_ms")
+    return " / ".join(f"{parts[name]:.1f}" for name in ("pipeline", "postprocess", "png")) + " ms" if parts else ""
 
 
 def by_batch(result: dict, size: int) -> str:
@@ -68,6 +80,8 @@ def main_table(results: dict) -> list[str]:
     present = [name for name in COLUMNS if name in results and "skipped" not in results[name]]
     rows = [
         ("end to end p50 / p95, batch 1 (prompt in, 1024 PNG out)", lambda n, r: latency(r)),
+        ("its split: render / snap + upscale / PNG (medians)", lambda n, r: latency_split(r)),
+        ("the same through the API, one client", lambda n, r: http_latency(r)),
         *((f"render alone, batch {size} (images/s)", lambda n, r, size=size: by_batch(r, size)) for size in (1, 2, 4)),
         ("throughput, 8 concurrent clients through the API", clients),
         (
@@ -85,6 +99,8 @@ def main_table(results: dict) -> list[str]:
     expert, engine = results.get("expert", {}), results.get("engine-compile", {})
     comparisons = [
         ratio(engine.get("latency_s", {}).get("median"), expert.get("latency_s", {}).get("median"), False),
+        "",
+        "",
         *(
             ratio(
                 engine.get("render_by_batch", {}).get(str(size), {}).get("images_per_s"),

@@ -173,7 +173,8 @@ class Settings(BaseSettings):
         description="How long the first queued request waits for others to share its pipeline call. 0: a request "
         "to an idle GPU starts at once, and requests that arrive while it renders share the next call anyway (as "
         "Triton's dynamic batcher does by default); a lone request used to wait the whole 10 ms default for "
-        "nobody. Set it for traffic that comes in bursts of simultaneous requests.",
+        "nobody. The cost: clients that all start at once get a first batch of one (H200 call 10, 8 clients: 12 "
+        "engine calls instead of 10, 7.41 images/s against 7.79 with 10 ms in call 7). Set it for bursty traffic.",
     )
     max_queue: int = Field(64, ge=1, description="Requests allowed to wait for the GPU; beyond it the API answers 429.")
     request_timeout_s: float = Field(
