@@ -2,10 +2,9 @@
 
     python bench/unet_kernels.py --out bench/results/             # on the device's H200
 
-Which attention kernel is fastest at SD1.5's attention shapes (flash, memory-efficient, cuDNN, eager), and what
-each exact lever does to the UNet step
-compiled as the engine compiles it (reduce-overhead, fullgraph, channels_last), at batch 2 and 8 (one and four
-images with classifier-free guidance):
+Which attention kernel is fastest at SD1.5's attention shapes (flash, memory-efficient, cuDNN; timed eagerly),
+and what each exact lever does to the UNet step compiled as the engine compiles it (reduce-overhead, fullgraph,
+channels_last), at batch 2 and 8 (one and four images with classifier-free guidance):
 
     cudnn_benchmark   torch.backends.cudnn.benchmark: cuDNN times its convolution algorithms per shape
     cudnn_attention   scaled_dot_product_attention through cuDNN (flash and memory-efficient switched off)

@@ -73,8 +73,8 @@ class GraphedTextEncoder:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """One graph per shape, all in one memory pool (replays are one at a time, on one stream). A shape whose
-        capture fails stays eager, with a warning: slower, never wrong."""
+        """One graph per shape, all in one memory pool (replays are one at a time, on one stream). From the first
+        shape whose capture fails on, shapes stay eager, with a warning: slower, never wrong."""
         self._graphs.clear()
         device = next(self.encoder.parameters()).device
         pool = None
