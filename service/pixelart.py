@@ -253,7 +253,7 @@ def _lattices(profile: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(len(pitches)), np.repeat(regular[None], len(pitches), axis=0)
     chosen = [index]
     for start, steps in reversed(back):
-        at = np.clip(chosen[-1] - start, 0, steps.shape[1] - 1)  # pitches with no path: any index will do
+        at = np.minimum(np.maximum(chosen[-1] - start, 0), steps.shape[1] - 1)  # pitches with no path: any will do
         chosen.append(chosen[-1] - steps[np.arange(len(pitches)), at])
     return scores, positions[np.stack(chosen[::-1], axis=1)]
 
