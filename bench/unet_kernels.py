@@ -7,7 +7,8 @@ and what each exact lever does to the UNet step compiled as the engine compiles 
 channels_last), at batch 2 and 8 (one and four images with classifier-free guidance):
 
     cudnn_benchmark   torch.backends.cudnn.benchmark: cuDNN times its convolution algorithms per shape
-    cudnn_attention   scaled_dot_product_attention through cuDNN (flash and memory-efficient switched off)
+    cudnn_attention   scaled_dot_product_attention through cuDNN (flash, memory-efficient and math switched off;
+                      the first run, 2026-12-03, left math on, which torch ranks before cuDNN)
     fused_qkv         diffusers' unet.fuse_qkv_projections(): one matrix product for q, k and v
     conv_1x1_as_mm    Inductor lowers 1x1 convolutions to matrix products (diffusers' speed-up guide)
 
@@ -92,6 +93,7 @@ def lever(name: str, unet) -> Iterator[None]:
     elif name == "cudnn_attention":
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_math_sdp(False)
     elif name == "fused_qkv":
         unet.fuse_qkv_projections()
     elif name == "conv_1x1_as_mm":
@@ -102,6 +104,7 @@ def lever(name: str, unet) -> Iterator[None]:
         torch.backends.cudnn.benchmark = False
         torch.backends.cuda.enable_flash_sdp(True)
         torch.backends.cuda.enable_mem_efficient_sdp(True)
+        torch.backends.cuda.enable_math_sdp(True)
         inductor.conv_1x1_as_mm = False
         if name == "fused_qkv":
             unet.unfuse_qkv_projections()

@@ -5,6 +5,7 @@ the big win is CUDA graphs via torch.compile(mode="reduce-overhead"). Graphs are
 shape, so batches are padded up to a few fixed sizes (buckets) that are all compiled at start-up.
 """
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -57,9 +58,9 @@ class GraphedTextEncoder:
     small kernels took 3.9-6.9 ms on the H200 hosts (bench/results/2026-12-02-NVIDIA-H200.json, text_encoder_ms),
     on the latency path before the first denoising step; a replay launches them all at once.
 
-    The graphs read the weights where they lie, so a LoRA fused in place (service/lora/switch.py) shows at once;
-    weights moved to new memory are noticed at the next call, which captures the graphs again. Not for concurrent
-    use: the engine encodes on its one GPU thread."""
+    The graphs read the weights where they lie: a compiled engine fuses its one LoRA before they are captured and
+    refuses LoRA switching (service/engine.py), and weights or buffers moved to new memory are noticed at the next
+    call, which captures the graphs again. Not for concurrent use: the engine encodes on its one GPU thread."""
 
     def __init__(self, encoder: torch.nn.Module, rows: set[int], tokens: int):
         self.encoder = encoder
@@ -69,7 +70,7 @@ class GraphedTextEncoder:
         self.capture()
 
     def _weight_addresses(self) -> list[int]:
-        return [parameter.data_ptr() for parameter in self.encoder.parameters()]
+        return [tensor.data_ptr() for tensor in itertools.chain(self.encoder.parameters(), self.encoder.buffers())]
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -77,10 +78,11 @@ class GraphedTextEncoder:
         shape whose capture fails on, shapes stay eager, with a warning: slower, never wrong."""
         self._graphs.clear()
         device = next(self.encoder.parameters()).device
+        stream = torch.cuda.current_stream(device)
         pool = None
         for shape in self.shapes:
-            ids = torch.zeros(shape, dtype=torch.long, device=device)
             try:
+                ids = torch.zeros(shape, dtype=torch.long, device=device)
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):  # lazy set-ups run here, before the capture (CUDA's documented recipe)
@@ -95,11 +97,14 @@ class GraphedTextEncoder:
                     "text encoder: no CUDA graph from %s token ids on (%s: %s)", shape, type(error).__name__, error
                 )
                 break
+            finally:  # a capture that fails as it ends leaves its own stream current (torch.cuda.graph's __exit__)
+                torch.cuda.set_stream(stream)
             pool = graph.pool()
             self._graphs[shape] = (graph, ids, hidden)
         self._weights = self._weight_addresses()
         log.info("text encoder: CUDA graphs for %d of %d input shapes", len(self._graphs), len(self.shapes))
 
+    @torch.inference_mode()  # the static inputs were made in inference mode: copy_ into them needs it too
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         shape = (input_ids.shape[0], input_ids.shape[1])
         if shape not in self._graphs:
