@@ -551,6 +551,17 @@ def prepare_weights(args: argparse.Namespace) -> None:
     save_random_model(args.weights, pipe, single_file=False)
 
 
+def results_path(out: Path | None, environment: dict, kind: str = "") -> Path | None:
+    """Where a bench script writes its JSON: `out` itself when it names a .json file, else DATE[-KIND]-GPU.json in
+    the folder `out` (made when missing); None without `out`."""
+    if out is None:
+        return None
+    gpu = environment["gpu"].replace(" ", "-")
+    path = out if out.suffix == ".json" else out / "-".join(filter(None, [environment["date"], kind, gpu + ".json"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def environment() -> dict:
     import diffusers
     import torch
@@ -726,11 +737,7 @@ def main() -> None:
     if args.resume:
         report = resumed(json.loads(args.resume.read_text()), report)
     report["calls"] = report.get("calls", []) + [this_call | {"variants": args.variants.split(",")}]
-    path = None
-    if args.out:
-        name = f"{report['environment']['date']}-{report['environment']['gpu'].replace(' ', '-')}.json"
-        path = args.out / name if args.out.suffix != ".json" else args.out
-        path.parent.mkdir(parents=True, exist_ok=True)
+    path = results_path(args.out, report["environment"])
 
     def save(variant: str, result: dict) -> None:  # after every number, so a run cut short still leaves them
         report["results"][variant] = {"call": len(report["calls"])} | result  # which call measured it

@@ -25,7 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import PROMPT, environment, prepare_weights  # noqa: E402  (bench/bench.py)
+from step_options import median_ms  # noqa: E402  (bench/step_options.py: CUDA-event median of a call)
+
+from bench import PROMPT, environment, prepare_weights, results_path  # noqa: E402  (bench/bench.py)
 from service.acceleration import quantize_unet_fp8  # noqa: E402
 
 PARTS = ("drift", "drift-demo", "speed")  # in the order they run; all three overran a 420 s call on the H200
@@ -88,18 +90,8 @@ def unet_step_ms(unet, batch: int, repeats: int = 30) -> float:
     latents = torch.randn(batch, 4, 64, 64, device="cuda", dtype=torch.float16)
     text = torch.randn(batch, 77, 768, device="cuda", dtype=torch.float16)
     timestep = torch.tensor(500, device="cuda")
-    with torch.inference_mode():
-        for _ in range(3):  # compile, record the CUDA graph, replay
-            unet(latents, timestep, encoder_hidden_states=text)
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            unet(latents, timestep, encoder_hidden_states=text)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-    return round(statistics.median(times), 3)
+    with torch.inference_mode():  # 3 warm-up calls: compile, record the CUDA graph, replay
+        return median_ms(lambda: unet(latents, timestep, encoder_hidden_states=text), repeats, warmup=3)
 
 
 def speed(fp16_unet, fp8_unet, batches: tuple[int, ...], save: Callable[[dict], None]) -> None:
@@ -141,11 +133,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="folder (or .json file) for the results")
     args = parser.parse_args()
     report: dict = {"environment": environment(), "command": " ".join(["python", "bench/fp8.py", *sys.argv[1:]])}
-    path = None
-    if args.out:
-        name = f"{report['environment']['date']}-fp8-{report['environment']['gpu'].replace(' ', '-')}.json"
-        path = args.out / name if args.out.suffix != ".json" else args.out
-        path.parent.mkdir(parents=True, exist_ok=True)
+    path = results_path(args.out, report["environment"], "fp8")
 
     def save(key: str, value) -> None:
         report[key] = value

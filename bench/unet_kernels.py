@@ -19,38 +19,22 @@ short keeps what it measured.
 
 import argparse
 import json
-import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench import environment  # noqa: E402  (bench/bench.py)
+from step_options import median_ms  # noqa: E402  (bench/step_options.py: CUDA-event median of a call)
+
+from bench import environment, results_path  # noqa: E402  (bench/bench.py)
 
 LEVERS = ("baseline", "cudnn_benchmark", "cudnn_attention", "fused_qkv", "conv_1x1_as_mm")
 # (query tokens, key tokens, head dim) of SD1.5's attention at 512 px, 8 heads: self- then cross-attention
 ATTENTION_SHAPES = ((4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (1024, 77, 80), (256, 256, 160), (256, 77, 160))
-
-
-def cuda_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
-    """Median ms of fn on the GPU (CUDA events)."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return round(statistics.median(times), 3)
 
 
 def unet_inputs(batch: int) -> tuple:
@@ -75,7 +59,7 @@ def attention_backends(batch: int) -> dict:
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
             try:
                 with sdpa_kernel([backend]):
-                    row[backend.name.lower()] = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, k))  # noqa: B023
+                    row[backend.name.lower()] = median_ms(lambda: F.scaled_dot_product_attention(q, k, k), 20, 3)  # noqa: B023
             except RuntimeError:
                 row[backend.name.lower()] = None
         report[f"{queries}x{keys}x{head_dim}"] = row
@@ -117,7 +101,7 @@ def compiled_step_ms(unet, batch: int) -> float:
     compiled = torch.compile(unet, mode="reduce-overhead", fullgraph=True)
     latents, timestep, text = unet_inputs(batch)
     with torch.inference_mode():
-        return cuda_ms(lambda: compiled(latents, timestep, encoder_hidden_states=text), repeats=30)
+        return median_ms(lambda: compiled(latents, timestep, encoder_hidden_states=text), 30, 3)
 
 
 def main() -> None:
@@ -134,11 +118,7 @@ def main() -> None:
 
     command = " ".join(["python", "bench/unet_kernels.py", *sys.argv[1:]])
     report: dict = {"environment": environment(), "command": command}
-    path = None
-    if args.out:
-        name = f"{report['environment']['date']}-unet-kernels-{report['environment']['gpu'].replace(' ', '-')}.json"
-        path = args.out / name if args.out.suffix != ".json" else args.out
-        path.parent.mkdir(parents=True, exist_ok=True)
+    path = results_path(args.out, report["environment"], "unet-kernels")
 
     def save(key: str, value) -> None:
         report[key] = value
@@ -157,7 +137,7 @@ def main() -> None:
             with lever(name, unet):
                 for images in (1, 4):
                     z = torch.randn(images, 4, 64, 64, device="cuda", dtype=torch.float16)
-                    decoder[f"{name}_batch{images}"] = cuda_ms(lambda: vae.decode(z), repeats=10)  # noqa: B023
+                    decoder[f"{name}_batch{images}"] = median_ms(lambda: vae.decode(z), 10, 3)  # noqa: B023
         save("vae_decode_eager_ms", decoder)
     steps: dict = {}
     for batch in args.batches:
