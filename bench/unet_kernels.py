@@ -7,8 +7,9 @@ and what each exact lever does to the UNet step compiled as the engine compiles 
 channels_last), at batch 2 and 8 (one and four images with classifier-free guidance):
 
     cudnn_benchmark   torch.backends.cudnn.benchmark: cuDNN times its convolution algorithms per shape
-    cudnn_attention   scaled_dot_product_attention through cuDNN (flash, memory-efficient and math switched off;
-                      the first run, 2026-12-03, left math on, which torch ranks before cuDNN)
+    cudnn_attention   scaled_dot_product_attention tries cuDNN first (sdpa_kernel's set_priority). The backend torch
+                      picks at each shape under each lever is recorded (sdp_choice): on the device's torch 2.11 and
+                      the H200 it is cuDNN at every SD1.5 shape by default, so this lever changes nothing there
     fused_qkv         diffusers' unet.fuse_qkv_projections(): one matrix product for q, k and v
     conv_1x1_as_mm    Inductor lowers 1x1 convolutions to matrix products (diffusers' speed-up guide)
 
@@ -71,13 +72,14 @@ def lever(name: str, unet) -> Iterator[None]:
     """Switch one lever on for the duration (the UNet's fused projections are undone afterwards)."""
     import torch
     import torch._inductor.config as inductor
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    cudnn_first = sdpa_kernel(order, set_priority=True)
     if name == "cudnn_benchmark":
         torch.backends.cudnn.benchmark = True
     elif name == "cudnn_attention":
-        torch.backends.cuda.enable_flash_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_math_sdp(False)
+        cudnn_first.__enter__()
     elif name == "fused_qkv":
         unet.fuse_qkv_projections()
     elif name == "conv_1x1_as_mm":
@@ -86,12 +88,26 @@ def lever(name: str, unet) -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.benchmark = False
-        torch.backends.cuda.enable_flash_sdp(True)
-        torch.backends.cuda.enable_mem_efficient_sdp(True)
-        torch.backends.cuda.enable_math_sdp(True)
+        if name == "cudnn_attention":
+            cudnn_first.__exit__(None, None, None)
         inductor.conv_1x1_as_mm = False
         if name == "fused_qkv":
             unet.unfuse_qkv_projections()
+
+
+def sdp_choice() -> dict[str, str]:
+    """The attention backend torch picks at each SD1.5 shape (batch 2) under the flags set now: what a compile
+    traced now puts in its graph."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    names = {backend.value: name.lower() for name, backend in SDPBackend.__members__.items()}
+    chosen = {}
+    for queries, keys, head_dim in ATTENTION_SHAPES:
+        q = torch.randn(2, 8, queries, head_dim, device="cuda", dtype=torch.float16)
+        k = torch.randn(2, 8, keys, head_dim, device="cuda", dtype=torch.float16)
+        chosen[f"{queries}x{keys}x{head_dim}"] = names.get(torch._fused_sdp_choice(q, k, k), "unknown")
+    return chosen
 
 
 def compiled_step_ms(unet, batch: int) -> float:
@@ -147,6 +163,8 @@ def main() -> None:
                 return
             compile_started = time.perf_counter()
             with lever(name, unet):
+                if batch == args.batches[0]:
+                    save(f"sdp_choice_{name}", sdp_choice())
                 steps.setdefault(str(batch), {})[name] = compiled_step_ms(unet, batch)
             steps[str(batch)][f"{name}_compile_and_time_s"] = round(time.perf_counter() - compile_started, 1)
             save("compiled_step_ms", steps)
