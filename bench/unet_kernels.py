@@ -12,6 +12,9 @@ channels_last), at batch 2 and 8 (one and four images with classifier-free guida
                       the H200 it is cuDNN at every SD1.5 shape by default, so this lever changes nothing there
     fused_qkv         diffusers' unet.fuse_qkv_projections(): one matrix product for q, k and v
     conv_1x1_as_mm    Inductor lowers 1x1 convolutions to matrix products (diffusers' speed-up guide)
+    freezing          Inductor freezing: weights become constants, folded and laid out for their kernels at compile
+                      time (inference only; the engine's weights never change once its one LoRA is fused).
+                      Measured 2026-12-03 in both orders: no gain (...-unet-kernels-freezing-NVIDIA-H200.json)
 
 Each lever alone against the baseline, in one process (torch._dynamo.reset() between them). The VAE decoder
 (eager, per image) with and without cudnn_benchmark. Results are saved after every number, so that a call cut
@@ -33,7 +36,7 @@ from step_options import median_ms  # noqa: E402  (bench/step_options.py: CUDA-e
 
 from bench import environment, results_path  # noqa: E402  (bench/bench.py)
 
-LEVERS = ("baseline", "cudnn_benchmark", "cudnn_attention", "fused_qkv", "conv_1x1_as_mm")
+LEVERS = ("baseline", "cudnn_benchmark", "cudnn_attention", "fused_qkv", "conv_1x1_as_mm", "freezing")
 # (query tokens, key tokens, head dim) of SD1.5's attention at 512 px, 8 heads: self- then cross-attention
 ATTENTION_SHAPES = ((4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (1024, 77, 80), (256, 256, 160), (256, 77, 160))
 
@@ -84,6 +87,8 @@ def lever(name: str, unet) -> Iterator[None]:
         unet.fuse_qkv_projections()
     elif name == "conv_1x1_as_mm":
         inductor.conv_1x1_as_mm = True
+    elif name == "freezing":
+        inductor.freezing = True
     try:
         yield
     finally:
@@ -91,6 +96,7 @@ def lever(name: str, unet) -> Iterator[None]:
         if name == "cudnn_attention":
             cudnn_first.__exit__(None, None, None)
         inductor.conv_1x1_as_mm = False
+        inductor.freezing = False
         if name == "fused_qkv":
             unet.unfuse_qkv_projections()
 
