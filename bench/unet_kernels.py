@@ -26,7 +26,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,28 +77,19 @@ def lever(name: str, unet) -> Iterator[None]:
     import torch._inductor.config as inductor
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    cudnn_first = sdpa_kernel(order, set_priority=True)
-    if name == "cudnn_benchmark":
-        torch.backends.cudnn.benchmark = True
-    elif name == "cudnn_attention":
-        cudnn_first.__enter__()
-    elif name == "fused_qkv":
-        unet.fuse_qkv_projections()
-    elif name == "conv_1x1_as_mm":
-        inductor.conv_1x1_as_mm = True
-    elif name == "freezing":
-        inductor.freezing = True
-    try:
+    with ExitStack() as undo:
+        if name == "cudnn_benchmark":
+            undo.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+            torch.backends.cudnn.benchmark = True
+        elif name == "cudnn_attention":
+            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+            undo.enter_context(sdpa_kernel([*order, SDPBackend.MATH], set_priority=True))
+        elif name == "fused_qkv":
+            unet.fuse_qkv_projections()
+            undo.callback(unet.unfuse_qkv_projections)
+        elif name in ("conv_1x1_as_mm", "freezing"):
+            undo.enter_context(inductor.patch({name: True}))
         yield
-    finally:
-        torch.backends.cudnn.benchmark = False
-        if name == "cudnn_attention":
-            cudnn_first.__exit__(None, None, None)
-        inductor.conv_1x1_as_mm = False
-        inductor.freezing = False
-        if name == "fused_qkv":
-            unet.unfuse_qkv_projections()
 
 
 def sdp_choice() -> dict[str, str]:
