@@ -9,16 +9,18 @@ channels_last), at batch 2 and 8 (one and four images with classifier-free guida
     cudnn_benchmark   torch.backends.cudnn.benchmark: cuDNN times its convolution algorithms per shape
     cudnn_attention   scaled_dot_product_attention tries cuDNN first (sdpa_kernel's set_priority). The backend torch
                       picks at each shape under each lever is recorded (sdp_choice): on the device's torch 2.11 and
-                      the H200 it is cuDNN at every SD1.5 shape by default, so this lever changes nothing there
+                      the H200 it is cuDNN at every SD1.5 shape by default (torch puts cuDNN first on sm90 with
+                      cuDNN >= 9.9), so there this lever is the default order
     fused_qkv         diffusers' unet.fuse_qkv_projections(): one matrix product for q, k and v
     conv_1x1_as_mm    Inductor lowers 1x1 convolutions to matrix products (diffusers' speed-up guide)
     freezing          Inductor freezing: weights become constants, folded and laid out for their kernels at compile
                       time (inference only; the engine's weights never change once its one LoRA is fused).
-                      Measured 2026-12-03 in both orders: no gain (...-unet-kernels-freezing-NVIDIA-H200.json)
+                      Measured 2026-12-03 (batch 2 in both orders): no gain, ...-unet-kernels-freezing-NVIDIA-H200.json
 
-Each lever alone against the baseline, in one process (torch._dynamo.reset() between them). The VAE decoder
-(eager, per image) with and without cudnn_benchmark. Results are saved after every number, so that a call cut
-short keeps what it measured.
+Each lever alone against the baseline, in one process (torch._dynamo.reset() between them; the on-disk compile
+caches stay, and in torch 2.13's source their key leaves out the attention flags: an attention lever may reuse the
+baseline's kernels). The VAE decoder (eager, per image) with and without cudnn_benchmark. Results are saved after
+every number, so that a call cut short keeps what it measured.
 """
 
 import argparse
@@ -93,8 +95,8 @@ def lever(name: str, unet) -> Iterator[None]:
 
 
 def sdp_choice() -> dict[str, str]:
-    """The attention backend torch picks at each SD1.5 shape (batch 2) under the flags set now: what a compile
-    traced now puts in its graph."""
+    """The attention backend torch picks at each SD1.5 shape (batch 2, contiguous inputs) under the flags set now:
+    what a fresh trace would choose (a compile served from the cache keeps what it was traced with)."""
     import torch
     from torch.nn.attention import SDPBackend
 
