@@ -84,8 +84,13 @@ def lever(name: str, unet) -> Iterator[None]:
             undo.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
             torch.backends.cudnn.benchmark = True
         elif name == "cudnn_attention":
-            order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-            undo.enter_context(sdpa_kernel([*order, SDPBackend.MATH], set_priority=True))
+            cudnn_first = [
+                SDPBackend.CUDNN_ATTENTION,
+                SDPBackend.FLASH_ATTENTION,
+                SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH,
+            ]
+            undo.enter_context(sdpa_kernel(cudnn_first, set_priority=True))
         elif name == "fused_qkv":
             unet.fuse_qkv_projections()
             undo.callback(unet.unfuse_qkv_projections)
