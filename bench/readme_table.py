@@ -36,14 +36,17 @@ def seconds(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f} s"
 
 
+def median_p95(numbers: dict | None) -> str:
+    """'p50 / p95 s' of a percentiles dict (bench.py's `percentiles`); empty when it was not measured."""
+    return f"{numbers['median']:.3f} / {numbers['p95']:.3f} s" if numbers and "median" in numbers else ""
+
+
 def latency(result: dict) -> str:
-    numbers = result.get("latency_s")
-    return f"{numbers['median']:.3f} / {numbers['p95']:.3f} s" if numbers else ""
+    return median_p95(result.get("latency_s"))
 
 
 def http_latency(result: dict) -> str:
-    numbers = result.get("http_latency", {}).get("request_s")
-    return f"{numbers['median']:.3f} / {numbers['p95']:.3f} s" if numbers else ""
+    return median_p95(result.get("http_latency", {}).get("request_s"))
 
 
 def latency_split(result: dict) -> str:
@@ -149,13 +152,12 @@ def levers_table(engine: dict, results: dict | None = None) -> list[str]:
     own_process = {key: (results or {})[key] for key in LEVER_VARIANTS if key in (results or {})}
     rows += [(LEVER_VARIANTS[key], lever, lever.get("call", "")) for key, lever in own_process.items()]
     for name, lever, call in rows:
-        numbers, load = lever.get("latency_s"), lever.get("throughput", {})
-        p50 = f"{numbers['median']:.3f} / {numbers['p95']:.3f} s" if numbers and "median" in numbers else ""
+        load = lever.get("throughput", {})
         rate = f"{load['images_per_s']:.2f} images/s" if "images_per_s" in load else lever.get("error", "")[:80]
         if "not_ready_after_s" in lever:
             rate = cold_start(name, lever)
         busy = load.get("gpu_thread_busy", "")
-        lines.append(f"| {name} | {p50} | {largest_render(lever)} | {rate} | {busy} | {call} |")
+        lines.append(f"| {name} | {latency(lever)} | {largest_render(lever)} | {rate} | {busy} | {call} |")
     return lines
 
 

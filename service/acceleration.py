@@ -84,11 +84,11 @@ class GraphedTextEncoder:
             try:
                 ids = torch.zeros(shape, dtype=torch.long, device=device)
                 side = torch.cuda.Stream(device)
-                side.wait_stream(torch.cuda.current_stream(device))
+                side.wait_stream(stream)
                 with torch.cuda.stream(side):  # lazy set-ups run here, before the capture (CUDA's documented recipe)
                     for _ in range(2):
                         self.encoder(ids)
-                torch.cuda.current_stream(device).wait_stream(side)
+                stream.wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     hidden = self.encoder(ids)[0]
