@@ -16,6 +16,9 @@ channels_last), at batch 2 and 8 (one and four images with classifier-free guida
     freezing          Inductor freezing: weights become constants, folded and laid out for their kernels at compile
                       time (inference only; the engine's weights never change once its one LoRA is fused).
                       Measured 2026-12-03 (batch 2 in both orders): no gain, ...-unet-kernels-freezing-NVIDIA-H200.json
+    coordinate_descent_tuning  Inductor tunes each generated kernel's block sizes by coordinate descent when it first
+                      runs (diffusers' guide also sets check_all_directions, slower still: bench.py's
+                      engine-compile-inductor-tuned never got ready); `*_compile_and_time_s` says what it costs
 
 Each lever alone against the baseline, in one process (torch._dynamo.reset() between them; the on-disk compile
 caches stay, and in torch 2.13's source their key leaves out the attention flags: an attention lever may reuse the
@@ -38,7 +41,15 @@ from step_options import median_ms  # noqa: E402  (bench/step_options.py: CUDA-e
 
 from bench import environment, results_path  # noqa: E402  (bench/bench.py)
 
-LEVERS = ("baseline", "cudnn_benchmark", "cudnn_attention", "fused_qkv", "conv_1x1_as_mm", "freezing")
+LEVERS = (
+    "baseline",
+    "cudnn_benchmark",
+    "cudnn_attention",
+    "fused_qkv",
+    "conv_1x1_as_mm",
+    "freezing",
+    "coordinate_descent_tuning",
+)
 # (query tokens, key tokens, head dim) of SD1.5's attention at 512 px, 8 heads: self- then cross-attention
 ATTENTION_SHAPES = ((4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (1024, 77, 80), (256, 256, 160), (256, 77, 160))
 
@@ -94,7 +105,7 @@ def lever(name: str, unet) -> Iterator[None]:
         elif name == "fused_qkv":
             unet.fuse_qkv_projections()
             undo.callback(unet.unfuse_qkv_projections)
-        elif name in ("conv_1x1_as_mm", "freezing"):
+        elif name in ("conv_1x1_as_mm", "freezing", "coordinate_descent_tuning"):
             undo.enter_context(inductor.patch({name: True}))
         yield
 
