@@ -94,7 +94,7 @@ def test_levers_of_their_own_process_get_rows_with_their_largest_batch():
         "| batch buckets up to 8, max_batch_size 8 (own process) | 0.210 / 0.231 s | batch 8: 0.900 s (8.89/s) "
         "| 8.10 images/s | 0.99 | 4 |"
     ) in lines
-    assert "| Inductor flags of diffusers' guide (own process) |  |  | x |  |  |" in lines
+    assert f"| {table.LEVER_VARIANTS['engine-compile-inductor-tuned']} |  |  | x |  |  |" in lines
     assert (
         "| snapping on the server's threads, PUNKS_SNAP_PROCESSES=0 (own process) |  |  | not ready after 583 s "
         "(killed) |  |  |"
