@@ -21,8 +21,8 @@ COLUMNS = {  # results key -> column title
 }
 LEVER_VARIANTS = {  # results key -> lever row title (a lever that needs its own process)
     "engine-compile-batch8": "batch buckets up to 8, max_batch_size 8 (own process)",
-    "engine-compile-inductor-tuned": "Inductor flags of diffusers' guide, on a killed first try's caches (own process)",
-    "engine-compile-inductor-tuned-call-5": "Inductor flags of diffusers' guide, first try (own process)",
+    "engine-compile-inductor-tuned": "Inductor flags of diffusers' guide, 2nd of 2 tries back to back (own process)",
+    "engine-compile-inductor-tuned-call-5": "Inductor flags of diffusers' guide, call 5 (own process)",
     "engine-compile-snap-processes": "snapping in 4 worker processes, PUNKS_SNAP_PROCESSES=4 (own process)",
     "engine-compile-snap-threads": "snapping on the server's threads, PUNKS_SNAP_PROCESSES=0 (own process)",
     "engine-compile-snaps-always-in-workers": "every snap in a worker process, a lone one too (own process)",
