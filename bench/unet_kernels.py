@@ -17,7 +17,7 @@ channels_last), at batch 2 and 8 (one and four images with classifier-free guida
                       time (inference only; the engine's weights never change once its one LoRA is fused).
                       Measured 2026-12-03 (batch 2 in both orders): no gain, ...-unet-kernels-freezing-NVIDIA-H200.json
     coordinate_descent_tuning  Inductor tunes each generated kernel's block sizes by coordinate descent when it first
-                      runs (diffusers' guide also sets check_all_directions, slower still: bench.py's
+                      runs (diffusers' guide also sets check_all_directions; with it bench.py's
                       engine-compile-inductor-tuned never got ready); `*_compile_and_time_s` says what it costs
 
 Each lever alone against the baseline, in one process (torch._dynamo.reset() between them; the on-disk compile

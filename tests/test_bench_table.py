@@ -84,6 +84,7 @@ def test_levers_of_their_own_process_get_rows_with_their_largest_batch():
         "engine-compile": engine,
         "engine-compile-batch8": batch8,
         "engine-compile-inductor-tuned": tuned,
+        "engine-compile-inductor-tuned-call-5": killed,
         "engine-compile-snap-threads": killed,
     }
     lines = table.levers_table(engine, results)
@@ -95,6 +96,8 @@ def test_levers_of_their_own_process_get_rows_with_their_largest_batch():
         "| 8.10 images/s | 0.99 | 4 |"
     ) in lines
     assert f"| {table.LEVER_VARIANTS['engine-compile-inductor-tuned']} |  |  | x |  |  |" in lines
+    call_5 = table.LEVER_VARIANTS["engine-compile-inductor-tuned-call-5"]
+    assert f"| {call_5} |  |  | not ready after 583 s (killed) |  |  |" in lines
     assert (
         "| snapping on the server's threads, PUNKS_SNAP_PROCESSES=0 (own process) |  |  | not ready after 583 s "
         "(killed) |  |  |"
