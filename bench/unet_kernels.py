@@ -41,15 +41,8 @@ from step_options import median_ms  # noqa: E402  (bench/step_options.py: CUDA-e
 
 from bench import environment, results_path  # noqa: E402  (bench/bench.py)
 
-LEVERS = (
-    "baseline",
-    "cudnn_benchmark",
-    "cudnn_attention",
-    "fused_qkv",
-    "conv_1x1_as_mm",
-    "freezing",
-    "coordinate_descent_tuning",
-)
+INDUCTOR_LEVERS = ("conv_1x1_as_mm", "freezing", "coordinate_descent_tuning")  # each a torch._inductor.config flag
+LEVERS = ("baseline", "cudnn_benchmark", "cudnn_attention", "fused_qkv", *INDUCTOR_LEVERS)
 # (query tokens, key tokens, head dim) of SD1.5's attention at 512 px, 8 heads: self- then cross-attention
 ATTENTION_SHAPES = ((4096, 4096, 40), (4096, 77, 40), (1024, 1024, 80), (1024, 77, 80), (256, 256, 160), (256, 77, 160))
 
@@ -105,7 +98,7 @@ def lever(name: str, unet) -> Iterator[None]:
         elif name == "fused_qkv":
             unet.fuse_qkv_projections()
             undo.callback(unet.unfuse_qkv_projections)
-        elif name in ("conv_1x1_as_mm", "freezing", "coordinate_descent_tuning"):
+        elif name in INDUCTOR_LEVERS:
             undo.enter_context(inductor.patch({name: True}))
         yield
 
