@@ -27,8 +27,10 @@ shipping its weights); every prediction then also returns `smooth`. An input wou
 
 `lora_url` takes a LoRA the way production Replicate models do (cog-flux, cog-sdxl): an SD1.5 kohya file at an
 https:// or hf:// URL, downloaded once into a bounded LRU cache (service/lora/cache.py, PUNKS_LORA_URL_CACHE_SIZE;
-cog.yaml enables it), checked by the start-up LoRA guard (family, keys, shapes: a wrong file is a failed
-prediction with the guard's message), then fused like any LoRA of weights/loras.
+cog.yaml enables it) under the download policy (service/weights/policy.py: public hosts only, deadlines, a size
+cap; its own threads, stopped on cancel), checked by the start-up LoRA guard (family, keys, shapes, finite values:
+a wrong file is a failed prediction with the guard's message), then fused for this prediction only (and later
+ones naming the same URL): it never becomes a name others can pick. Failure messages never name server paths.
 
 Not an input either: the LoRA strength. The engine fuses the LoRA into the weights once at setup and drops
 the adapter, so a per-request scale would mean reloading the model; set PUNKS_LORA_SCALE instead.
@@ -58,6 +60,7 @@ from service.errors import RequestError
 from service.http.metrics import Metrics
 from service.lora.cache import CachedLora, LoraUrlCache
 from service.weights.fetch import fetch_weights_from_env
+from service.weights.policy import DownloadPolicy
 
 log = logging.getLogger("predict")
 
@@ -90,6 +93,8 @@ class Runner(BaseRunner):
             settings.lora_url_cache_size,
             self._on_gpu_thread(self.engine.add_lora),
             self._on_gpu_thread(self.engine.remove_lora),
+            DownloadPolicy.for_settings(settings),
+            settings.download_workers,
         )
         self._outputs = FsPath(tempfile.mkdtemp(prefix="punks-cog-"))
         self._folders: deque[FsPath] = deque()
@@ -145,7 +150,39 @@ class Runner(BaseRunner):
             description="Or the URL of an SD1.5 kohya LoRA (.safetensors): https://... or hf://owner/repo/path, optionally ending in #sha256=<hex>. Downloaded once and cached; a LoRA for SDXL/SD2 or with layers the model lacks fails the prediction. Not together with lora.",
         ),
     ) -> Output:
-        """Up to 8 concurrent predictions are rendered in shared batches (service/batcher.py)."""
+        """Up to 8 concurrent predictions are rendered in shared batches (service/batcher.py). A RequestError
+        fails the prediction with a message free of server paths."""
+        try:
+            return await self._run(
+                prompt,
+                seed,
+                num_outputs,
+                steps,
+                guidance,
+                output_size,
+                integer_scale,
+                return_sprites,
+                output_format,
+                lora,
+                lora_url,
+            )
+        except RequestError as error:
+            raise RequestError(error.field, error.public_reason) from None
+
+    async def _run(
+        self,
+        prompt: str,
+        seed: int | None,
+        num_outputs: int,
+        steps: int | None,
+        guidance: float | None,
+        output_size: int | None,
+        integer_scale: bool | None,
+        return_sprites: bool,
+        output_format: str,
+        lora: str,
+        lora_url: str,
+    ) -> Output:
         # The schema rejects out-of-bounds values with a 422 before they get here; without it (or for what it
         # cannot say) GenerationRequest.check raises RequestError naming the field: a failed prediction.
         if lora and lora_url:

@@ -1,11 +1,12 @@
 """One settings object for every surface. Each field is an environment variable prefixed PUNKS_
 (for example PUNKS_WEIGHTS_DIR, PUNKS_LORA_SCALE); the defaults below are the documented ones."""
 
+import ipaddress
 from functools import cached_property
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Scheduler = Literal["dpm++", "euler_a", "euler", "ddim", "pndm"]
@@ -38,6 +39,7 @@ MAX_PROMPT_CHARS = 500
 MAX_SEED = 2**32 - 1
 MIN_OUTPUT_SIZE, MAX_OUTPUT_SIZE = 24, 4096
 MIN_LORA_SCALE, MAX_LORA_SCALE = 0.0, 2.0
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class Settings(BaseSettings):
@@ -126,6 +128,31 @@ class Settings(BaseSettings):
         Path(".cache/loras"), description="Where the `lora_url` downloads are kept (emptied of them at start)."
     )
 
+    # The download policy (service/weights/policy.py) of every URL the service fetches: these bound a caller's
+    # `lora_url`; the operator's own URLs (PUNKS_WEIGHTS_URLS, `weights download`) keep the timeouts and the rate
+    # floor but may use http, reach internal hosts and be up to 16 GiB.
+    download_allow_http: bool = Field(False, description="Let `lora_url` use plain http:// (https only when off).")
+    download_allowed_networks: tuple[str, ...] = Field(
+        (),
+        description="Networks (CIDR, as a JSON list: '[\"10.8.0.0/16\"]') a `lora_url` may reach although they are "
+        "not public, e.g. an internal mirror. Loopback, private, link-local, CGNAT, multicast and reserved "
+        "addresses are refused otherwise, on every redirect.",
+    )
+    download_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="Largest `lora_url` file (an SD1.5 LoRA of rank 32 is ~40 MB)."
+    )
+    download_connect_timeout_s: float = Field(10.0, gt=0, description="Connecting to a download's host.")
+    download_stall_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for a download's next bytes; also how soon a cancelled one stops."
+    )
+    download_deadline_s: float = Field(120.0, gt=0, description="Whole `lora_url` download, redirects included.")
+    download_min_bytes_per_s: int = Field(
+        64 * 1024, ge=0, description="Slowest average rate a download may keep once the stall timeout has passed."
+    )
+    download_workers: int = Field(
+        4, ge=1, le=64, description="`lora_url` downloads at once (their own threads); more wait for a free one."
+    )
+
     # Weights download (service/weights/: `python -m service weights download`) and the optional upscaler
     base_model_repo: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -182,7 +209,20 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(16 * 1024, ge=1, description="Larger request bodies get 413.")
     api_token: SecretStr | None = Field(
-        None, description="When set, generation requires `Authorization: Bearer <token>`; health endpoints stay open."
+        None,
+        description="When set, generation requires `Authorization: Bearer <token>`; health endpoints stay open. "
+        "Unset it to turn auth off: an empty or blank value is refused at start.",
+    )
+    trusted_hosts: tuple[str, ...] | None = Field(
+        None,
+        description="Host header values the HTTP service answers (JSON list; '*.example.com' patterns; others get "
+        "400). Unset: only 127.0.0.1, localhost and ::1 while bound to loopback without a token (no DNS rebinding "
+        "against a local server), any host otherwise.",
+    )
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        description="Request line plus headers beyond which `python -m service serve` answers 431 and closes.",
     )
     host: str = Field(
         "127.0.0.1", description="Address `python -m service serve` listens on (the Docker image: 0.0.0.0)."
@@ -234,6 +274,25 @@ class Settings(BaseSettings):
     )
     ray_num_cpus: float = Field(1.0, ge=0, description="Ray Serve: CPUs reserved per replica.")
 
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError(
+                "PUNKS_API_TOKEN is set but empty: set a token, or unset the variable to serve without auth"
+            )
+        return token
+
+    @field_validator("download_allowed_networks")
+    @classmethod
+    def _networks(cls, networks: tuple[str, ...]) -> tuple[str, ...]:
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"not a network in CIDR form: {network[:60]!r}") from None
+        return networks
+
     @model_validator(mode="after")
     def _buckets_hold_every_batch(self) -> "Settings":
         largest = max(MAX_IMAGES, self.max_batch_size)
@@ -263,6 +322,15 @@ class Settings(BaseSettings):
         if self.snap_processes is not None:
             return self.snap_processes
         return self.max_batch_size if self.torch_device.startswith("cuda") else 0
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]:
+        """trusted_hosts, or its default: the loopback names on a loopback server without a token, else any."""
+        if self.trusted_hosts is not None:
+            return self.trusted_hosts
+        if self.api_token is None and self.host in LOOPBACK_HOSTS:
+            return LOOPBACK_HOSTS
+        return ("*",)
 
     def base_model_candidates(self) -> list[Path]:
         if self.base_model is not None:

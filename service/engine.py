@@ -185,6 +185,7 @@ class Engine:
         self.weights = weights
         self.lora = lora
         self.loras = dict(loras or {})  # the allow-list: name -> file; requests name a LoRA, never a path
+        self._private_loras: dict[str, Path] = {}  # add_lora's (a caller's lora_url): never listed nor selectable
         self.switcher = switcher
         self.upscaler = upscaler  # loaded only with settings.upscaler == "realesrgan"
         self.device = torch.device(settings.torch_device)
@@ -201,6 +202,7 @@ class Engine:
 
     @property
     def lora_names(self) -> list[str]:
+        """The LoRAs a request may name besides the default one (`default_lora`, or no name)."""
         return sorted(self.loras)
 
     @property
@@ -275,27 +277,28 @@ class Engine:
         return check_sd15_lora(info, self.settings.expected_lora_rank)
 
     def add_lora(self, name: str, path: Path) -> LoraInfo:
-        """Make the LoRA file at `path` selectable as `name` at run time (Cog's lora_url), after the guard start-up
-        runs on every LoRA (family, rank, keys, shapes): LoraError with the guard's message when it does not fit.
+        """Make the LoRA file at `path` renderable as `name` at run time (Cog's lora_url), after the guard start-up
+        runs on every LoRA (family, rank, keys, shapes, finite values): LoraError with the guard's message when it
+        does not fit. The name stays private: not in lora_names, and check_request refuses it, so only the
+        request the surface rewrote after its own check (predict.py) renders with it.
 
         Call it on the GPU thread (the batcher's executor), as render is: registering is then never interleaved
-        with a batch. `loras` is replaced, not changed in place, so check_request on the event loop thread reads
-        the old or the new allow-list, never one half-changed."""
+        with a batch."""
         if self.switcher is None:
             raise RuntimeError("adding LoRAs needs the switcher: start with PUNKS_LORA_URL_CACHE_SIZE > 0")
-        if name in self.loras:
+        if name in self.loras or name in self._private_loras:
             raise ValueError(f"a LoRA named {name!r} is already served")
         info = check_loras(self.pipe, {name: path}, self.settings.expected_lora_rank)[name]
         self.switcher.add(info)
-        self.loras = self.loras | {name: path}
+        self._private_loras = self._private_loras | {name: path}
         return info
 
     def remove_lora(self, name: str) -> None:
         """Stop serving a LoRA added with add_lora; its file may be deleted once this returns. On the GPU thread,
         like add_lora: a batch that uses it has been rendered by then."""
-        path = self.loras[name]
-        self.loras = {known: file for known, file in self.loras.items() if known != name}
-        if path not in self.loras.values() and self.switcher is not None:
+        path = self._private_loras[name]
+        self._private_loras = {known: file for known, file in self._private_loras.items() if known != name}
+        if path not in self._private_loras.values() and self.switcher is not None:
             self.switcher.remove(path)
             self._negative_embeddings = {key: e for key, e in self._negative_embeddings.items() if key[0] != path}
 
@@ -319,9 +322,13 @@ class Engine:
         """Raise RequestError for a request this engine cannot serve (bounds, LoRA, upscaler, a prompt CLIP would
         drop wholly); return its templated tokens, which render uses instead of tokenizing again.
 
-        Surfaces call it before queueing, so a bad request is a client error, never a failed batch."""
+        Surfaces call it before queueing, so a bad request is a client error, never a failed batch. Only the
+        served LoRAs resolve here, not the private ones of add_lora (render accepts those)."""
+        return self._check(request, private_loras=False)
+
+    def _check(self, request: GenerationRequest, private_loras: bool) -> PromptTokens:
         request.check()
-        self._lora_file(request.lora)
+        self._lora_file(request.lora, private_loras)
         if request.upscaler == "realesrgan" and self.upscaler is None:
             raise RequestError("upscaler", "realesrgan is not enabled on this server (PUNKS_UPSCALER=realesrgan)")
         tokens = tokenize_prompt(self.pipe.tokenizer, request.prompt)
@@ -348,7 +355,7 @@ class Engine:
             self._running.leave()
 
     def _render(self, requests: Sequence[GenerationRequest], progress: Progress | None) -> list[Rendered]:
-        checked = [self.check_request(request) for request in requests]  # every request, before any rendering
+        checked = [self._check(request, private_loras=True) for request in requests]  # all, before rendering
         jobs = [
             self._resolve(index, request, tokens)
             for index, (request, tokens) in enumerate(zip(requests, checked, strict=True))
@@ -357,7 +364,7 @@ class Engine:
         timings = {"pipeline_s": 0.0}  # shared by the batch's requests: they waited for the same calls
         total_steps = sum(job.steps for job in {job.group_key: job for job in jobs}.values())
         done_steps = 0
-        active_first = lambda j: (self._lora_file(j.lora) != self.active_lora, j.group_key)  # noqa: E731
+        active_first = lambda j: (self._lora_file(j.lora, True) != self.active_lora, j.group_key)  # noqa: E731
         for _, grouped in groupby(sorted(jobs, key=active_first), key=lambda j: j.group_key):
             group = list(grouped)
             if switched := self._use_lora(group[0].lora):
@@ -430,14 +437,17 @@ class Engine:
             self._negative_embeddings[key] = self._encode([tokenize_negative(self.pipe.tokenizer).token_ids], chunks)
         return self._negative_embeddings[key]
 
-    def _lora_file(self, name: str | None) -> Path:
-        """The file behind a request's LoRA name; only names in the allow-list resolve."""
-        if name is None:
+    def _lora_file(self, name: str | None, private: bool) -> Path:
+        """The file behind a request's LoRA name: the default LoRA (no name, or its name), a served one, or with
+        `private` one of add_lora's. RequestError listing the names a request may use otherwise."""
+        if name is None or name == self.default_lora:
             return self.weights.lora
-        if name not in self.loras:
-            allowed = ", ".join(self.lora_names) or f"none (no LoRAs in {self.settings.loras_path()})"
-            raise RequestError("lora", f"unknown LoRA {name[:80]!r}; allowed: {allowed}")
-        return self.loras[name]
+        if name in self.loras:
+            return self.loras[name]
+        if private and name in self._private_loras:
+            return self._private_loras[name]
+        allowed = ", ".join([self.default_lora, *self.lora_names])
+        raise RequestError("lora", f"unknown LoRA {name[:80]!r}; allowed: {allowed}")
 
     @property
     def active_lora(self) -> Path | None:
@@ -446,7 +456,7 @@ class Engine:
 
     def _use_lora(self, name: str | None) -> float:
         """Fuse the LoRA a group needs (a no-op when it already is); returns the seconds it took."""
-        path = self._lora_file(name)
+        path = self._lora_file(name, private=True)
         if path == self.active_lora:
             return 0.0
         assert self.switcher is not None  # without one, only the fused LoRA resolves (load, add_lora)

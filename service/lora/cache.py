@@ -1,9 +1,11 @@
 """LoRA files from URLs (Cog's `lora_url` input), downloaded once and kept in a bounded LRU cache.
 
-A URL is downloaded (service/weights/fetch.py: https or hf://, optional #sha256 pin) into the cache folder,
-registered with the engine under a fresh name (Engine.add_lora, which runs the start-up LoRA guard), and from then
-on reused by every request naming the same URL, with no download. A file the guard refuses is deleted and not
-kept, so its request fails with the guard's message.
+A URL is downloaded (service/weights/fetch.py: https or hf://, optional #sha256 pin) under the strict download
+policy (service/weights/policy.py: public hosts only, deadlines, a size cap) on the cache's own bounded pool of
+threads, never the event loop's default one, and a download stops when the prediction that asked for it is
+cancelled. The file is registered with the engine under a fresh private name (Engine.add_lora, which runs the
+start-up LoRA guard): only requests naming the same URL use it, with no download; it is never selectable by name
+nor listed. A file the guard refuses is deleted and not kept, so its request fails with the guard's message.
 
 Eviction is simple on purpose: only entries nobody holds are evicted. A prediction holds its entry from before its
 request is queued until its result is back (`use`), so a queued or rendering request never loses its LoRA. With
@@ -12,7 +14,7 @@ Eviction runs in the downloading thread, never on the event loop (unregistering 
 
 Names and file names are built from a counter and a hash of the URL, and the logs show the URL without its
 query string (Source.shown): signed URLs carry secrets there. A name is never reused, so a file evicted while a
-newer download of the same URL arrives cannot be mistaken for it.
+newer download of the same URL arrives cannot be mistaken for it. Messages name the URL, never the cache folder.
 """
 
 import asyncio
@@ -21,6 +23,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from itertools import count
@@ -30,12 +33,14 @@ from service.errors import RequestError
 from service.lora.inspect import LoraError, LoraInfo
 from service.lora.switch import LORA_SUFFIX
 from service.weights.fetch import FetchError, WeightFile, fetch_one
+from service.weights.policy import DownloadPolicy
 from service.weights.source import Source
 
 log = logging.getLogger(__name__)
 
 FIELD = "lora_url"
 NAME_PREFIX = "url-"  # of the cache's files: only those are removed from the folder at start
+WAIT_POLL_S = 0.5  # how often a request waiting for another's download of its URL checks its own cancel
 
 Register = Callable[[str, Path], LoraInfo]  # Engine.add_lora, run on the GPU thread
 Unregister = Callable[[str], None]  # Engine.remove_lora, likewise
@@ -51,12 +56,23 @@ class CachedLora:
 
 
 class LoraUrlCache:
-    def __init__(self, folder: Path, capacity: int, register: Register, unregister: Unregister):
-        """`register`/`unregister` add a checked file to the engine and remove it; called from worker threads."""
+    def __init__(
+        self,
+        folder: Path,
+        capacity: int,
+        register: Register,
+        unregister: Unregister,
+        policy: DownloadPolicy,
+        workers: int = 4,
+    ):
+        """`register`/`unregister` add a checked file to the engine and remove it; called from the cache's threads.
+        `workers`: downloads at once; more requests wait for a free thread (each can still be cancelled)."""
         self.folder = folder
         self.capacity = capacity
+        self.policy = policy
         self._register = register
         self._unregister = unregister
+        self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-url")
         self._entries: OrderedDict[tuple[str, str | None], CachedLora] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()  # guards _entries, _loading and every entry's users
         self._loading: dict[tuple[str, str | None], threading.Lock] = {}  # one download per URL at a time
@@ -68,10 +84,10 @@ class LoraUrlCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def acquire(self, url: str) -> CachedLora:
+    def acquire(self, url: str, cancel: threading.Event | None = None) -> CachedLora:
         """The checked, registered LoRA at `url`, held until `release` (blocking: call it off the event loop).
-        RequestError("lora_url", ...) when the cache is off, the URL is malformed, the download fails or the guard
-        refuses the file."""
+        RequestError("lora_url", ...) when the cache is off, the URL is malformed or refused, the download fails or
+        is cancelled (`cancel` set), or the guard refuses the file."""
         if self.capacity <= 0:
             raise RequestError(FIELD, "not enabled on this deployment (PUNKS_LORA_URL_CACHE_SIZE is 0)")
         try:
@@ -83,15 +99,20 @@ class LoraUrlCache:
             if cached := self._hold(key):
                 return cached
             loading = self._loading.setdefault(key, threading.Lock())
-        with loading:  # a second request for a URL being downloaded waits for that download
+        while not loading.acquire(timeout=WAIT_POLL_S):  # another request is downloading this URL: wait for it
+            if cancel is not None and cancel.is_set():
+                raise RequestError(FIELD, "cancelled")
+        try:
             with self._lock:
                 if cached := self._hold(key):
                     return cached
             try:
-                entry = self._download(source)
+                entry = self._download(source, cancel)
             finally:
                 with self._lock:
                     self._loading.pop(key, None)
+        finally:
+            loading.release()
         with self._lock:
             self._entries[key] = entry
             entry.users = 1
@@ -107,18 +128,25 @@ class LoraUrlCache:
 
     @asynccontextmanager
     async def use(self, url: str) -> AsyncIterator[CachedLora]:
-        """Hold the LoRA at `url` for the body (download and registration in a worker thread). A prediction
-        cancelled while its download runs releases the entry once the download is done."""
-        acquiring = asyncio.ensure_future(asyncio.to_thread(self.acquire, url))
+        """Hold the LoRA at `url` for the body (download and registration on the cache's threads). A prediction
+        cancelled while its download runs stops that download (within the stall timeout); one cancelled while its
+        file is being registered releases the entry once that is done."""
+        cancel = threading.Event()
+        acquiring = asyncio.wrap_future(self._threads.submit(self.acquire, url, cancel))
         try:
             entry = await asyncio.shield(acquiring)
         except asyncio.CancelledError:
+            cancel.set()
             acquiring.add_done_callback(self._release_when_acquired)
             raise
         try:
             yield entry
         finally:
             self.release(entry)
+
+    def close(self) -> None:
+        """Stop taking downloads (queued ones are dropped; running ones are not waited for)."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     def _release_when_acquired(self, acquiring: asyncio.Future) -> None:
         if not acquiring.cancelled() and acquiring.exception() is None:
@@ -132,19 +160,19 @@ class LoraUrlCache:
             self._entries.move_to_end(key)
         return entry
 
-    def _download(self, source: Source) -> CachedLora:
+    def _download(self, source: Source, cancel: threading.Event | None) -> CachedLora:
         digest = hashlib.sha256(source.location.encode()).hexdigest()[:12]
         name = f"{NAME_PREFIX}{digest}-{next(self._names)}"
         try:
-            path = fetch_one(WeightFile.of(name + LORA_SUFFIX, source), self.folder)
-        except FetchError as error:
-            raise RequestError(FIELD, str(error)) from None
+            path = fetch_one(WeightFile.of(name + LORA_SUFFIX, source), self.folder, self.policy, cancel)
+        except FetchError as error:  # "<file name>: <host>: <rule>": the cache's file name means nothing to a caller
+            raise RequestError(FIELD, str(error).removeprefix(f"{name}{LORA_SUFFIX}: ")) from None
         try:
             info = self._register(name, path)
         except BaseException as error:  # a refused file is not kept
             path.unlink(missing_ok=True)
-            if isinstance(error, LoraError):  # the guard's message: family, keys, shapes
-                raise RequestError(FIELD, f"{source.shown}: {error}") from None
+            if isinstance(error, LoraError):  # the guard's message (family, keys, shapes), naming the URL
+                raise RequestError(FIELD, str(error).replace(str(path), source.shown)) from None
             raise
         log.info("lora_url: %s downloaded, checked and cached as %s", source.shown, name)
         return CachedLora(name, path, info, source.shown)

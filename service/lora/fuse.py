@@ -8,6 +8,7 @@ The file itself was judged before (service/lora/inspect.py: inspect_sd15_lora), 
 import torch
 from diffusers import StableDiffusionPipeline
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 
 from service.lora.inspect import LoraError, LoraInfo
 
@@ -34,7 +35,9 @@ def kohya_targets(pipe: StableDiffusionPipeline) -> dict[str, torch.nn.Linear | 
 
 
 def check_lora_matches_model(pipe: StableDiffusionPipeline, info: LoraInfo) -> None:
-    """Every module in the file must exist in the model with the same shape (diffusers only warns)."""
+    """Every module in the file must exist in the model with the same shape (diffusers only warns), and every
+    value must be finite: a NaN alpha or weight would render black images and report them as succeeded."""
+    check_lora_values(info)
     targets = kohya_targets(pipe)
     unknown = sorted(set(info.modules) - set(targets))
     if unknown:
@@ -49,6 +52,18 @@ def check_lora_matches_model(pipe: StableDiffusionPipeline, info: LoraInfo) -> N
                 f"{info.path}: {name} is {module.in_features}->{module.out_features} but the model's layer is "
                 f"{in_features}->{out_features}; this LoRA was trained for another base model ({info.describe()})"
             )
+
+
+def check_lora_values(info: LoraInfo) -> None:
+    """LoraError naming the file and the first tensor that holds NaN or an infinity (one tensor in memory at once)."""
+    with safe_open(info.path, framework="pt") as tensors:
+        names = tensors.keys()
+        for key in names:
+            if not torch.isfinite(tensors.get_tensor(key).float()).all():
+                raise LoraError(
+                    f"{info.path}: tensor {key} holds NaN or infinite values (a diverged training run or a corrupt "
+                    "file); refused"
+                )
 
 
 def count_lora_layers(pipe: StableDiffusionPipeline) -> int:

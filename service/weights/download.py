@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from service.config import MANIFEST_FILE, SD15_FOLDER, Settings
-from service.weights.fetch import FetchError, WeightFile, fetch_one
+from service.weights.fetch import FetchError, WeightFile, fetch_one, operator_policy
 from service.weights.manifest import ManifestEntry, manifest_entry, relative_path, write_manifest
 from service.weights.resolve import SINGLE_FILE_SUFFIXES
 from service.weights.source import HUB_SCHEME, Source
@@ -54,7 +54,7 @@ def download_base_model(settings: Settings, revision: str | None = None) -> list
 
 def download_file(what: str, source: Source, target: Path, weights_dir: Path) -> ManifestEntry:
     """One file into place (kept when already there and verified); FetchError names it."""
-    path = fetch_one(WeightFile.of(relative_path(target, weights_dir), source), weights_dir)
+    path = fetch_one(WeightFile.of(relative_path(target, weights_dir), source), weights_dir, operator_policy())
     return manifest_entry(what, path, weights_dir, source.shown, source.sha256)
 
 

@@ -8,13 +8,14 @@ folder (PUNKS_WEIGHTS_DIR) and may hold subfolders:
     PUNKS_WEIGHTS_URLS="v1-5-pruned-emaonly.safetensors=https://example.com/sd15.safetensors#sha256=6ce0...
                         bespoke_punks.safetensors=hf://owner/punks@v1/bespoke_punks.safetensors#sha256=94b2..."
 
-Files are downloaded in parallel into "<dest>.part" and renamed into place only when complete and, with a
-checksum, verified (a mismatch removes the file and fails with both checksums). A file that is already there is
-kept when its checksum matches, or when no checksum was given. A URL download that broke off leaves its ".part"
-behind when the checksum is pinned, and the next run resumes it with an HTTP Range request (without a pin, a file
-that changed at the URL could be spliced unnoticed, so it starts over); a hub download resumes the hub client's
-own way. Commas and spaces inside a URL must be percent-encoded (%2C, %20). Query strings (signed URLs) never
-appear in the logs.
+Files are downloaded in parallel into "<dest>.part", under the download policy for the operator's own URLs
+(service/weights/policy.py: timeouts, a rate floor and a size cap; internal hosts and http allowed), and renamed
+into place only when complete and, with a checksum, verified (a mismatch removes the file). A file that is already
+there is kept when its checksum matches, or when no checksum was given. A download that broke off leaves its
+".part" behind when the checksum is pinned, and the next run resumes it with an HTTP Range request (without a
+pin, a file that changed at the URL could be spliced unnoticed, so it starts over). An hf:// file is fetched from
+the hub's resolve URL the same way (with HF_TOKEN when set). Commas and spaces inside a URL must be
+percent-encoded (%2C, %20). Query strings (signed URLs) never appear in the logs.
 
     python -m service.weights.fetch            # download what PUNKS_WEIGHTS_URLS lists, e.g. before `cog push`
 """
@@ -26,22 +27,19 @@ import re
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from service.weights.files import format_size, sha256_of
+from service.weights.policy import DownloadCancelled, DownloadError, DownloadPolicy, DownloadStatusError, stream
 from service.weights.source import Source, redact
 
 __all__ = ["FetchError", "WeightFile", "fetch_one", "fetch_weights", "fetch_weights_from_env", "parse_spec", "redact"]
 log = logging.getLogger(__name__)
 
 ENV_VAR = "PUNKS_WEIGHTS_URLS"
-CHUNK = 1 << 20
 PROGRESS_EVERY_S = 5.0
-HUB_STAGING = ".hub-download"  # inside the weights folder: the hub client's resume state lives there
 
 
 class FetchError(RuntimeError):
@@ -86,21 +84,22 @@ def parse_spec(spec: str) -> list[WeightFile]:
     return files
 
 
-def _download(file: WeightFile, target: Path, timeout: float) -> str:
+def _download(file: WeightFile, target: Path, policy: DownloadPolicy, cancel: threading.Event | None) -> str:
     """Stream the URL into target.part (resuming a pinned partial one) with progress logs; return its sha256."""
     part = target.with_name(target.name + ".part")
     target.parent.mkdir(parents=True, exist_ok=True)
     resumable = file.sha256 is not None
     offset = part.stat().st_size if resumable and part.is_file() else 0
-    headers = {"User-Agent": "bespoke-punks-fetch"} | ({"Range": f"bytes={offset}-"} if offset else {})
-    request = urllib.request.Request(file.url, headers=headers)
+    headers = _hub_headers(file, policy) | ({"Range": f"bytes={offset}-"} if offset else {})
     digest, done = hashlib.sha256(), 0  # hashed while streaming: no second pass over the file
     started = last_log = time.monotonic()
+    total = 0
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with stream(file.source.url, policy, headers, cancel) as download:
+            response = download.response
             resumed = (
                 offset
-                and response.status == 206
+                and response.status_code == 206
                 and response.headers.get("Content-Range", "").startswith(f"bytes {offset}-")
             )
             if resumed:
@@ -108,10 +107,9 @@ def _download(file: WeightFile, target: Path, timeout: float) -> str:
                     digest = hashlib.file_digest(existing, "sha256")
                 done = offset
                 log.info("%s: resuming after %s", file.dest, format_size(offset))
-            length = int(response.headers.get("Content-Length") or 0)
-            total = done + length if length else 0
+            total = done + download.total if download.total else 0
             with part.open("ab" if resumed else "wb") as out:
-                while chunk := response.read(CHUNK):
+                for chunk in download.chunks(already=done):
                     out.write(chunk)
                     digest.update(chunk)
                     done += len(chunk)
@@ -122,19 +120,18 @@ def _download(file: WeightFile, target: Path, timeout: float) -> str:
         if total and done != total:
             kept = f"; {part.name} kept, run again to resume" if resumable else ""
             raise FetchError(f"{file.dest}: got {done} of {total} bytes from {file.shown_url}{kept}")
-    except urllib.error.HTTPError as error:
+    except DownloadStatusError as error:
         part.unlink(missing_ok=True)
-        if offset and error.code == 416:  # the partial file is no prefix of this one: start over
-            return _download(file, target, timeout)
-        raise FetchError(f"{file.dest}: HTTP {error.code} {error.reason} from {file.shown_url}") from None
-    except (urllib.error.URLError, OSError) as error:
-        if not resumable:
+        if offset and error.status == 416:  # the partial file is no prefix of this one: start over
+            return _download(file, target, policy, cancel)
+        raise FetchError(f"{file.dest}: {error}") from None
+    except DownloadError as error:
+        if not resumable or isinstance(error, DownloadCancelled):
             part.unlink(missing_ok=True)
-        reason = getattr(error, "reason", error)
         kept = ""
         if part.is_file():
             kept = f"; {format_size(part.stat().st_size)} kept in {part.name}, run again to resume"
-        raise FetchError(f"{file.dest}: download from {file.shown_url} failed: {reason}{kept}") from None
+        raise FetchError(f"{file.dest}: {error}{kept}") from None
     except BaseException:
         if not resumable:
             part.unlink(missing_ok=True)
@@ -143,7 +140,7 @@ def _download(file: WeightFile, target: Path, timeout: float) -> str:
     if file.sha256 is not None and actual != file.sha256:
         part.unlink(missing_ok=True)
         raise FetchError(
-            f"{file.dest}: checksum mismatch for {file.shown_url}: expected sha256 {file.sha256}, got {actual}; "
+            f"{file.dest}: checksum mismatch for {file.shown_url}: the file is not the pinned sha256 {file.sha256}; "
             "the download was removed"
         )
     os.replace(part, target)
@@ -152,30 +149,21 @@ def _download(file: WeightFile, target: Path, timeout: float) -> str:
     return actual
 
 
-def _download_from_hub(file: WeightFile, target: Path, weights_dir: Path) -> str:
-    """The hub client downloads (resuming, into a staging folder), then the checked file is renamed into place."""
-    from huggingface_hub import hf_hub_download  # only when a source is on the hub
+def _hub_headers(file: WeightFile, policy: DownloadPolicy) -> dict[str, str]:
+    """The hub token (HF_TOKEN) for the operator's own hub files only: a caller's lora_url never gets it, or any
+    caller could read the private repos the token opens."""
+    if not file.source.is_hub or policy.public_hosts_only:
+        return {}
+    from huggingface_hub.utils import build_hf_headers
 
-    hub = file.source.hub_file()
-    try:
-        staged = Path(hf_hub_download(hub.repo, hub.path, revision=hub.revision, local_dir=weights_dir / HUB_STAGING))
-    except OSError as error:  # the hub's HTTP and connection errors are OSErrors
-        raise FetchError(f"{file.dest}: download of {file.shown_url} failed: {error}") from None
-    actual = sha256_of(staged)
-    if file.sha256 is not None and actual != file.sha256:
-        staged.unlink()
-        raise FetchError(
-            f"{file.dest}: checksum mismatch for {file.shown_url}: expected sha256 {file.sha256}, got {actual}; "
-            "the download was removed"
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(staged, target)
-    log.info("%s: done, %s from the hub (sha256 %s)", file.dest, format_size(target.stat().st_size), actual)
-    return actual
+    return {key: value for key, value in build_hf_headers().items() if key.lower() == "authorization"}
 
 
-def fetch_one(file: WeightFile, weights_dir: Path, timeout: float = 60.0) -> Path:
-    """The file in place (already there and verified, or downloaded); FetchError names it, the source and why."""
+def fetch_one(
+    file: WeightFile, weights_dir: Path, policy: DownloadPolicy, cancel: threading.Event | None = None
+) -> Path:
+    """The file in place (already there and verified, or downloaded under `policy`); FetchError names it, the
+    source and why. Setting `cancel` stops the download (between chunks)."""
     target = weights_dir / file.dest
     if target.is_file():
         if file.sha256 is None:
@@ -186,17 +174,18 @@ def fetch_one(file: WeightFile, weights_dir: Path, timeout: float = 60.0) -> Pat
             return target
         log.warning("%s: present but its checksum differs from the pinned one: downloading again", file.dest)
     log.info("%s: downloading from %s", file.dest, file.shown_url)
-    if file.source.is_hub:
-        _download_from_hub(file, target, weights_dir)
-    else:
-        _download(file, target, timeout)
+    _download(file, target, policy, cancel)
     return target
 
 
-def fetch_weights(files: list[WeightFile], weights_dir: Path, workers: int = 4, timeout: float = 60.0) -> list[Path]:
-    """Download every file (in parallel) that is not already there and verified; FetchError lists all failures."""
+def fetch_weights(
+    files: list[WeightFile], weights_dir: Path, policy: DownloadPolicy | None = None, workers: int = 4
+) -> list[Path]:
+    """Download every file (in parallel) that is not already there and verified; FetchError lists all failures.
+    The operator's URLs: `policy` defaults to the operator policy of the PUNKS_DOWNLOAD_* settings."""
     if not files:
         return []
+    policy = policy or operator_policy()
     weights_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     errors: list[str] = []
@@ -204,7 +193,7 @@ def fetch_weights(files: list[WeightFile], weights_dir: Path, workers: int = 4, 
 
     def run(file: WeightFile) -> Path | None:
         try:
-            return fetch_one(file, weights_dir, timeout)
+            return fetch_one(file, weights_dir, policy)
         except FetchError as error:
             with lock:
                 errors.append(str(error))
@@ -216,6 +205,13 @@ def fetch_weights(files: list[WeightFile], weights_dir: Path, workers: int = 4, 
         raise FetchError(f"{len(errors)} of {len(files)} weight files failed:\n  " + "\n  ".join(sorted(errors)))
     log.info("weights ready in %s (%d files, %.1fs)", weights_dir, len(files), time.monotonic() - started)
     return [p for p in paths if p is not None]
+
+
+def operator_policy() -> DownloadPolicy:
+    """The looser policy of URLs the operator typed (PUNKS_WEIGHTS_URLS, `weights download`)."""
+    from service.config import Settings
+
+    return DownloadPolicy.for_settings(Settings()).for_operator()
 
 
 def fetch_weights_from_env(weights_dir: Path, environ: dict[str, str] | None = None) -> list[Path]:

@@ -63,6 +63,16 @@ class Source:
     def hub_file(self) -> HubFile:
         return _hub_file(self.location, self.location)
 
+    @property
+    def url(self) -> str:
+        """What is fetched: the URL itself, or the hub's https resolve URL of an hf:// file."""
+        if not self.is_hub:
+            return self.location
+        from huggingface_hub import hf_hub_url  # only for hub sources
+
+        hub = self.hub_file()
+        return hf_hub_url(hub.repo, hub.path, revision=hub.revision)
+
 
 def _hub_file(location: str, where: str) -> HubFile:
     """hf://owner/repo[@revision]/path/file -> its repo, revision and path."""
