@@ -17,28 +17,30 @@ with seeds seed, seed + 1, ... (A1111's all_seeds); seed -1 is random.
 
 import asyncio
 import base64
-import binascii
-import hmac
 import json
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.exceptions import HTTPException
 
 from service import config
 from service.delivery import encode_images
 from service.engine import Engine, GenerationRequest
+from service.http.deps import (
+    CLIENT_CLOSED_REQUEST,
+    MODEL,
+    ReadyEngine,
+    ServiceDep,
+    lora_of_model,
+    model_names,
+    shaped_route,
+    validation_response,
+)
 
-if TYPE_CHECKING:
-    from service.http.app import _Service
-
-MODEL = "bespoke-punks"  # the default LoRA; a LoRA name from /v1/loras picks another (override_settings)
-CLIENT_CLOSED_REQUEST = 499
 # The configured scheduler's names in A1111 (service/config.py Scheduler, service/loading.py SCHEDULERS).
 SAMPLERS: dict[config.Scheduler, tuple[str, ...]] = {
     "dpm++": ("DPM++ 2M", "k_dpmpp_2m"),
@@ -93,167 +95,130 @@ class Txt2ImgResponse(BaseModel):
     info: str = Field(description="JSON: prompt, seed, all_seeds, sampler_name, steps, cfg_scale, infotexts, ...")
 
 
-class A1111Route(APIRoute):
+def error_response(error: Exception) -> Response | None:
     """A1111's error shapes: 422 `{"detail": [...]}` for bad values (named as this API names them), and
-    `{"error", "detail", "body", "errors"}` for every HTTPException (401, 429, 503, 504)."""
-
-    def get_route_handler(self) -> Callable[[Request], Any]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as error:
-                renamed = [item | {"loc": _renamed(item.get("loc", ()))} for item in error.errors()]
-                raise RequestValidationError(renamed) from None  # the app's handler: no input echoed
-            except HTTPException as error:
-                body = {
-                    "error": type(error).__name__,
-                    "detail": error.detail,
-                    "body": "",
-                    "errors": f"{error.status_code}: {error.detail}",
-                }
-                return JSONResponse(body, error.status_code, dict(error.headers or {}))
-
-        return handle
-
-
-def router(service: "_Service") -> APIRouter:
-    authorize = _authorizer(service)
-    routes = APIRouter(
-        prefix="/sdapi/v1", route_class=A1111Route, dependencies=[Depends(authorize)], tags=["AUTOMATIC1111 API"]
-    )
-
-    @routes.post(
-        "/txt2img",
-        summary="A1111-compatible text to image (base64 PNGs, info as a JSON string).",
-        response_model=Txt2ImgResponse,
-    )
-    async def txt2img(body: Txt2ImgRequest, http: Request) -> Response:
-        sampler = _check_unsupported(body, service.settings.scheduler)
-        engine = service.ready_engine()
-        lora = _lora(engine, (body.override_settings or {}).get("sd_model_checkpoint"))
-        request = GenerationRequest(
-            prompt=body.prompt,
-            seed=None if body.seed == -1 else body.seed,
-            num_outputs=body.batch_size * body.n_iter,
-            steps=body.steps,
-            guidance=body.cfg_scale,
-            lora=lora,
-            output_size=body.width,
-            integer_scale=False,  # exactly width x height
-            output_format="png",
-        )
-        done = await service.submit(request, http)
-        if done is None:  # the client hung up
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        result = done.result
-        images = await asyncio.to_thread(encode_images, result.images, "png", False)
-        seeds = [image.seed for image in images]
-        count = len(seeds)
-        model = lora or MODEL
-        infotexts = [
-            f"{result.prompt}\nNegative prompt: {result.negative_prompt}\nSteps: {result.steps}, Sampler: {sampler}, "
-            f"Schedule type: {SCHEDULE}, CFG scale: {result.guidance:g}, Seed: {seed}, "
-            f"Size: {body.width}x{body.height}, Model: {model}"
-            for seed in seeds
-        ]
-        info = {
-            "prompt": result.prompt,  # the templated prompt actually encoded
-            "all_prompts": [result.prompt] * count,
-            "negative_prompt": result.negative_prompt,
-            "all_negative_prompts": [result.negative_prompt] * count,
-            "seed": seeds[0],
-            "all_seeds": seeds,
-            "subseed": -1,
-            "all_subseeds": [-1] * count,
-            "subseed_strength": 0.0,
-            "width": body.width,
-            "height": body.height,
-            "sampler_name": sampler,
-            "scheduler": SCHEDULE,
-            "cfg_scale": result.guidance,
-            "steps": result.steps,
-            "batch_size": body.batch_size,
-            "n_iter": body.n_iter,
-            "restore_faces": False,
-            "sd_model_name": model,
-            "sd_model_hash": None,
-            "styles": [],
-            "clip_skip": 1,
-            "index_of_first_image": 0,
-            "infotexts": infotexts,
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-            "extra_generation_params": {},
-            "version": "bespoke-punks",
-            # Not A1111's: what /v1/generate says about each image and the prompt.
-            "dropped_words": result.dropped_words,
-            "images": [image.summary for image in images],
+    `{"error", "detail", "body", "errors"}` for every HTTPException (401, 413, 429, 503, 504)."""
+    if isinstance(error, RequestValidationError):
+        return validation_response([item | {"loc": _renamed(item.get("loc", ()))} for item in error.errors()])
+    if isinstance(error, HTTPException):
+        body = {
+            "error": "HTTPException",
+            "detail": error.detail,
+            "body": "",
+            "errors": f"{error.status_code}: {error.detail}",
         }
-        parameters = body.model_dump(exclude={"override_settings"}) | {
-            "override_settings": {"sd_model_checkpoint": model},
-            "sampler_name": sampler,
-        }
-        payload = Txt2ImgResponse(
-            images=[base64.b64encode(image.image).decode("ascii") for image in images] if body.send_images else [],
-            parameters=parameters,
-            info=json.dumps(info),
-        )
-        return Response(payload.model_dump_json(), media_type="application/json")
-
-    @routes.get("/sd-models", summary="The models txt2img can use (override_settings.sd_model_checkpoint).")
-    async def sd_models() -> list[dict[str, Any]]:
-        return [
-            {"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
-            for name in _model_names(service.ready_engine())
-        ]
-
-    @routes.get("/samplers", summary="The configured sampler (PUNKS_SCHEDULER) under its A1111 names.")
-    async def samplers() -> list[dict[str, Any]]:
-        name, *aliases = SAMPLERS[service.settings.scheduler]
-        return [{"name": name, "aliases": aliases, "options": {}}]
-
-    @routes.get("/schedulers", summary="The one noise schedule: the sampler's own ('automatic').")
-    async def schedulers() -> list[dict[str, Any]]:
-        return [{"name": SCHEDULE, "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
-
-    @routes.get("/options", summary="The few options clients read at start.")
-    async def options() -> dict[str, Any]:
-        return {"sd_model_checkpoint": MODEL, "samples_format": "png"}
-
-    @routes.get("/scripts", summary="No scripts (clients probe for ControlNet and the like).")
-    async def scripts() -> dict[str, list[str]]:
-        return {"txt2img": [], "img2img": []}
-
-    return routes
+        return JSONResponse(body, error.status_code, dict(error.headers or {}))
+    return None
 
 
-def _authorizer(service: "_Service") -> Callable[..., None]:
-    """PUNKS_API_TOKEN as on /v1/generate (`Authorization: Bearer <token>`), or as the password of HTTP Basic
-    auth (any user name), which is how A1111's --api-auth and its clients (webuiapi's set_auth) send it."""
-    token = service.settings.api_token
-    if token is None:
+router = APIRouter(prefix="/sdapi/v1", route_class=shaped_route(error_response), tags=["AUTOMATIC1111 API"])
 
-        def open_access() -> None:
-            """No token configured: nothing to check."""
 
-        return open_access
-    expected = token.get_secret_value().encode()
+@router.post(
+    "/txt2img",
+    summary="A1111-compatible text to image (base64 PNGs, info as a JSON string).",
+    response_model=Txt2ImgResponse,
+)
+async def txt2img(body: Txt2ImgRequest, http: Request, service: ServiceDep) -> Response:
+    sampler = _check_unsupported(body, service.settings.scheduler)
+    engine = service.ready_engine()
+    lora = _lora(engine, (body.override_settings or {}).get("sd_model_checkpoint"))
+    request = GenerationRequest(
+        prompt=body.prompt,
+        seed=None if body.seed == -1 else body.seed,
+        num_outputs=body.batch_size * body.n_iter,
+        steps=body.steps,
+        guidance=body.cfg_scale,
+        lora=lora,
+        output_size=body.width,
+        integer_scale=False,  # exactly width x height
+        output_format="png",
+    )
+    done = await service.submit(request, http)
+    if done is None:  # the client hung up
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    result = done.result
+    images = await asyncio.to_thread(encode_images, result.images, "png", False)
+    seeds = [image.seed for image in images]
+    count = len(seeds)
+    model = lora or MODEL
+    infotexts = [
+        f"{result.prompt}\nNegative prompt: {result.negative_prompt}\nSteps: {result.steps}, Sampler: {sampler}, "
+        f"Schedule type: {SCHEDULE}, CFG scale: {result.guidance:g}, Seed: {seed}, "
+        f"Size: {body.width}x{body.height}, Model: {model}"
+        for seed in seeds
+    ]
+    info = {
+        "prompt": result.prompt,  # the templated prompt actually encoded
+        "all_prompts": [result.prompt] * count,
+        "negative_prompt": result.negative_prompt,
+        "all_negative_prompts": [result.negative_prompt] * count,
+        "seed": seeds[0],
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * count,
+        "subseed_strength": 0.0,
+        "width": body.width,
+        "height": body.height,
+        "sampler_name": sampler,
+        "scheduler": SCHEDULE,
+        "cfg_scale": result.guidance,
+        "steps": result.steps,
+        "batch_size": body.batch_size,
+        "n_iter": body.n_iter,
+        "restore_faces": False,
+        "sd_model_name": model,
+        "sd_model_hash": None,
+        "styles": [],
+        "clip_skip": 1,
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "extra_generation_params": {},
+        "version": "bespoke-punks",
+        # Not A1111's: what /v1/generate says about each image and the prompt.
+        "dropped_words": result.dropped_words,
+        "images": [image.summary for image in images],
+    }
+    parameters = body.model_dump(exclude={"override_settings"}) | {
+        "override_settings": {"sd_model_checkpoint": model},
+        "sampler_name": sampler,
+    }
+    payload = Txt2ImgResponse(
+        images=[base64.b64encode(image.image).decode("ascii") for image in images] if body.send_images else [],
+        parameters=parameters,
+        info=json.dumps(info),
+    )
+    return Response(payload.model_dump_json(), media_type="application/json")
 
-    def authorize(authorization: str | None = Header(None, description="Bearer <token>, or Basic auth")) -> None:
-        scheme, _, value = (authorization or "").partition(" ")
-        given = b""
-        if scheme.lower() == "bearer":
-            given = value.strip().encode("utf-8", "backslashreplace")
-        elif scheme.lower() == "basic":
-            try:
-                given = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
-            except (binascii.Error, ValueError):
-                given = b""
-        if not hmac.compare_digest(given, expected):
-            raise HTTPException(401, "missing or wrong token (PUNKS_API_TOKEN)", headers={"WWW-Authenticate": "Basic"})
 
-    return authorize
+@router.get("/sd-models", summary="The models txt2img can use (override_settings.sd_model_checkpoint).")
+async def sd_models(engine: ReadyEngine) -> list[dict[str, Any]]:
+    return [
+        {"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
+        for name in model_names(engine)
+    ]
+
+
+@router.get("/samplers", summary="The configured sampler (PUNKS_SCHEDULER) under its A1111 names.")
+async def samplers(service: ServiceDep) -> list[dict[str, Any]]:
+    name, *aliases = SAMPLERS[service.settings.scheduler]
+    return [{"name": name, "aliases": aliases, "options": {}}]
+
+
+@router.get("/schedulers", summary="The one noise schedule: the sampler's own ('automatic').")
+async def schedulers() -> list[dict[str, Any]]:
+    return [{"name": SCHEDULE, "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
+
+
+@router.get("/options", summary="The few options clients read at start.")
+async def options() -> dict[str, Any]:
+    return {"sd_model_checkpoint": MODEL, "samples_format": "png"}
+
+
+@router.get("/scripts", summary="No scripts (clients probe for ControlNet and the like).")
+async def scripts() -> dict[str, list[str]]:
+    return {"txt2img": [], "img2img": []}
 
 
 def _check_unsupported(body: Txt2ImgRequest, scheduler: config.Scheduler) -> str:
@@ -296,19 +261,16 @@ def _check_unsupported(body: Txt2ImgRequest, scheduler: config.Scheduler) -> str
     return names[0]
 
 
-def _model_names(engine: Engine) -> list[str]:
-    return [MODEL, *(name for name in engine.lora_names if name != MODEL)]
-
-
 def _lora(engine: Engine, checkpoint: object) -> str | None:
     """The engine's `lora` for A1111's sd_model_checkpoint: None for the default, a LoRA name, or a 422."""
-    if checkpoint in (None, "", MODEL, engine.default_lora):
-        return None
-    if isinstance(checkpoint, str) and checkpoint in engine.lora_names:
-        return checkpoint
-    allowed = ", ".join(_model_names(engine))
-    why = f"unknown model; allowed: {allowed} (GET /sdapi/v1/sd-models)"
-    raise RequestValidationError([{"type": "value_error", "loc": ("body", "override_settings"), "msg": why}])
+    try:
+        return lora_of_model(engine, checkpoint)
+    except LookupError:
+        allowed = ", ".join(model_names(engine))
+        why = f"unknown model; allowed: {allowed} (GET /sdapi/v1/sd-models)"
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("body", "override_settings"), "msg": why}]
+        ) from None
 
 
 def _renamed(loc: Any) -> tuple:

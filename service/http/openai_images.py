@@ -10,26 +10,31 @@ server reads an extra `seed` field (the client's `extra_body={"seed": 7}`) and r
 import asyncio
 import base64
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.exceptions import HTTPException
 
 from service import config
 from service.delivery import encode_images
 from service.engine import Engine, GenerationRequest
+from service.http.deps import (
+    CLIENT_CLOSED_REQUEST,
+    MODEL,
+    ReadyEngine,
+    ServiceDep,
+    lora_of_model,
+    model_names,
+    printable,
+    shaped_route,
+)
 
-if TYPE_CHECKING:
-    from service.http.app import _Service
-
-MODEL = "bespoke-punks"  # the default LoRA; a name from /v1/loras picks another
 SIZE = "1024x1024"
 OUTPUT_SIZE = 1024
-CLIENT_CLOSED_REQUEST = 499
 # The engine's field names (RequestError.field, service/engine.py) as this API calls them.
 PARAMS = {"num_outputs": "n", "lora": "model", "output_size": "size"}
 ERROR_TYPES = {401: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "server_error"}
@@ -98,105 +103,92 @@ class OpenAIError(Exception):
         return JSONResponse({"error": body}, self.status, headers)
 
 
-class OpenAIRoute(APIRoute):
-    """Every failure of these routes in OpenAI's shape: validation (400), auth (401), queue (429), 503, 504."""
-
-    def get_route_handler(self) -> Callable[[Request], Any]:
-        handler = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except OpenAIError as error:
-                return error.response()
-            except RequestValidationError as error:
-                return _invalid(error.errors()).response()
-            except HTTPException as error:
-                status = error.status_code
-                message = str(error.detail)
-                if status == 401:
-                    message = "Incorrect API key provided (the bearer token is PUNKS_API_TOKEN)"
-                kind, code = ERROR_TYPES.get(status), ERROR_CODES.get(status)
-                return OpenAIError(status, message, None, code, kind).response(dict(error.headers or {}))
-
-        return handle
+def error_response(error: Exception) -> Response | None:
+    """Every failure of these routes in OpenAI's shape: validation (400), auth (401), size (413), queue (429), 503,
+    504; None for an exception that is no client-facing failure."""
+    if isinstance(error, OpenAIError):
+        return error.response()
+    if isinstance(error, RequestValidationError):
+        return _invalid(error.errors()).response()
+    if isinstance(error, HTTPException):
+        status = error.status_code
+        message = str(error.detail)
+        if status == 401:
+            message = "Incorrect API key provided (the bearer token is PUNKS_API_TOKEN)"
+        kind, code = ERROR_TYPES.get(status), ERROR_CODES.get(status)
+        return OpenAIError(status, message, None, code, kind).response(dict(error.headers or {}))
+    return None
 
 
-def router(service: "_Service", authorize: Callable[..., None]) -> APIRouter:
-    routes = APIRouter(route_class=OpenAIRoute, dependencies=[Depends(authorize)], tags=["OpenAI Images API"])
-    errors: dict[int | str, dict[str, Any]] = {
-        status: {"description": f"OpenAI's error shape: {{'error': {{'message', 'type', 'param', 'code'}}}} ({what})"}
-        for status, what in [(400, "bad input"), (401, "bearer token"), (429, "queue full"), (503, "unavailable")]
-    }
+router = APIRouter(route_class=shaped_route(error_response), tags=["OpenAI Images API"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"description": f"OpenAI's error shape: {{'error': {{'message', 'type', 'param', 'code'}}}} ({what})"}
+    for status, what in [(400, "bad input"), (401, "bearer token"), (429, "queue full"), (503, "unavailable")]
+}
 
-    @routes.get("/v1/models", summary="The models /v1/images/generations accepts, in OpenAI's shape.")
-    async def models() -> ModelList:
-        return ModelList(data=[Model(id=name) for name in _model_names(service.ready_engine())])
 
-    @routes.get("/v1/models/{model}", summary="One model, in OpenAI's shape (404 if not offered).")
-    async def model(model: str) -> Model:
-        if model not in _model_names(service.ready_engine()):
-            raise OpenAIError(
-                404, "The model does not exist on this server (see GET /v1/models)", "model", "model_not_found"
-            )
-        return Model(id=model)
+@router.get("/v1/models", summary="The models /v1/images/generations accepts, in OpenAI's shape.")
+async def models(engine: ReadyEngine) -> ModelList:
+    return ModelList(data=[Model(id=name) for name in model_names(engine)])
 
-    @routes.post(
-        "/v1/images/generations",
-        summary="OpenAI-compatible image generation (1024x1024 PNGs as b64_json).",
-        response_model=ImagesResponse,
-        responses=errors,
+
+@router.get("/v1/models/{model}", summary="One model, in OpenAI's shape (404 if not offered).")
+async def model(model: str, engine: ReadyEngine) -> Model:
+    if model not in model_names(engine):
+        raise OpenAIError(
+            404, "The model does not exist on this server (see GET /v1/models)", "model", "model_not_found"
+        )
+    return Model(id=model)
+
+
+@router.post(
+    "/v1/images/generations",
+    summary="OpenAI-compatible image generation (1024x1024 PNGs as b64_json).",
+    response_model=ImagesResponse,
+    responses=ERRORS,
+)
+async def generations(body: ImageGenerationRequest, http: Request, service: ServiceDep) -> Response:
+    if body.size not in (None, SIZE, "auto"):
+        message = f"Invalid value for 'size': only '{SIZE}' is supported ('auto' means it too)"
+        raise OpenAIError(400, message, "size", "invalid_value")
+    if body.response_format not in (None, "b64_json"):
+        message = "Invalid value for 'response_format': only 'b64_json' is supported (no image URLs are hosted)"
+        raise OpenAIError(400, message, "response_format", "invalid_value")
+    engine = service.ready_engine()
+    request = GenerationRequest(
+        prompt=body.prompt,
+        seed=body.seed,
+        num_outputs=body.n or 1,
+        lora=_lora(engine, body.model),
+        output_size=OUTPUT_SIZE,
+        integer_scale=False,  # exactly 1024x1024, whatever PUNKS_INTEGER_SCALE says
+        output_format="png",
     )
-    async def generations(body: ImageGenerationRequest, http: Request) -> Response:
-        if body.size not in (None, SIZE, "auto"):
-            message = f"Invalid value for 'size': only '{SIZE}' is supported ('auto' means it too)"
-            raise OpenAIError(400, message, "size", "invalid_value")
-        if body.response_format not in (None, "b64_json"):
-            message = "Invalid value for 'response_format': only 'b64_json' is supported (no image URLs are hosted)"
-            raise OpenAIError(400, message, "response_format", "invalid_value")
-        engine = service.ready_engine()
-        request = GenerationRequest(
-            prompt=body.prompt,
-            seed=body.seed,
-            num_outputs=body.n or 1,
-            lora=_lora(engine, body.model),
-            output_size=OUTPUT_SIZE,
-            integer_scale=False,  # exactly 1024x1024, whatever PUNKS_INTEGER_SCALE says
-            output_format="png",
+    done = await service.submit(request, http)
+    if done is None:  # the client hung up
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    images = await asyncio.to_thread(encode_images, done.result.images, "png", False)
+    data = [
+        ImageData(
+            b64_json=base64.b64encode(image.image).decode("ascii"),
+            revised_prompt=done.result.prompt,
+            seed=image.seed,
         )
-        done = await service.submit(request, http)
-        if done is None:  # the client hung up
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        images = await asyncio.to_thread(encode_images, done.result.images, "png", False)
-        data = [
-            ImageData(
-                b64_json=base64.b64encode(image.image).decode("ascii"),
-                revised_prompt=done.result.prompt,
-                seed=image.seed,
-            )
-            for image in images
-        ]
-        return Response(
-            ImagesResponse(created=int(time.time()), data=data).model_dump_json(), media_type="application/json"
-        )
-
-    return routes
-
-
-def _model_names(engine: Engine) -> list[str]:
-    return [MODEL, *(name for name in engine.lora_names if name != MODEL)]
+        for image in images
+    ]
+    return Response(
+        ImagesResponse(created=int(time.time()), data=data).model_dump_json(), media_type="application/json"
+    )
 
 
 def _lora(engine: Engine, model: str | None) -> str | None:
     """The engine's `lora` for an OpenAI `model`: None for the default, a LoRA name, or a 400 naming model."""
-    if model in (None, MODEL, engine.default_lora):
-        return None
-    if model in engine.lora_names:
-        return model
-    allowed = ", ".join(_model_names(engine))
-    raise OpenAIError(
-        400, f"Invalid value for 'model': this server offers {allowed} (GET /v1/models)", "model", "invalid_value"
-    )
+    try:
+        return lora_of_model(engine, model)
+    except LookupError:
+        allowed = ", ".join(model_names(engine))
+        message = f"Invalid value for 'model': this server offers {allowed} (GET /v1/models)"
+        raise OpenAIError(400, message, "model", "invalid_value") from None
 
 
 def _invalid(errors: Sequence[Any]) -> OpenAIError:
@@ -204,21 +196,16 @@ def _invalid(errors: Sequence[Any]) -> OpenAIError:
     first = errors[0] if errors else {}
     loc = [part for part in first.get("loc", ()) if part != "body"]
     param = PARAMS.get(str(loc[0]), str(loc[0])) if loc else None
-    param = _printable(param) if param is not None else None
+    param = printable(param) if param is not None else None
     kind = str(first.get("type", "value_error"))
     if kind.startswith("json") or (not loc and kind == "missing"):
         message = "We could not parse the JSON body of your request: send a JSON object"
         return OpenAIError(400, message, None, "invalid_json")
     if not loc:  # the body as a whole: not an object, or a key that is not valid Unicode
-        return OpenAIError(400, f"Invalid body: {_printable(str(first.get('msg', 'invalid')))}", None, "invalid_value")
-    message = f"Invalid value for '{param}': {_printable(str(first.get('msg', 'invalid')))}"
+        return OpenAIError(400, f"Invalid body: {printable(str(first.get('msg', 'invalid')))}", None, "invalid_value")
+    message = f"Invalid value for '{param}': {printable(str(first.get('msg', 'invalid')))}"
     if kind == "missing":
         message = f"Missing required parameter: '{param}'"
     elif kind == "extra_forbidden":
         message = f"Unknown parameter: '{param}'"
     return OpenAIError(400, message, param, VALIDATION_CODES.get(kind, "invalid_value"))
-
-
-def _printable(text: str) -> str:
-    """Text that encodes as UTF-8 (a lone surrogate in a parameter name becomes \\ud800)."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")

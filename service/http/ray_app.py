@@ -28,7 +28,8 @@ from ray.serve import Application
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from service.config import Settings
-from service.http.app import RETRY_AFTER_S, create_app
+from service.http.app import create_app
+from service.http.deps import RETRY_AFTER_S
 
 ENV_PREFIX = "PUNKS_"
 REPLICA_HEADER = "X-Replica"  # which replica answered: the load generator and the tests count them

@@ -11,8 +11,10 @@ import asyncio
 import socket
 from typing import Any
 
+import h11
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.config import Settings
 
@@ -32,6 +34,21 @@ class Server(uvicorn.Server):
         await drain
 
 
+class HeaderLimitedH11(H11Protocol):
+    """uvicorn's h11 protocol, answering 431 (and closing) when the request line and headers outgrow
+    h11_max_incomplete_event_size: h11 stops buffering there, so memory stays bounded. uvicorn's httptools protocol
+    has no such limit (100 MiB of headers were read whole), and its h11 one answers a bare 400."""
+
+    def send_400_response(self, msg: str) -> None:
+        limit = self.config.h11_max_incomplete_event_size or h11._connection.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
+        if len(self.conn.trailing_data[0]) <= limit:  # another malformed request
+            return super().send_400_response(msg)
+        response = h11.Response(status_code=431, headers=[(b"content-type", b"text/plain"), (b"connection", b"close")])
+        for event in (response, h11.Data(data=b"Request header fields too large"), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
+
+
 def config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """The uvicorn settings the service runs with (the tests' servers use them too)."""
     options: dict[str, Any] = {  # keyword arguments of uvicorn.Config, each of its own type
@@ -41,6 +58,8 @@ def config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config
         "limit_concurrency": settings.limit_concurrency,
         "timeout_graceful_shutdown": settings.shutdown_timeout_s + GRACE_S,
         "lifespan": "on",
+        "http": HeaderLimitedH11,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
     }
     return uvicorn.Config(app, **options | overrides)
 
