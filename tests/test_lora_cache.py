@@ -19,6 +19,7 @@ from devtools.smoke import build_smoke_pipeline
 from service.errors import RequestError
 from service.lora.cache import LoraUrlCache
 from service.lora.inspect import LoraError, LoraInfo, inspect_sd15_lora
+from tests.hostile_hosts import ALLOWED_HOST, TEST_POLICY
 from tests.lora_files import sd15_modules, sdxl_modules, write_lora
 
 
@@ -42,9 +43,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list
     write_lora(folder / "sdxl.safetensors", sdxl_modules())
     requests: list[str] = []
     handler = type("Handler", (_Counting,), {"requests": requests})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    httpd = http.server.ThreadingHTTPServer((ALLOWED_HOST, 0), functools.partial(handler, directory=str(folder)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", requests
+    yield f"http://{ALLOWED_HOST}:{httpd.server_address[1]}", requests
     httpd.shutdown()
     httpd.server_close()
 
@@ -70,7 +71,7 @@ class FakeEngine:
 
 def make_cache(folder: Path, capacity: int, engine: FakeEngine | None = None) -> tuple[LoraUrlCache, FakeEngine]:
     engine = engine or FakeEngine()
-    return LoraUrlCache(folder, capacity, engine.add_lora, engine.remove_lora), engine
+    return LoraUrlCache(folder, capacity, engine.add_lora, engine.remove_lora, TEST_POLICY), engine
 
 
 def test_off_by_default_and_malformed_urls_name_the_field(tmp_path: Path):
@@ -129,14 +130,15 @@ def test_a_refused_file_fails_with_the_guards_message_and_is_not_kept(served, tm
     with pytest.raises(RequestError) as refused:
         cache.acquire(f"{base}/sdxl.safetensors?token=secret")
     message = str(refused.value)
-    assert message.startswith(f"lora_url: {base}/sdxl.safetensors: ")
+    assert message.startswith(f"lora_url: {base}/sdxl.safetensors is a SDXL LoRA")
+    assert str(tmp_path) not in message  # the URL, not the cache's file
     assert "is a SDXL LoRA" in message and "this service needs an SD1.5 kohya LoRA" in message
     assert "secret" not in message
     assert len(cache) == 0 and engine.loras == {} and not list(tmp_path.iterdir())
     with pytest.raises(RequestError, match="SDXL"):
         cache.acquire(f"{base}/sdxl.safetensors")
     assert requests[-2:] == ["/sdxl.safetensors"] * 2  # a refusal is not cached: tried again
-    with pytest.raises(RequestError, match=r"^lora_url: .*HTTP 404 .* from http://127\.0\.0\.1:\d+/missing$"):
+    with pytest.raises(RequestError, match=r"^lora_url: 127\.0\.0\.2: answered HTTP 404$"):
         cache.acquire(f"{base}/missing?sig=secret")
 
 
@@ -165,7 +167,7 @@ def test_a_prediction_cancelled_during_its_download_releases_the_entry(served, t
         proceed.wait(10)
         return add(name, path)
 
-    cache = LoraUrlCache(tmp_path, 1, slow_add, engine.remove_lora)
+    cache = LoraUrlCache(tmp_path, 1, slow_add, engine.remove_lora, TEST_POLICY)
 
     async def cancel_while_registering() -> None:
         async def predict() -> None:
@@ -219,7 +221,10 @@ def test_an_added_lora_is_checked_fused_and_removed(url_engine, tmp_path: Path):
         return np.asarray(result.images[0].raw, dtype=np.int16)
 
     default = raw()
-    assert engine.add_lora("url-good-1", good).path == good and engine.lora_names == ["url-good-1"]
+    assert engine.add_lora("url-good-1", good).path == good
+    assert engine.lora_names == []  # private: listed nowhere, and no caller can name it
+    with pytest.raises(RequestError, match="^lora: unknown LoRA 'url-good-1'; allowed: bespoke_punks$"):
+        engine.check_request(GenerationRequest("a punk", lora="url-good-1"))
     assert np.abs(raw("url-good-1") - default).max() > 10
     assert np.array_equal(raw(), default)  # switching back: restored base weights, bit for bit
     switched = engine.generate(GenerationRequest("a punk", seed=5, steps=1, lora="url-good-1"))
@@ -243,7 +248,7 @@ def test_adding_a_wrong_lora_raises_the_guards_error(url_engine, tmp_path: Path,
     path = write_lora(tmp_path / "wrong.safetensors", modules)
     with pytest.raises(LoraError, match=message):
         url_engine.add_lora("url-wrong-1", path)
-    assert "url-wrong-1" not in url_engine.loras and path not in url_engine.switcher.loras
+    assert "url-wrong-1" not in url_engine._private_loras and path not in url_engine.switcher.loras
 
 
 @pytest.mark.parametrize("mode", ["compile", "fp8"])

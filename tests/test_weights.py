@@ -212,18 +212,40 @@ def test_folder_with_full_precision_files_is_loaded_without_variant(smoke_dir: P
     assert folder_variant(smoke_dir / SMOKE_FOLDER) is None
 
 
-def test_lora_and_upscaler_from_urls_and_hub_paths_with_checksums(fake_hub, served, tmp_path: Path):
-    base, folder, _ = served
+@pytest.fixture
+def hub_endpoint(served, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The hub's resolve URLs point at the loopback server: hf:// files go through the download policy like any URL."""
+    import huggingface_hub.constants
+
+    base, folder, handler = served
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", base + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    handler.seen.clear()
+    return folder
+
+
+def hub_file(folder: Path, repo: str, revision: str, path: str, data: bytes) -> str:
+    """Put `data` where the hub serves repo@revision/path; the request path it is fetched from."""
+    served = folder / repo / "resolve" / revision / path
+    served.parent.mkdir(parents=True, exist_ok=True)
+    served.write_bytes(data)
+    return f"/{repo}/resolve/{revision}/{path}"
+
+
+def test_lora_and_upscaler_from_urls_and_hub_paths_with_checksums(hub_endpoint, served, tmp_path: Path):
+    base, folder, handler = served
     (folder / "punks.safetensors").write_bytes(b"lora bytes")
     lora_url = f"{base}/punks.safetensors?sig=secret#sha256={sha256(b'lora bytes')}"
     settings = Settings(weights_dir=tmp_path, lora_url=lora_url)
     hub_bytes = b"owner/esrgan@v1:models/x2.pth"
+    hub_path = hub_file(folder, "owner/esrgan", "v1", "models/x2.pth", hub_bytes)
     entries = download(
         settings, base=False, realesrgan=f"hf://owner/esrgan@v1/models/x2.pth#sha256={sha256(hub_bytes)}"
     )
     assert (tmp_path / "bespoke_punks.safetensors").read_bytes() == b"lora bytes"
     assert (tmp_path / "RealESRGAN_x2plus.pth").read_bytes() == hub_bytes
-    assert fake_hub == [{"repo_id": "owner/esrgan", "filename": "models/x2.pth", "revision": "v1"}]
+    assert (hub_path, None) in handler.seen
     manifest = read_manifest(tmp_path)
     assert manifest["bespoke_punks.safetensors"].source == f"{base}/punks.safetensors"  # no query string
     assert manifest["bespoke_punks.safetensors"].sha256 == sha256(b"lora bytes")
@@ -231,11 +253,12 @@ def test_lora_and_upscaler_from_urls_and_hub_paths_with_checksums(fake_hub, serv
     assert {e.what for e in entries} == {"lora", "realesrgan"}
 
 
-def test_checksum_failure_removes_the_file_and_records_nothing(fake_hub, served, tmp_path: Path, capsys):
+def test_checksum_failure_removes_the_file_and_records_nothing(hub_endpoint, served, tmp_path: Path, capsys):
     base, folder, _ = served
+    hub_file(folder, "o/r", "main", "x.pth", b"not what was pinned")
     (folder / "other.safetensors").write_bytes(b"someone else's file")
     wrong = "0" * 64
-    with pytest.raises(FetchError, match=rf"checksum mismatch .*expected sha256 {wrong}.*removed"):
+    with pytest.raises(FetchError, match=rf"checksum mismatch .*not the pinned sha256 {wrong}.*removed"):
         download(Settings(weights_dir=tmp_path), base=False, lora=f"{base}/other.safetensors#sha256={wrong}")
     assert not list(tmp_path.rglob("*.safetensors*")) and not (tmp_path / MANIFEST).exists()
     with pytest.raises(FetchError, match="checksum mismatch for hf://o/r/x.pth"):
@@ -256,7 +279,7 @@ def test_a_broken_download_is_resumed_with_a_range_request(served, tmp_path: Pat
     (folder / "big.bin").write_bytes(data)
     handler.cut_after["/big.bin"] = 1_000_000
     file = WeightFile("big.bin", f"{base}/big.bin", sha256(data))
-    with pytest.raises(FetchError, match="got 1000000 of .* bytes.*big.bin.part kept, run again to resume"):
+    with pytest.raises(FetchError, match="the connection broke off; .* kept in big.bin.part, run again to resume"):
         fetch_weights([file], tmp_path)
     assert (tmp_path / "big.bin.part").stat().st_size == 1_000_000
     fetch_weights([file], tmp_path)
@@ -314,14 +337,16 @@ def test_weights_urls_take_the_same_sources_as_weights_download():
         parse_spec("x=hf://owner/repo")
 
 
-def test_weights_urls_fetch_hub_entries_through_the_hub(fake_hub, tmp_path: Path):
+def test_weights_urls_fetch_hub_entries_from_the_hub(hub_endpoint, served, tmp_path: Path):
+    _, _, handler = served
     hub_bytes = b"owner/punks@v1:punks.safetensors"
+    hub_path = hub_file(hub_endpoint, "owner/punks", "v1", "punks.safetensors", hub_bytes)
     spec = f"loras/punks.safetensors=hf://owner/punks@v1/punks.safetensors#sha256={sha256(hub_bytes)}"
     assert fetch_weights_from_env(tmp_path, {"PUNKS_WEIGHTS_URLS": spec}) == [tmp_path / "loras/punks.safetensors"]
     assert (tmp_path / "loras/punks.safetensors").read_bytes() == hub_bytes
-    assert fake_hub == [{"repo_id": "owner/punks", "filename": "punks.safetensors", "revision": "v1"}]
+    assert handler.seen == [(hub_path, None)]
     fetch_weights_from_env(tmp_path, {"PUNKS_WEIGHTS_URLS": spec})  # there and verified: not downloaded again
-    assert len(fake_hub) == 1
+    assert len(handler.seen) == 1
 
 
 # --- check -------------------------------------------------------------------------------------------------

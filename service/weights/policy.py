@@ -35,7 +35,6 @@ import httpx
 from service.weights.files import format_size
 
 MAX_REDIRECTS = 5
-CHUNK = 1 << 20
 USER_AGENT = "bespoke-punks-fetch"
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -123,9 +122,9 @@ def address_kind(address: IpAddress) -> str:
         ("loopback", address.is_loopback),
         ("link-local", address.is_link_local),
         ("multicast", address.is_multicast),
-        ("private", address.is_private),
+        ("reserved", address.is_reserved),
         ("shared (CGNAT)", isinstance(address, ipaddress.IPv4Address) and address in CGNAT),
-        ("reserved", address.is_reserved or not address.is_global),
+        ("private", address.is_private or not address.is_global),
     ):
         if matches:
             return kind
@@ -217,7 +216,7 @@ class Download:
         cancel event; the stall timeout is the HTTP client's read timeout."""
         cap, done = self.clock.policy.max_bytes, 0
         try:
-            for chunk in self.response.iter_bytes(CHUNK):
+            for chunk in self.response.iter_bytes():  # as the bytes arrive: every read is checked
                 done += len(chunk)
                 if already + done > cap:
                     raise DownloadError(f"{self.host}: larger than the {format_size(cap)} cap; stopped")
