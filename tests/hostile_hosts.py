@@ -66,7 +66,7 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
 
     slow_every_s = 20.0
     huge_bytes = 800 * 1024 * 1024
-    sent: list[int]
+    stats: "Stats"
 
     def do_GET(self) -> None:
         path, _, query = self.path.partition("?")
@@ -90,40 +90,54 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
 
     def _dribble(self) -> None:
-        for _ in range(100):  # at most 100 bytes: the server thread ends even if nobody hangs up
-            try:
+        with self.stats.lock:
+            self.stats.dribbling += 1
+        try:
+            for _ in range(100):  # at most 100 bytes: the server thread ends even if nobody hangs up
                 self.wfile.write(b"\0")
                 self.wfile.flush()
-            except OSError:
-                return
-            time.sleep(self.slow_every_s)
+                time.sleep(self.slow_every_s)
+        except OSError:
+            return
+        finally:
+            with self.stats.lock:
+                self.stats.dribbling -= 1
 
     def _zeros(self) -> None:
         block, sent = b"\0" * (1 << 20), 0
-        self.sent.append(0)
+        self.stats.sent.append(0)
         while sent < self.huge_bytes:
             try:
                 self.wfile.write(block)
             except OSError:
                 return
             sent += len(block)
-            self.sent[-1] = sent
+            self.stats.sent[-1] = sent
 
     def log_message(self, *args: object) -> None:
         pass
 
 
+class Stats:
+    """What a hostile server did: bytes sent per /huge request, /slow responses still sending."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+        self.dribbling = 0
+        self.lock = threading.Lock()
+
+
 @contextmanager
-def hostile_server(host: str = ALLOWED_HOST, slow_every_s: float = 20.0) -> Iterator[tuple[str, list[int]]]:
-    """(base URL, bytes sent per /huge request)."""
-    sent: list[int] = []
-    handler = type("Handler", (_Hostile,), {"slow_every_s": slow_every_s, "sent": sent})
+def hostile_server(host: str = ALLOWED_HOST, slow_every_s: float = 20.0) -> Iterator[tuple[str, Stats]]:
+    """(base URL, what it did)."""
+    stats = Stats()
+    handler = type("Handler", (_Hostile,), {"slow_every_s": slow_every_s, "stats": stats})
     httpd = http.server.ThreadingHTTPServer((host, 0), handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://{host}:{httpd.server_address[1]}", sent
+        yield f"http://{host}:{httpd.server_address[1]}", stats
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -33,6 +33,7 @@ from service import config
 from service.config import MAX_SEED, Settings
 from service.errors import WeightsError
 from service.weights.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec, redact
+from tests.hostile_hosts import ALLOWED_HOST, ALLOWED_NETWORKS_ENV, INTERNAL_HOST, canary, hostile_server
 from tests.live_server import subprocess_server
 
 GRID = 24
@@ -190,7 +191,16 @@ def cog_servers(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
     no_weights: smoke fallback disallowed (as cog.yaml sets it) and no weights: setup fails."""
     logs = tmp_path_factory.mktemp("cog-logs")
     bare = tmp_path_factory.mktemp("no-schema-cwd")
-    lora_url_cache = {"PUNKS_LORA_URL_CACHE_SIZE": "2", "PUNKS_LORA_URL_CACHE_DIR": str(logs / "lora-url-cache")}
+    lora_url_cache = {
+        "PUNKS_LORA_URL_CACHE_SIZE": "2",
+        "PUNKS_LORA_URL_CACHE_DIR": str(logs / "lora-url-cache"),
+        # The download policy as deployed, but for http and the one loopback address standing in for a public
+        # host (tests/hostile_hosts.py); everything else on loopback stays refused.
+        "PUNKS_DOWNLOAD_ALLOW_HTTP": "true",
+        "PUNKS_DOWNLOAD_ALLOWED_NETWORKS": ALLOWED_NETWORKS_ENV,
+        "PUNKS_DOWNLOAD_STALL_TIMEOUT_S": "5",
+        "PUNKS_DOWNLOAD_MIN_BYTES_PER_S": "0",  # a sender of one byte a second may go on until the deadline
+    }
     snap_processes = {"PUNKS_SNAP_PROCESSES": "2"}
     servers = {
         "ready": CogServer("ready", smoke_env | lora_url_cache | snap_processes, ROOT, logs),
@@ -572,8 +582,9 @@ def test_lora_url_to_a_wrong_file_fails_with_the_guards_message(server: CogServe
     status, body = server.predict(prompt="a punk", steps=1, lora_url=f"{base}/{name}?sig=secret")
     assert status == 200 and body["status"] == "failed", body
     error = body["error"]
-    assert f"lora_url: {base}/{name}: " in error and what in error  # coglet puts "Prediction failed: ..." first
+    assert f"lora_url: {base}/{name}" in error and what in error  # coglet puts "Prediction failed: ..." first
     assert guard_message(folder / name) in error and "secret" not in error
+    assert "lora-url-cache" not in error and "<path>" not in error  # the URL named, never the server's file
     assert "rendered in a batch" not in body["logs"]
 
 
@@ -610,6 +621,95 @@ def test_lora_url_is_refused_where_the_cache_is_off(cog_servers, lora_urls):
     assert "lora_url: not enabled on this deployment (PUNKS_LORA_URL_CACHE_SIZE is 0)" in body["error"]
 
 
+def test_lora_url_never_reaches_internal_hosts(server: CogServer):
+    """Directly, through a redirect, or to FTP: refused naming the host and the rule, the internal host untouched."""
+    with canary() as internal, canary() as ftp, hostile_server() as (base, _):
+        cases = [
+            (f"http://{INTERNAL_HOST}:{internal.port}/x.safetensors", "not a public address (loopback)"),
+            (f"http://localhost:{internal.port}/x.safetensors", "not a public address (loopback)"),
+            (f"{base}/redirect?to=http://{INTERNAL_HOST}:{internal.port}/x.safetensors", "not a public address"),
+            (f"{base}/redirect?to=ftp://{INTERNAL_HOST}:{ftp.port}/x.safetensors", "redirect to a non-http(s) URL"),
+        ]
+        for url, rule in cases:
+            status, body = server.predict(prompt="a punk", steps=1, lora_url=url)
+            assert status == 200 and body["status"] == "failed", body
+            assert rule in body["error"] and str(internal.port) not in body["error"].replace(url, "")
+        assert internal.hits == 0 and ftp.hits == 0
+
+
+def test_slow_lora_urls_hold_up_no_other_prediction_and_stop_when_cancelled(server: CogServer):
+    """Six predictions whose lora_url sends a byte a second (under the stall timeout, no rate floor here): a plain
+    prediction is still served at once, and cancelling them stops their downloads."""
+    with hostile_server(slow_every_s=1.0) as (base, stats), ThreadPoolExecutor(6) as pool:
+        slow = [
+            pool.submit(
+                server.request,
+                "PUT",
+                f"/predictions/slow-{i}",
+                {"input": {"prompt": "a punk", "steps": 1, "lora_url": f"{base}/slow?{i}"}},
+            )
+            for i in range(6)
+        ]
+        deadline = time.monotonic() + 30
+        while stats.dribbling < 4:  # the download threads are all busy; two more predictions wait for one
+            assert time.monotonic() < deadline, "the slow downloads never started"
+            time.sleep(0.1)
+        started = time.monotonic()
+        status, plain = server.predict(prompt="a punk", seed=3, steps=1)
+        assert status == 200 and plain["status"] == "succeeded", plain
+        assert time.monotonic() - started < 30
+        for i in range(6):
+            assert server.request("POST", f"/predictions/slow-{i}/cancel")[0] == 200
+        assert [future.result(timeout=60)[1]["status"] for future in slow] == ["canceled"] * 6
+        deadline = time.monotonic() + 15  # the stall timeout (5 s) bounds how long a cancelled download runs on
+        while stats.dribbling:
+            assert time.monotonic() < deadline, f"{stats.dribbling} downloads still running after cancel"
+            time.sleep(0.2)
+    status, after = server.predict(prompt="a punk", seed=3, steps=1)
+    assert status == 200 and after["output"] == plain["output"]
+
+
+def test_a_lora_url_serves_only_the_requests_naming_it(server: CogServer, lora_urls):
+    """Its cache name is no LoRA another caller can pick, nor listed in the unknown-LoRA error."""
+    base, _, _ = lora_urls
+    status, body = server.predict(prompt="a punk", seed=4, steps=1, lora_url=f"{base}/good.safetensors")
+    assert status == 200 and body["status"] == "succeeded", body
+    cache_names = {path.stem for path in server.log.parent.glob("lora-url-cache/url-*.safetensors")}
+    assert cache_names  # the file is cached under a name
+    for name in cache_names:
+        status, body = server.predict(prompt="a punk", seed=4, steps=1, lora=name)
+        assert status == 200 and body["status"] == "failed"
+        assert "unknown LoRA" in body["error"] and "url-" not in body["error"].replace(name, "")
+
+
+def test_cog_errors_name_no_server_path(server: CogServer):
+    status, body = server.predict(prompt="a punk", steps=1, lora="nope")
+    assert status == 200 and body["status"] == "failed"
+    assert "lora: unknown LoRA 'nope'; allowed: bespoke_punks" in body["error"]
+    assert not re.search(r"/tmp|/\w+/\w+/", body["error"]), body["error"]
+
+
+def test_a_lora_with_nan_values_fails_the_prediction_naming_the_url(server: CogServer, lora_urls):
+    from safetensors.torch import load_file, save_file
+
+    from devtools.random_lora import kohya_metadata
+
+    base, folder, _ = lora_urls
+    tensors = load_file(str(folder / "good.safetensors"))
+    first_alpha = next(key for key in tensors if key.endswith(".alpha"))
+    tensors[first_alpha] = torch_nan_like(tensors[first_alpha])
+    save_file(tensors, str(folder / "nan.safetensors"), metadata=kohya_metadata(32, 16))
+    status, body = server.predict(prompt="a punk", steps=1, lora_url=f"{base}/nan.safetensors")
+    assert status == 200 and body["status"] == "failed"
+    assert f"lora_url: {base}/nan.safetensors: tensor {first_alpha} holds NaN or infinite values" in body["error"]
+
+
+def torch_nan_like(tensor):
+    import torch
+
+    return torch.full_like(tensor, float("nan"))
+
+
 # --- weights download (service/weights/fetch.py) against a local http.server --------------------------------------
 
 
@@ -633,10 +733,10 @@ def http_files(tmp_path_factory: pytest.TempPathFactory, smoke_dir: Path):
     (folder / "smoke").symlink_to(smoke_dir, target_is_directory=True)
     requests: list[str] = []
     handler = type("Handler", (_Handler,), {"requests": requests})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    httpd = http.server.ThreadingHTTPServer((ALLOWED_HOST, 0), functools.partial(handler, directory=str(folder)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", folder, requests
+    yield f"http://{ALLOWED_HOST}:{httpd.server_address[1]}", folder, requests
     httpd.shutdown()
     httpd.server_close()
 
