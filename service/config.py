@@ -39,7 +39,8 @@ MAX_PROMPT_CHARS = 500
 MAX_SEED = 2**32 - 1
 MIN_OUTPUT_SIZE, MAX_OUTPUT_SIZE = 24, 4096
 MIN_LORA_SCALE, MAX_LORA_SCALE = 0.0, 2.0
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_ADDRESSES = ("127.0.0.1", "localhost", "::1")  # what `serve --host` takes
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # what a Host header says
 
 
 class Settings(BaseSettings):
@@ -216,7 +217,7 @@ class Settings(BaseSettings):
     trusted_hosts: tuple[str, ...] | None = Field(
         None,
         description="Host header values the HTTP service answers (JSON list; '*.example.com' patterns; others get "
-        "400). Unset: only 127.0.0.1, localhost and ::1 while bound to loopback without a token (no DNS rebinding "
+        "400). Unset: only 127.0.0.1, localhost and [::1] while bound to loopback without a token (no DNS rebinding "
         "against a local server), any host otherwise.",
     )
     max_header_bytes: int = Field(
@@ -328,7 +329,7 @@ class Settings(BaseSettings):
         """trusted_hosts, or its default: the loopback names on a loopback server without a token, else any."""
         if self.trusted_hosts is not None:
             return self.trusted_hosts
-        if self.api_token is None and self.host in LOOPBACK_HOSTS:
+        if self.api_token is None and self.host in LOOPBACK_ADDRESSES:
             return LOOPBACK_HOSTS
         return ("*",)
 

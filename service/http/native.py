@@ -20,22 +20,16 @@ operations = APIRouter()  # open: health checks and scrapers carry no token
 router = APIRouter()  # behind the token check (create_app)
 
 
-@operations.api_route(
-    "/healthz",
-    methods=["GET", "HEAD"],
-    summary="Liveness: 503 once the engine failed to load or the generation worker died.",
-)
+@operations.head("/healthz", include_in_schema=False)
+@operations.get("/healthz", summary="Liveness: 503 once the engine failed to load or the generation worker died.")
 async def healthz(service: ServiceDep) -> JSONResponse:
     if reason := service.broken():
         return JSONResponse({"status": "broken", "detail": reason}, 503)
     return JSONResponse({"status": "alive"})
 
 
-@operations.api_route(
-    "/readyz",
-    methods=["GET", "HEAD"],
-    summary="Readiness: 200 while requests can be served; 503 loading, broken or shutting down.",
-)
+@operations.head("/readyz", include_in_schema=False)
+@operations.get("/readyz", summary="Readiness: 200 while requests can be served; 503 loading, broken or shutting down.")
 async def readyz(service: ServiceDep) -> JSONResponse:
     reason = service.unavailable()
     if reason is not None:
