@@ -39,8 +39,6 @@ MAX_PROMPT_CHARS = 500
 MAX_SEED = 2**32 - 1
 MIN_OUTPUT_SIZE, MAX_OUTPUT_SIZE = 24, 4096
 MIN_LORA_SCALE, MAX_LORA_SCALE = 0.0, 2.0
-LOOPBACK_ADDRESSES = ("127.0.0.1", "localhost", "::1")  # what `serve --host` takes
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # what a Host header says
 
 
 class Settings(BaseSettings):
@@ -217,8 +215,8 @@ class Settings(BaseSettings):
     trusted_hosts: tuple[str, ...] | None = Field(
         None,
         description="Host header values the HTTP service answers (JSON list; '*.example.com' patterns; others get "
-        "400). Unset: only 127.0.0.1, localhost and [::1] while bound to loopback without a token (no DNS rebinding "
-        "against a local server), any host otherwise.",
+        "400). Unset, without a token: a request that arrives on a loopback address must name 127.0.0.1, localhost "
+        "or [::1] (no DNS rebinding against a local server); any host otherwise.",
     )
     max_header_bytes: int = Field(
         16 * 1024,
@@ -323,15 +321,6 @@ class Settings(BaseSettings):
         if self.snap_processes is not None:
             return self.snap_processes
         return self.max_batch_size if self.torch_device.startswith("cuda") else 0
-
-    @property
-    def allowed_hosts(self) -> tuple[str, ...]:
-        """trusted_hosts, or its default: the loopback names on a loopback server without a token, else any."""
-        if self.trusted_hosts is not None:
-            return self.trusted_hosts
-        if self.api_token is None and self.host in LOOPBACK_ADDRESSES:
-            return LOOPBACK_HOSTS
-        return ("*",)
 
     def base_model_candidates(self) -> list[Path]:
         if self.base_model is not None:

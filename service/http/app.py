@@ -20,7 +20,7 @@ from service.config import Settings
 from service.engine import Engine
 from service.http import a1111, docs, native, openai_images, playground
 from service.http.deps import EngineFactory, ErrorShape, Service, authorizer, validation_response
-from service.http.middleware import BodyLimit, RequestMetrics, SecurityHeaders
+from service.http.middleware import BodyLimit, LoopbackHosts, RequestMetrics, SecurityHeaders
 
 # The APIs with an error shape of their own, by path: what a middleware answers on their routes uses it too.
 ADAPTER_SHAPES: tuple[tuple[tuple[str, ...], ErrorShape], ...] = (
@@ -62,7 +62,10 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.state.service = service  # deps.get_service; a Ray Serve replica waits for readiness on it
     # Added innermost first: metrics see every answer (408/413/400 too); the security headers go on all of them.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s, respond=_error)
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.allowed_hosts), www_redirect=False)
+    if settings.trusted_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.trusted_hosts), www_redirect=False)
+    elif settings.api_token is None:
+        app.add_middleware(LoopbackHosts)
     app.add_middleware(RequestMetrics, metrics=service.metrics, router=app.router)
     app.add_middleware(SecurityHeaders)
     # Starlette types every handler as taking any Exception; it calls this one with RequestValidationError only.

@@ -1,11 +1,12 @@
 """Plain ASGI middleware: they must see every response, including those no route produced (413, 404)."""
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import Callable
 
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -79,6 +80,40 @@ class BodyLimit:
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"Body larger than {self.max_bytes} bytes"
         await self.respond(scope["path"], 413, "too_large", message, {})(scope, receive, send)
+
+
+class LoopbackHosts:
+    """Without a token and without PUNKS_TRUSTED_HOSTS: a request that arrived on a loopback address must name a
+    loopback host. A web page elsewhere can make a browser's own name resolve to 127.0.0.1 (DNS rebinding) and then
+    read a tokenless local server; its requests carry that name. Requests arriving on other addresses are not
+    restricted, however the server was started (uvicorn, `serve`, Ray Serve)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived_on = (scope.get("server") or ("",))[0]
+        if scope["type"] == "http" and _is_loopback(arrived_on):
+            named = _host_name(Headers(scope=scope).get("host", ""))
+            if not _is_loopback(named):
+                return await PlainTextResponse("Invalid host header", 400)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header value: "[::1]:8000" -> "::1", "localhost:8000" -> "localhost"."""
+    if host.startswith("["):
+        return host[1 : host.find("]")]
+    return host.partition(":")[0]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class SecurityHeaders:
