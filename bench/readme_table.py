@@ -1,4 +1,4 @@
-"""Print README's "Measured numbers" tables from one bench/bench.py results file, so the README says what the
+"""Print the tables of docs/performance.md from one bench/bench.py results file, so the docs say what the
 committed file says and nothing else.
 
     python bench/readme_table.py bench/results/2026-12-02-NVIDIA-H200.json
@@ -22,15 +22,20 @@ COLUMNS = {  # results key -> column title
 LEVER_VARIANTS = {  # results key -> lever row title (a lever that needs its own process)
     "engine-compile-batch8": "batch buckets up to 8, max_batch_size 8 (own process)",
     "engine-compile-inductor-tuned": "Inductor flags of diffusers' guide, 2nd of 2 tries back to back (own process)",
-    "engine-compile-inductor-tuned-call-5": "Inductor flags of diffusers' guide, call 5 (own process)",
+    "engine-compile-inductor-tuned-part-5": "Inductor flags of diffusers' guide, part 5 (own process)",
     "engine-compile-snap-processes": "snapping in 4 worker processes, PUNKS_SNAP_PROCESSES=4 (own process)",
     "engine-compile-snap-threads": "snapping on the server's threads, PUNKS_SNAP_PROCESSES=0 (own process)",
     "engine-compile-snaps-always-in-workers": "every snap in a worker process, a lone one too (own process)",
-    "engine-compile-snap-processes-call-4": "snapping in 4 worker processes, diffusers' render path (own process)",
-    "engine-compile-snap-threads-call-1": "snapping on threads, diffusers' render path (own process)",
-    "engine-compile-call-7": "batcher waiting 10 ms for company, eager text encoder, PNG level 6 (own process)",
-    "engine-compile-call-9": "batcher wait 0, eager text encoder, PNG level 6 (own process)",
+    "engine-compile-snap-processes-part-4": "snapping in 4 worker processes, diffusers' render path (own process)",
+    "engine-compile-snap-threads-part-1": "snapping on threads, diffusers' render path (own process)",
+    "engine-compile-part-7": "batcher waiting 10 ms for company, eager text encoder, PNG level 6 (own process)",
+    "engine-compile-part-9": "batcher wait 0, eager text encoder, PNG level 6 (own process)",
 }
+
+
+def part(result: dict) -> str:
+    """Which part of a resumed run (bench.py --resume; the report's `parts`) measured a result."""
+    return str(result.get("part", result.get("call", "")))  # "call": bench.py's other name for it
 
 
 def seconds(value: float | None, digits: int = 3) -> str:
@@ -69,7 +74,7 @@ def clients(name: str, result: dict) -> str:
 
 
 def cold_start(name: str, result: dict) -> str:
-    if "not_ready_after_s" in result:  # a worker the device call's limit killed before it was ready
+    if "not_ready_after_s" in result:  # a worker killed by the run's time limit before it was ready
         return f"not ready after {result['not_ready_after_s']:.0f} s (killed)"
     return seconds(result.get("cold_start_s"), 1)
 
@@ -94,7 +99,7 @@ def main_table(results: dict) -> list[str]:
         ),
         ("cold start (process start to ready)", cold_start),
         ("its first request after ready", lambda n, r: seconds(r.get("first_request_s"))),
-        ("measured in device call", lambda n, r: str(r.get("call", ""))),
+        ("measured in part", lambda n, r: part(r)),
     ]
     lines = [
         "| | " + " | ".join(COLUMNS[name] for name in present) + " | engine compiled vs expert |",
@@ -144,21 +149,21 @@ def levers_table(engine: dict, results: dict | None = None) -> list[str]:
         lines.append(f"| {key} | {value} |")
     lines += [
         "",
-        "| lever (one at a time) | batch-1 p50 / p95 | render, largest batch | 8 clients | GPU thread busy | call |",
+        "| lever (one at a time) | batch-1 p50 / p95 | render, largest batch | 8 clients | GPU thread busy | part |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    call = engine.get("call", "")
-    rows = [("none (engine-compile as run)", engine, call)]
-    rows += [(f"{name} (same process)", lever, call) for name, lever in levers.items()]
+    measured_in = part(engine)
+    rows = [("none (engine-compile as run)", engine, measured_in)]
+    rows += [(f"{name} (same process)", lever, measured_in) for name, lever in levers.items()]
     own_process = {key: (results or {})[key] for key in LEVER_VARIANTS if key in (results or {})}
-    rows += [(LEVER_VARIANTS[key], lever, lever.get("call", "")) for key, lever in own_process.items()]
-    for name, lever, call in rows:
+    rows += [(LEVER_VARIANTS[key], lever, part(lever)) for key, lever in own_process.items()]
+    for name, lever, measured_in in rows:
         load = lever.get("throughput", {})
         rate = f"{load['images_per_s']:.2f} images/s" if "images_per_s" in load else lever.get("error", "")[:80]
         if "not_ready_after_s" in lever:
             rate = cold_start(name, lever)
         busy = load.get("gpu_thread_busy", "")
-        lines.append(f"| {name} | {latency(lever)} | {largest_render(lever)} | {rate} | {busy} | {call} |")
+        lines.append(f"| {name} | {latency(lever)} | {largest_render(lever)} | {rate} | {busy} | {measured_in} |")
     return lines
 
 
@@ -171,10 +176,10 @@ def main() -> None:
         f"{env['gpu']}, driver {env.get('driver', '')}, torch {env['torch']}, diffusers {env['diffusers']}, "
         f"transformers {env['transformers']}, {env['date']}; {report['model']}, {report['steps']} steps."
     )
-    calls = report.get("calls") or [{"command": report.get("command", "")}]
-    for number, call in enumerate(calls, 1):
-        where = f" (GPU {call['gpu_uuid']})" if "gpu_uuid" in call else ""
-        print(f"Command{f' {number} of {len(calls)}' if len(calls) > 1 else ''}{where}: `{call['command']}`")
+    parts = report.get("parts") or report.get("calls") or [{"command": report.get("command", "")}]
+    for number, step in enumerate(parts, 1):
+        where = f" (GPU {step['gpu_uuid']})" if "gpu_uuid" in step else ""
+        print(f"Command{f' {number} of {len(parts)}' if len(parts) > 1 else ''}{where}: `{step['command']}`")
     print()
     print("\n".join(main_table(report["results"])))
     for variant in ("engine-compile", "engine"):  # the compiled engine's breakdown, else the eager one's

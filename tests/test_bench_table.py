@@ -1,4 +1,4 @@
-"""bench/readme_table.py: README's numbers are printed from one results file, ratios only within that run."""
+"""bench/readme_table.py: docs/performance.md's numbers are printed from one results file, ratios within one run."""
 
 import importlib.util
 import json
@@ -29,11 +29,11 @@ def test_ratios_compare_the_compiled_engine_with_the_expert_of_the_same_file():
             throughput={"images_per_s": 7.5},
             peak_memory_gib_batch4=3.3,
             cold_start_s=58.0,
-            call=2,
+            part=2,
         ),
         "naive": {"skipped": "not started: too little of the run's time left"},
-        "engine-compile-artifacts": {"cold_start_s": 41.04, "first_request_s": 0.31, "call": 1},
-        "engine-compile-fp8": {"started_s_into_call": 13, "not_ready_after_s": 580},
+        "engine-compile-artifacts": {"cold_start_s": 41.04, "first_request_s": 0.31, "part": 1},
+        "engine-compile-fp8": {"started_s_into_part": 13, "not_ready_after_s": 580},
     }
     lines = table.main_table(results)
     assert lines[0] == (
@@ -42,7 +42,7 @@ def test_ratios_compare_the_compiled_engine_with_the_expert_of_the_same_file():
     )
     assert "| cold start (process start to ready) |  | 58.0 s | 41.0 s | not ready after 580 s (killed) |  |" in lines
     assert "| its first request after ready |  |  | 0.310 s |  |  |" in lines
-    assert "| measured in device call |  | 2 | 1 |  |  |" in lines  # each column says which call measured it
+    assert "| measured in part |  | 2 | 1 |  |  |" in lines  # each column says which part of the run measured it
     latency_row = next(line for line in lines if line.startswith("| end to end"))
     assert "0.250 / 0.275 s" in latency_row and latency_row.endswith("| 1.25x |")  # expert time / engine time
     batch4 = next(line for line in lines if line.startswith("| render alone, batch 4"))
@@ -64,41 +64,50 @@ def test_the_committed_h200_file_prints(capsys, monkeypatch):
         assert f"{report['results'][variant]['throughput']['images_per_s']:.2f} images/s" in printed
     where = report["results"]["engine-compile"]["where_batch1_goes"]
     assert f"| text_encoder_ms | {where['text_encoder_ms']} |" in printed
-    calls = report["calls"]  # a run continued over device calls names each
-    assert f"Command {len(calls)} of {len(calls)} (GPU {calls[-1]['gpu_uuid']}" in printed
+    parts = report["parts"]  # a run resumed in several parts names each
+    assert f"Command {len(parts)} of {len(parts)} (GPU {parts[-1]['gpu_uuid']}" in printed
 
 
 def test_levers_of_their_own_process_get_rows_with_their_largest_batch():
     table = load_table_module()
-    engine = run(0.2, {"4": {"render_s": 0.5, "images_per_s": 8.0}}, throughput={"images_per_s": 7.5}, call=7)
+    engine = run(0.2, {"4": {"render_s": 0.5, "images_per_s": 8.0}}, throughput={"images_per_s": 7.5}, part=7)
     engine["levers"] = {"gc_freeze": {"latency_s": {"median": 0.19, "p95": 0.2}}}
     batch8 = run(
         0.21,
         {"4": {"render_s": 0.5, "images_per_s": 8.0}, "8": {"render_s": 0.9, "images_per_s": 8.89}},
         throughput={"images_per_s": 8.1, "gpu_thread_busy": 0.99},
-        call=4,
+        part=4,
     )
     tuned = {"error": "x"}
-    killed = {"started_s_into_call": 12.2, "not_ready_after_s": 583}
+    killed = {"started_s_into_part": 12.2, "not_ready_after_s": 583}
     results = {
         "engine-compile": engine,
         "engine-compile-batch8": batch8,
         "engine-compile-inductor-tuned": tuned,
-        "engine-compile-inductor-tuned-call-5": killed,
+        "engine-compile-inductor-tuned-part-5": killed,
         "engine-compile-snap-threads": killed,
     }
     lines = table.levers_table(engine, results)
     none = "| none (engine-compile as run) | 0.200 / 0.220 s | batch 4: 0.500 s (8.00/s) | 7.50 images/s |  | 7 |"
     assert none in lines
-    assert "| gc_freeze (same process) | 0.190 / 0.200 s |  |  |  | 7 |" in lines  # measured in the engine's call
+    assert "| gc_freeze (same process) | 0.190 / 0.200 s |  |  |  | 7 |" in lines  # measured in the engine's part
     assert (
         "| batch buckets up to 8, max_batch_size 8 (own process) | 0.210 / 0.231 s | batch 8: 0.900 s (8.89/s) "
         "| 8.10 images/s | 0.99 | 4 |"
     ) in lines
     assert f"| {table.LEVER_VARIANTS['engine-compile-inductor-tuned']} |  |  | x |  |  |" in lines
-    call_5 = table.LEVER_VARIANTS["engine-compile-inductor-tuned-call-5"]
-    assert f"| {call_5} |  |  | not ready after 583 s (killed) |  |  |" in lines
+    part_5 = table.LEVER_VARIANTS["engine-compile-inductor-tuned-part-5"]
+    assert f"| {part_5} |  |  | not ready after 583 s (killed) |  |  |" in lines
     assert (
         "| snapping on the server's threads, PUNKS_SNAP_PROCESSES=0 (own process) |  |  | not ready after 583 s "
         "(killed) |  |  |"
     ) in lines
+
+
+def test_docs_performance_shows_the_committed_h200_table():
+    """docs/performance.md carries the main table exactly as the committed file prints it."""
+    table = load_table_module()
+    report = json.loads((REPO / "bench" / "results" / "2026-12-02-NVIDIA-H200.json").read_text())
+    page = (REPO / "docs" / "performance.md").read_text()
+    missing = [line for line in table.main_table(report["results"]) if line not in page]
+    assert missing == [], "docs/performance.md is stale: paste `python bench/readme_table.py` output"

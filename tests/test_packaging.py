@@ -213,3 +213,16 @@ def test_dockerfile():
     assert "PUNKS_WEIGHTS_DIR=/app/weights" in text
     ignored = (ROOT / "Dockerfile.dockerignore").read_text().split()
     assert "weights" in ignored and set(DEV_FOLDERS) <= set(ignored)
+
+
+def test_offline_wheels_select_gpu_pins_and_refuse_unknown_names():
+    from devtools.offline_wheels import download_command, pins, selected
+
+    pinned = pins()
+    assert "torch" in pinned and "diffusers" in pinned
+    names, unknown = selected(pinned, ["Diffusers", "fastapi"], [])
+    assert names == ["diffusers", "fastapi"] and unknown == []
+    names, unknown = selected(pinned, [], ["torch", "not-a-pin"])
+    assert "torch" not in names and "diffusers" in names and unknown == ["not-a-pin"]
+    command = download_command(pinned, ["diffusers"], Path("wheels"))
+    assert command[-1] == f"diffusers=={pinned['diffusers']}" and "--no-deps" in command

@@ -1,4 +1,4 @@
-"""Train the demo model in one device call: the text encoder (pretrained to name the portraits' attributes), the
+"""Train the demo model in one time-boxed run: the text encoder (pretrained to name the portraits' attributes), the
 VAE, then the base UNet on smooth renderings (the text encoder frozen), then the rank-32 / alpha-16 kohya LoRA on
 crisp renderings (and, with time left, a rank-64 one), then a small evaluation.
 
@@ -8,8 +8,8 @@ crisp renderings (and, with time left, a rank-64 one), then a small evaluation.
 
 Each phase gets a share of --seconds; its step count is fixed after timing its first steps (and logged), so a
 run is seeded and repeatable for the same step counts (--steps-from LOG replays them). Files (fp16 safetensors,
-flat, as the device returns at most 8 files): vae/unet/text_encoder.safetensors, lora32.safetensors,
-lora64.safetensors, log.json, samples.png. `python -m train.assemble` turns them into the shipped folder.
+in one flat folder): vae/unet/text_encoder.safetensors, lora32.safetensors, lora64.safetensors, log.json,
+samples.png. `python -m train.assemble` turns them into the shipped folder.
 """
 
 import argparse

@@ -2,7 +2,7 @@
 
 Every portrait is drawn from scratch by the rules below (no third-party collection is copied): a head on a
 flat or checkered background, with skin tone, eyes, mouth, hair style and colour, headwear, glasses, earring,
-cigarette and shirt. Each has a caption in the format of ../shared/seed/training-analysis.md
+cigarette and shirt. Each has a caption in the format the real LoRA was trained on
 ("pixel art, 24x24, portrait of bespoke punk lad, hair (#c06148), wearing ..., <colour> background (#...),
 palette: ..., sharp pixel edges, hard color borders, retro pixel art style"), or, for some, the short
 description a user types put into the service's prompt template, so both kinds of prompt work.
