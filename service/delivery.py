@@ -17,7 +17,7 @@ from service.weights.resolve import DEMO_NOTE
 
 MEDIA_TYPES: dict[OutputFormat, str] = {"png": "image/png", "webp": "image/webp"}
 # PNG: zlib level 1, no `optimize` pass. The upscale is an indexed image of flat blocks already: level 1 encodes
-# it faster than the default level (H200 hosts: 2.3 ms in call 10, 2.6-5.5 ms at the default level in calls 6-9,
+# it faster than the default level (H200 hosts: 2.3 ms, 2.6-5.5 ms at the default level,
 # bench/results/2026-12-02-NVIDIA-H200.json) into somewhat larger files; optimize would only spend time. WebP:
 # lossless at its default effort.
 ENCODER_OPTIONS: dict[OutputFormat, tuple[str, dict[str, Any]]] = {

@@ -1,6 +1,6 @@
 """The web playground at / (service/http/playground.py), driven in a real headless Chromium by Playwright.
 
-The browser is Debian's chromium at /usr/bin/chromium (`.ci/run` installs it); Playwright's own browser download
+The browser is Debian's chromium at /usr/bin/chromium (`make test` installs it when run as root); Playwright's own browser download
 is never used. A missing browser is a failure, not a skip: CI must run these tests.
 """
 
@@ -39,7 +39,7 @@ TOKEN = "playground-secret"
 def browser() -> Iterator[object]:
     assert CHROMIUM.exists(), (
         f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install -y --no-install-recommends chromium`; "
-        ".ci/run does this before `make test`)"
+        "`make test` does this when run as root)"
     )
     from playwright.sync_api import sync_playwright
 
