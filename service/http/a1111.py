@@ -30,16 +30,7 @@ from starlette.exceptions import HTTPException
 from service import config
 from service.delivery import encode_images
 from service.engine import Engine, GenerationRequest
-from service.http.deps import (
-    CLIENT_CLOSED_REQUEST,
-    MODEL,
-    ReadyEngine,
-    ServiceDep,
-    lora_of_model,
-    model_names,
-    shaped_route,
-    validation_response,
-)
+from service.http import deps
 
 # The configured scheduler's names in A1111 (service/config.py Scheduler, service/loading.py SCHEDULERS).
 SAMPLERS: dict[config.Scheduler, tuple[str, ...]] = {
@@ -99,7 +90,7 @@ def error_response(error: Exception) -> Response | None:
     """A1111's error shapes: 422 `{"detail": [...]}` for bad values (named as this API names them), and
     `{"error", "detail", "body", "errors"}` for every HTTPException (401, 413, 429, 503, 504)."""
     if isinstance(error, RequestValidationError):
-        return validation_response([item | {"loc": _renamed(item.get("loc", ()))} for item in error.errors()])
+        return deps.validation_response([item | {"loc": _renamed(item.get("loc", ()))} for item in error.errors()])
     if isinstance(error, HTTPException):
         body = {
             "error": "HTTPException",
@@ -111,7 +102,7 @@ def error_response(error: Exception) -> Response | None:
     return None
 
 
-router = APIRouter(prefix="/sdapi/v1", route_class=shaped_route(error_response), tags=["AUTOMATIC1111 API"])
+router = APIRouter(prefix="/sdapi/v1", route_class=deps.shaped_route(error_response), tags=["AUTOMATIC1111 API"])
 
 
 @router.post(
@@ -119,7 +110,7 @@ router = APIRouter(prefix="/sdapi/v1", route_class=shaped_route(error_response),
     summary="A1111-compatible text to image (base64 PNGs, info as a JSON string).",
     response_model=Txt2ImgResponse,
 )
-async def txt2img(body: Txt2ImgRequest, http: Request, service: ServiceDep) -> Response:
+async def txt2img(body: Txt2ImgRequest, http: Request, service: deps.ServiceDep) -> Response:
     sampler = _check_unsupported(body, service.settings.scheduler)
     engine = service.ready_engine()
     lora = _lora(engine, (body.override_settings or {}).get("sd_model_checkpoint"))
@@ -136,12 +127,12 @@ async def txt2img(body: Txt2ImgRequest, http: Request, service: ServiceDep) -> R
     )
     done = await service.submit(request, http)
     if done is None:  # the client hung up
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return Response(status_code=deps.CLIENT_CLOSED_REQUEST)
     result = done.result
     images = await asyncio.to_thread(encode_images, result.images, "png", False)
     seeds = [image.seed for image in images]
     count = len(seeds)
-    model = lora or MODEL
+    model = lora or deps.MODEL
     infotexts = [
         f"{result.prompt}\nNegative prompt: {result.negative_prompt}\nSteps: {result.steps}, Sampler: {sampler}, "
         f"Schedule type: {SCHEDULE}, CFG scale: {result.guidance:g}, Seed: {seed}, "
@@ -193,15 +184,15 @@ async def txt2img(body: Txt2ImgRequest, http: Request, service: ServiceDep) -> R
 
 
 @router.get("/sd-models", summary="The models txt2img can use (override_settings.sd_model_checkpoint).")
-async def sd_models(engine: ReadyEngine) -> list[dict[str, Any]]:
+async def sd_models(engine: deps.ReadyEngine) -> list[dict[str, Any]]:
     return [
         {"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
-        for name in model_names(engine)
+        for name in deps.model_names(engine)
     ]
 
 
 @router.get("/samplers", summary="The configured sampler (PUNKS_SCHEDULER) under its A1111 names.")
-async def samplers(service: ServiceDep) -> list[dict[str, Any]]:
+async def samplers(service: deps.ServiceDep) -> list[dict[str, Any]]:
     name, *aliases = SAMPLERS[service.settings.scheduler]
     return [{"name": name, "aliases": aliases, "options": {}}]
 
@@ -213,7 +204,7 @@ async def schedulers() -> list[dict[str, Any]]:
 
 @router.get("/options", summary="The few options clients read at start.")
 async def options() -> dict[str, Any]:
-    return {"sd_model_checkpoint": MODEL, "samples_format": "png"}
+    return {"sd_model_checkpoint": deps.MODEL, "samples_format": "png"}
 
 
 @router.get("/scripts", summary="No scripts (clients probe for ControlNet and the like).")
@@ -264,9 +255,9 @@ def _check_unsupported(body: Txt2ImgRequest, scheduler: config.Scheduler) -> str
 def _lora(engine: Engine, checkpoint: object) -> str | None:
     """The engine's `lora` for A1111's sd_model_checkpoint: None for the default, a LoRA name, or a 422."""
     try:
-        return lora_of_model(engine, checkpoint)
+        return deps.lora_of_model(engine, checkpoint)
     except LookupError:
-        allowed = ", ".join(model_names(engine))
+        allowed = ", ".join(deps.model_names(engine))
         why = f"unknown model; allowed: {allowed} (GET /sdapi/v1/sd-models)"
         raise RequestValidationError(
             [{"type": "value_error", "loc": ("body", "override_settings"), "msg": why}]
