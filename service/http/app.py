@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -26,6 +26,15 @@ from service.http.middleware import BodyLimit, LoopbackHosts, RequestMetrics, Se
 ADAPTER_SHAPES: tuple[tuple[tuple[str, ...], ErrorShape], ...] = (
     (("/v1/images/", "/v1/models"), openai_images.error_response),
     (("/sdapi/",), a1111.error_response),
+)
+# Every API, and whether it takes the token check (PUNKS_API_TOKEN).
+ROUTERS: tuple[tuple[APIRouter, bool], ...] = (
+    (playground.router, False),  # the web page at / (service/http/static/); it asks for the token itself
+    (docs.router, False),  # /docs, /redoc
+    (native.operations, False),  # /healthz, /readyz, /metrics
+    (native.router, True),  # POST /v1/generate, GET /v1/loras
+    (openai_images.router, True),  # POST /v1/images/generations, GET /v1/models
+    (a1111.router, True),  # POST /sdapi/v1/txt2img, GET /sdapi/v1/sd-models, ...
 )
 
 
@@ -66,18 +75,14 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.trusted_hosts), www_redirect=False)
     elif settings.api_token is None:
         app.add_middleware(LoopbackHosts)
-    app.add_middleware(RequestMetrics, metrics=service.metrics, router=app.router)
+    app.add_middleware(RequestMetrics, metrics=service.metrics, routers=[app.router, *(r for r, _ in ROUTERS)])
     app.add_middleware(SecurityHeaders)
     # Starlette types every handler as taking any Exception; it calls this one with RequestValidationError only.
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
 
     token = [Depends(authorizer(settings))]
-    app.include_router(playground.router)  # the web page at / (service/http/static/)
-    app.include_router(docs.router)  # /docs, /redoc
-    app.include_router(native.operations)  # /healthz, /readyz, /metrics: open
-    app.include_router(native.router, dependencies=token)  # POST /v1/generate, GET /v1/loras
-    app.include_router(openai_images.router, dependencies=token)  # POST /v1/images/generations, GET /v1/models
-    app.include_router(a1111.router, dependencies=token)  # POST /sdapi/v1/txt2img, GET /sdapi/v1/sd-models, ...
+    for router, needs_token in ROUTERS:
+        app.include_router(router, dependencies=token if needs_token else None)
     return app
 
 

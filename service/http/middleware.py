@@ -3,7 +3,7 @@
 import asyncio
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import PlainTextResponse, Response
@@ -141,11 +141,13 @@ class SecurityHeaders:
 class RequestMetrics:
     """Count every answer by route template (not raw path, so unknown URLs cannot explode the label set)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, router: Router):
-        """`router`: to name the plain Starlette routes (/docs, /openapi.json), which do not set scope["route"]."""
+    def __init__(self, app: ASGIApp, metrics: Metrics, routers: Sequence[Router]):
+        """`routers`: the app's own and those it includes (FastAPI keeps an included router as one entry of the
+        app's routes), to name answers no route gave (413, 408) and the plain Starlette routes (/openapi.json),
+        which do not set scope["route"]."""
         self.app = app
         self.metrics = metrics
-        self.router = router
+        self.routers = routers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -168,7 +170,9 @@ class RequestMetrics:
             self.metrics.latency.labels(method, route).observe(time.perf_counter() - started)
 
     def _route_of(self, scope: Scope) -> str:
-        for route in self.router.routes:
-            if route.matches(scope)[0] == Match.FULL:
-                return getattr(route, "path", "unmatched")
+        for router in self.routers:
+            for route in router.routes:
+                path = getattr(route, "path", None)  # an included router has none: its own routes are listed
+                if path is not None and route.matches(scope)[0] == Match.FULL:
+                    return str(path)
         return "unmatched"
