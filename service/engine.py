@@ -3,17 +3,17 @@ into snapped 24x24 sprites and 1024 px PNGs.
 
 Requests are grouped into as few pipeline calls as possible. Each image has its own seeded
 generator, so a seed gives the same image whether it was generated alone or in a batch.
+
+The engine loads (Engine.load) and renders (render: the GPU half; finish: the CPU half). What it delegates:
+requests and their bounds (service/requests.py), the LoRAs it serves (service/lora/registry.py) and where snaps
+run (service/snap_processes.py). GenerationRequest and request_sizes are re-exported here for the surfaces.
 """
 
 import logging
 import secrets
-import threading
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from functools import partial
 from itertools import groupby
 from pathlib import Path
 
@@ -21,96 +21,25 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from service import config, snap_processes
+from service import config
 from service.acceleration import accelerate, bucket_size
 from service.config import Settings
 from service.errors import RequestError
 from service.loading import load_base_pipeline, set_scheduler
-from service.lora.fuse import fuse_lora
-from service.lora.inspect import LoraInfo, check_sd15_lora, inspect_sd15_lora
-from service.lora.switch import LoraSwitcher, check_loras, find_loras
-from service.pixelart import PixelArt, to_pixel_art
+from service.lora.inspect import LoraInfo
+from service.lora.registry import LoraRegistry
+from service.pixelart import PixelArt
 from service.prompts import NEGATIVE_PROMPT, PromptTokens, chunk_input_ids, tokenize_negative, tokenize_prompt
+from service.requests import GenerationRequest, request_sizes
+from service.snap_processes import Snapper
 from service.upscale import Upscaler, load_upscaler
 from service.weights.resolve import WeightsSource, resolve_weights
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (steps done, steps in total)
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Everything a user can ask for, under the same field names on every surface (CLI, HTTP, Cog).
-    None means the configured default (Settings)."""
-
-    prompt: str
-    seed: int | None = None  # None: random; image i uses seed + i
-    num_outputs: int = 1
-    steps: int | None = None
-    guidance: float | None = None
-    lora: str | None = None  # a name from Engine.lora_names (a LoRA in loras_dir); None: the default LoRA
-    upscaler: config.UpscalerName | None = None  # "realesrgan": also GeneratedImage.smooth
-    output_size: int | None = None  # side of the delivered image
-    integer_scale: bool | None = None  # cells of exactly floor(output_size / grid) px
-    output_format: config.OutputFormat = "png"  # delivery only (service/delivery.py)
-    return_sprites: bool = False  # delivery only: also the grid x grid sprites
-
-    def check(self) -> None:
-        """Raise RequestError naming the field for a value outside the shared bounds (service/config.py).
-
-        Written for untrusted callers: a bool is not a number here, nor is NaN or a float seed."""
-        _check_text("prompt", self.prompt, config.MAX_PROMPT_CHARS)
-        if not any(unicodedata.category(char)[0] not in "CZ" for char in self.prompt):  # spaces, zero-width, controls
-            raise RequestError("prompt", "must not be empty (it has no visible character)")
-        if self.seed is not None:
-            _check_number("seed", self.seed, 0, config.MAX_SEED, whole=True)
-        _check_number("num_outputs", self.num_outputs, 1, config.MAX_IMAGES, whole=True)
-        if self.steps is not None:
-            _check_number("steps", self.steps, config.MIN_STEPS, config.MAX_STEPS, whole=True)
-        if self.guidance is not None:
-            _check_number("guidance", self.guidance, config.MIN_GUIDANCE, config.MAX_GUIDANCE)
-        if self.output_size is not None:
-            _check_number("output_size", self.output_size, config.MIN_OUTPUT_SIZE, config.MAX_OUTPUT_SIZE, whole=True)
-        if self.lora is not None:
-            _check_text("lora", self.lora, 200)
-            if not self.lora.strip():
-                raise RequestError("lora", "must be a LoRA name (a file stem in the LoRA folder)")
-        _check_choice("upscaler", self.upscaler, config.UPSCALERS, optional=True)
-        _check_choice("output_format", self.output_format, config.OUTPUT_FORMATS)
-        if self.integer_scale is not None:
-            _check_flag("integer_scale", self.integer_scale)
-        _check_flag("return_sprites", self.return_sprites)
-
-
-def _check_text(field: str, value: object, max_chars: int) -> None:
-    if not isinstance(value, str):
-        raise RequestError(field, "must be a string")
-    if len(value) > max_chars:
-        raise RequestError(field, f"at most {max_chars} characters, got {len(value)}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RequestError(field, "must be valid Unicode text (no lone surrogates)") from None
-
-
-def _check_number(field: str, value: object, low: float, high: float, whole: bool = False) -> None:
-    kinds = (int,) if whole else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise RequestError(field, "must be a whole number" if whole else "must be a number")
-    if not low <= value <= high:  # also refuses NaN
-        raise RequestError(field, f"must be between {low} and {high}")
-
-
-def _check_flag(field: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise RequestError(field, "must be true or false")
-
-
-def _check_choice(field: str, value: object, choices: tuple[str, ...], optional: bool = False) -> None:
-    if (value is None and optional) or value in choices:
-        return
-    raise RequestError(field, f"must be one of {', '.join(choices)}")
+__all__ = ["Engine", "GeneratedImage", "GenerationRequest", "GenerationResult", "Progress", "Rendered"]
+__all__ += ["request_sizes", "to_pil"]
 
 
 @dataclass
@@ -172,48 +101,21 @@ class Engine:
         pipe: StableDiffusionPipeline,
         settings: Settings,
         weights: WeightsSource,
-        lora: LoraInfo,
-        loras: dict[str, Path] | None = None,
-        switcher: LoraSwitcher | None = None,
+        loras: LoraRegistry,
         upscaler: Upscaler | None = None,
         text_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
-        """`text_encoder`: what turns token ids into CLIP hidden states (accelerate's CUDA graphs); None: the
-        pipeline's encoder, eagerly."""
+        """`loras`: the LoRAs fused into `pipe` and selectable by name; `text_encoder`: what turns token ids into
+        CLIP hidden states (accelerate's CUDA graphs); None: the pipeline's encoder, eagerly."""
         self.pipe = pipe
         self.settings = settings
         self.weights = weights
-        self.lora = lora
-        self.loras = dict(loras or {})  # the allow-list: name -> file; requests name a LoRA, never a path
-        self._private_loras: dict[str, Path] = {}  # add_lora's (a caller's lora_url): never listed nor selectable
-        self.switcher = switcher
+        self.loras = loras
         self.upscaler = upscaler  # loaded only with settings.upscaler == "realesrgan"
         self.device = torch.device(settings.torch_device)
         self._text_encoder = text_encoder or (lambda ids: pipe.text_encoder(ids)[0])
         self._negative_embeddings: dict[tuple, torch.Tensor] = {}
-        count = settings.snap_process_count
-        self._snap_processes = snap_processes.start(count) if count else None
-        self._running = _Running()  # renders and in-process snaps now: a snap goes to a process only beside others
-
-    def close(self) -> None:
-        """Stop the snap processes (PUNKS_SNAP_PROCESSES), if any; the engine snaps no more afterwards."""
-        if self._snap_processes is not None:
-            self._snap_processes.shutdown(cancel_futures=True)
-
-    @property
-    def lora_names(self) -> list[str]:
-        """The LoRAs a request may name besides the default one (`default_lora`, or no name)."""
-        return sorted(self.loras)
-
-    @property
-    def default_lora(self) -> str:
-        """The name of the LoRA served when a request names none (its file stem)."""
-        return self.weights.lora.stem
-
-    @property
-    def is_smoke(self) -> bool:
-        """True when no real weights were found and the random smoke model stands in: images are noise."""
-        return self.weights.is_smoke
+        self.snapper = Snapper(settings.grid, settings.max_colors, settings.snap_process_count)
 
     @classmethod
     def load(cls, settings: Settings | None = None, loras: dict[str, Path] | None = None) -> "Engine":
@@ -232,31 +134,11 @@ class Engine:
         stages.lap("read SD1.5")
         pipe.to(settings.torch_device)  # before fusing: the fuse's matmuls are much faster on the GPU
         stages.lap(f"to {settings.torch_device}")
-        loras = find_loras(settings.loras_path()) if loras is None else loras
-        switcher = None
-        lora = inspect_sd15_lora(weights.lora, settings.expected_lora_rank)
-        if loras or settings.lora_url_cache_size:  # lora_url: LoRAs are added at run time (add_lora)
-            if settings.compile or settings.fp8:
-                mode = "compile" if settings.compile else "fp8"
-                raise ValueError(
-                    f"{mode}: switching LoRAs (loras_dir, or lora_url with PUNKS_LORA_URL_CACHE_SIZE > 0) is not "
-                    f"supported with PUNKS_{mode.upper()} (the switcher rewrites fp16 weights in place); set "
-                    f"PUNKS_LORA_URL_CACHE_SIZE=0 and leave {settings.loras_path()} empty"
-                )
-            selectable = check_loras(pipe, loras, settings.expected_lora_rank)  # a wrong file fails now
-            switcher = LoraSwitcher(pipe, settings.lora_scale, [lora, *selectable.values()])
-            log.info(
-                "selectable LoRAs: %s (base copy of %.0f MB kept for switching)",
-                ", ".join(sorted(loras)) or "none yet (lora_url)",
-                switcher.base_bytes / 1e6,
-            )
-            switcher.fuse(lora.path)
-        else:
-            fuse_lora(pipe, lora, settings.lora_scale)
+        registry = LoraRegistry.load(pipe, settings, weights.lora, loras)
         stages.lap("fuse LoRA")
         text_encoder = accelerate(pipe, settings)
         pipe.set_progress_bar_config(disable=True)
-        engine = cls(pipe, settings, weights, lora, loras, switcher, upscaler, text_encoder)
+        engine = cls(pipe, settings, weights, registry, upscaler, text_encoder)
         if settings.warmup:
             engine.warm_up()
             stages.lap("warm-up")
@@ -264,7 +146,7 @@ class Engine:
             "loaded %s + %s (%s) on %s/%s in %s%s",
             weights.base_model,
             weights.lora,
-            lora.describe(),
+            registry.default.describe(),
             settings.torch_device,
             settings.torch_dtype_name,
             stages,
@@ -272,9 +154,30 @@ class Engine:
         )
         return engine
 
+    def close(self) -> None:
+        """Stop the snap processes (PUNKS_SNAP_PROCESSES), if any; the engine snaps no more afterwards."""
+        self.snapper.close()
+
+    @property
+    def is_smoke(self) -> bool:
+        """True when no real weights were found and the random smoke model stands in: images are noise."""
+        return self.weights.is_smoke
+
+    # --- the LoRAs, as the surfaces ask about them (service/lora/registry.py does the work) ---
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The LoRAs a request may name besides the default one (`default_lora`, or no name)."""
+        return self.loras.names
+
+    @property
+    def default_lora(self) -> str:
+        """The name of the LoRA served when a request names none (its file stem)."""
+        return self.loras.default_name
+
     def lora_warnings(self, info: LoraInfo) -> list[str]:
         """What the guard warns about in a LoRA that it lets through (a rank other than the one that worked)."""
-        return check_sd15_lora(info, self.settings.expected_lora_rank)
+        return self.loras.warnings(info)
 
     def add_lora(self, name: str, path: Path) -> LoraInfo:
         """Make the LoRA file at `path` renderable as `name` at run time (Cog's lora_url), after the guard start-up
@@ -284,23 +187,15 @@ class Engine:
 
         Call it on the GPU thread (the batcher's executor), as render is: registering is then never interleaved
         with a batch."""
-        if self.switcher is None:
-            raise RuntimeError("adding LoRAs needs the switcher: start with PUNKS_LORA_URL_CACHE_SIZE > 0")
-        if name in self.loras or name in self._private_loras:
-            raise ValueError(f"a LoRA named {name!r} is already served")
-        info = check_loras(self.pipe, {name: path}, self.settings.expected_lora_rank)[name]
-        self.switcher.add(info)
-        self._private_loras = self._private_loras | {name: path}
-        return info
+        return self.loras.add(name, path)
 
     def remove_lora(self, name: str) -> None:
         """Stop serving a LoRA added with add_lora; its file may be deleted once this returns. On the GPU thread,
         like add_lora: a batch that uses it has been rendered by then."""
-        path = self._private_loras[name]
-        self._private_loras = {known: file for known, file in self._private_loras.items() if known != name}
-        if path not in self._private_loras.values() and self.switcher is not None:
-            self.switcher.remove(path)
-            self._negative_embeddings = {key: e for key, e in self._negative_embeddings.items() if key[0] != path}
+        if (gone := self.loras.remove(name)) is not None:
+            self._negative_embeddings = {key: e for key, e in self._negative_embeddings.items() if key[0] != gone}
+
+    # --- rendering ---
 
     def warm_up(self) -> None:
         """Generate once per batch bucket (compile: record each CUDA graph) so no user request pays for it."""
@@ -313,9 +208,7 @@ class Engine:
         if self.upscaler is not None:
             size = self.settings.generation_size
             self.upscaler.upscale(Image.new("RGB", (size, size)), self.settings.output_size)
-        if self._snap_processes is not None:  # start every snap process now (each one imports numpy and Pillow)
-            blank = Image.new("RGB", (self.settings.generation_size,) * 2)
-            list(self._snap_processes.map(to_pixel_art, [blank] * self.settings.snap_process_count))
+        self.snapper.warm_up(self.settings.generation_size)
         log.info("warm-up (batch sizes %s) took %.1fs", sizes, time.perf_counter() - started)
 
     def check_request(self, request: GenerationRequest) -> PromptTokens:
@@ -328,7 +221,7 @@ class Engine:
 
     def _check(self, request: GenerationRequest, private_loras: bool) -> PromptTokens:
         request.check()
-        self._lora_file(request.lora, private_loras)
+        self.loras.file(request.lora, private_loras)
         if request.upscaler == "realesrgan" and self.upscaler is None:
             raise RequestError("upscaler", "realesrgan is not enabled on this server (PUNKS_UPSCALER=realesrgan)")
         tokens = tokenize_prompt(self.pipe.tokenizer, request.prompt)
@@ -348,11 +241,8 @@ class Engine:
     def render(self, requests: Sequence[GenerationRequest], progress: Progress | None = None) -> list[Rendered]:
         """The GPU half: generate every request's raw images with as few pipeline calls as their settings
         allow (plus the Real-ESRGAN upscale, also on the GPU). Run it on the thread that loaded the engine."""
-        self._running.join()
-        try:
+        with self.snapper.rendering():
             return self._render(requests, progress)
-        finally:
-            self._running.leave()
 
     def _render(self, requests: Sequence[GenerationRequest], progress: Progress | None) -> list[Rendered]:
         checked = [self._check(request, private_loras=True) for request in requests]  # all, before rendering
@@ -364,10 +254,10 @@ class Engine:
         timings = {"pipeline_s": 0.0}  # shared by the batch's requests: they waited for the same calls
         total_steps = sum(job.steps for job in {job.group_key: job for job in jobs}.values())
         done_steps = 0
-        active_first = lambda j: (self._lora_file(j.lora, True) != self.active_lora, j.group_key)  # noqa: E731
+        active_first = lambda j: (self.loras.file(j.lora, private=True) != self.loras.active, j.group_key)  # noqa: E731
         for _, grouped in groupby(sorted(jobs, key=active_first), key=lambda j: j.group_key):
             group = list(grouped)
-            if switched := self._use_lora(group[0].lora):
+            if switched := self.loras.use(group[0].lora):
                 timings["lora_switch_s"] = timings.get("lora_switch_s", 0.0) + switched
             started = time.perf_counter()
             raws = iter(self._run_pipeline(group, progress, done_steps, total_steps))
@@ -393,7 +283,9 @@ class Engine:
         job = rendered.job
         smooth: Sequence[Image.Image | None] = rendered.smooth or [None] * len(rendered.raws)
         images = [
-            GeneratedImage(seed=seed, raw=raw, art=self._snap(raw, job), smooth=smoothed)
+            GeneratedImage(
+                seed=seed, raw=raw, art=self.snapper.snap(raw, job.output_size, job.integer_scale), smooth=smoothed
+            )
             for seed, raw, smoothed in zip(job.seeds, rendered.raws, smooth, strict=True)
         ]
         timings = rendered.timings | {"postprocess_s": time.perf_counter() - started}
@@ -432,35 +324,10 @@ class Engine:
 
     def _negative(self, chunks: int) -> torch.Tensor:
         """The fixed negative prompt never changes: encode it once per chunk count."""
-        key = (self.active_lora, chunks)  # the text encoder changes with the fused LoRA
+        key = (self.loras.active, chunks)  # the text encoder changes with the fused LoRA
         if key not in self._negative_embeddings:
             self._negative_embeddings[key] = self._encode([tokenize_negative(self.pipe.tokenizer).token_ids], chunks)
         return self._negative_embeddings[key]
-
-    def _lora_file(self, name: str | None, private: bool) -> Path:
-        """The file behind a request's LoRA name: the default LoRA (no name, or its name), a served one, or with
-        `private` one of add_lora's. RequestError listing the names a request may use otherwise."""
-        if name is None or name == self.default_lora:
-            return self.weights.lora
-        if name in self.loras:
-            return self.loras[name]
-        if private and name in self._private_loras:
-            return self._private_loras[name]
-        allowed = ", ".join([self.default_lora, *self.lora_names])
-        raise RequestError("lora", f"unknown LoRA {name[:80]!r}; allowed: {allowed}")
-
-    @property
-    def active_lora(self) -> Path | None:
-        """The fused LoRA's file; None while a switch that failed left the base weights (LoraSwitcher.fuse)."""
-        return self.switcher.active if self.switcher is not None else self.weights.lora
-
-    def _use_lora(self, name: str | None) -> float:
-        """Fuse the LoRA a group needs (a no-op when it already is); returns the seconds it took."""
-        path = self._lora_file(name, private=True)
-        if path == self.active_lora:
-            return 0.0
-        assert self.switcher is not None  # without one, only the fused LoRA resolves (load, add_lora)
-        return self.switcher.switch(path)
 
     def _run_pipeline(self, group: list[_Job], progress: Progress | None, done: int, total: int) -> list[Image.Image]:
         steps, guidance, chunks = group[0].batch_key
@@ -493,51 +360,6 @@ class Engine:
         )
         return to_pil(output.images[:wanted])
 
-    def _snap(self, raw: Image.Image, job: _Job) -> PixelArt:
-        """With snap processes, in a worker only while a render or another snap runs here: the GIL they would share
-        is what workers are for. A lone image snaps on this thread, where it waits for no hand-off (H200 call 4: batch-1
-        p50 0.228 s snapping in workers, 0.2075 s on threads; bench/results/2026-12-02-NVIDIA-H200.json)."""
-        s = self.settings
-        snap = partial(
-            to_pixel_art, grid=s.grid, size=job.output_size, max_colors=s.max_colors, integer_scale=job.integer_scale
-        )
-        processes = self._snap_processes
-        if processes is None:
-            return snap(raw)
-        if self._running.join(only_if_idle=True):
-            try:
-                return snap(raw)
-            finally:
-                self._running.leave()
-        try:
-            return processes.submit(snap, raw).result()  # this thread waits without holding the GIL
-        except BrokenProcessPool:  # a worker died (killed, out of memory): the pool takes no more work
-            if self._snap_processes is processes:
-                log.error("a snap process died; snapping on this process's threads from now on", exc_info=True)
-                self._snap_processes = None
-                processes.shutdown(wait=False, cancel_futures=True)
-            return snap(raw)
-
-
-class _Running:
-    """How many renders and in-process snaps of one engine run right now, across its threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = 0
-
-    def join(self, only_if_idle: bool = False) -> bool:
-        """Count one more, unless `only_if_idle` and something runs; True when counted (then call leave)."""
-        with self._lock:
-            if only_if_idle and self._count:
-                return False
-            self._count += 1
-            return True
-
-    def leave(self) -> None:
-        with self._lock:
-            self._count -= 1
-
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """PIL images from the pipeline's (n, 3, h, w) 0..1 tensor, as diffusers' output_type="pil" makes them
@@ -546,13 +368,6 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     (bench/results/2026-12-03-pipeline-overhead-NVIDIA-H200.json)."""
     pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(image) for image in pixels]
-
-
-def request_sizes(images: int) -> list[int]:
-    """Image counts of the fewest requests that fill a batch of `images`: a batch beyond one request's
-    MAX_IMAGES is several requests grouped, as the batcher groups them."""
-    full, rest = divmod(images, config.MAX_IMAGES)
-    return [config.MAX_IMAGES] * full + ([rest] if rest else [])
 
 
 class _Stopwatch:

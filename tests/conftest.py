@@ -58,7 +58,7 @@ def fast_engine(engine, smoke_settings: Settings):
     from service.engine import Engine
     from tests.live_server import FAST
 
-    return Engine(engine.pipe, Settings(**smoke_settings.model_dump() | FAST), engine.weights, engine.lora)
+    return Engine(engine.pipe, Settings(**smoke_settings.model_dump() | FAST), engine.weights, engine.loras)
 
 
 @pytest.fixture(scope="module")

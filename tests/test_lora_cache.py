@@ -212,7 +212,7 @@ def test_an_added_lora_is_checked_fused_and_removed(url_engine, tmp_path: Path):
     from service.engine import GenerationRequest
 
     engine = url_engine
-    assert engine.switcher is not None and engine.lora_names == []
+    assert engine.loras.switcher is not None and engine.lora_names == []
     good = tmp_path / "good.safetensors"
     save_file(random_kohya_lora(build_smoke_pipeline(), seed=3), str(good), metadata=kohya_metadata(32, 16))
 
@@ -230,7 +230,7 @@ def test_an_added_lora_is_checked_fused_and_removed(url_engine, tmp_path: Path):
     switched = engine.generate(GenerationRequest("a punk", seed=5, steps=1, lora="url-good-1"))
     assert switched.timings["lora_switch_s"] > 0
     engine.remove_lora("url-good-1")  # while fused: the next switch restores the base first
-    assert engine.lora_names == [] and good not in engine.switcher.loras
+    assert engine.lora_names == [] and good not in engine.loras.switcher.loras
     assert all(key[0] != good for key in engine._negative_embeddings)
     with pytest.raises(RequestError, match="^lora: unknown LoRA 'url-good-1'"):
         engine.check_request(GenerationRequest("a punk", lora="url-good-1"))
@@ -248,7 +248,7 @@ def test_adding_a_wrong_lora_raises_the_guards_error(url_engine, tmp_path: Path,
     path = write_lora(tmp_path / "wrong.safetensors", modules)
     with pytest.raises(LoraError, match=message):
         url_engine.add_lora("url-wrong-1", path)
-    assert "url-wrong-1" not in url_engine._private_loras and path not in url_engine.switcher.loras
+    assert "url-wrong-1" not in url_engine.loras.private and path not in url_engine.loras.switcher.loras
 
 
 @pytest.mark.parametrize("mode", ["compile", "fp8"])

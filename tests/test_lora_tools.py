@@ -403,7 +403,7 @@ def test_switching_lora_changes_the_image_and_back_restores_it(switching_engine)
     assert engine.lora_names == ["other"]
     default = _images[None] = raw(engine)
     other = _images["other"] = raw(engine, lora="other")
-    assert engine.active_lora is not None and engine.active_lora.name == "other.safetensors"
+    assert engine.loras.active is not None and engine.loras.active.name == "other.safetensors"
     assert np.abs(default - other).max() > 10
     assert np.array_equal(raw(engine), default)  # restored base weights + the same fuse: bit for bit
 
@@ -423,7 +423,7 @@ def test_mixed_batch_is_grouped_by_lora(switching_engine, monkeypatch):
             return getattr(self.pipe, name)
 
         def __call__(self, **kwargs):
-            calls.append((engine.active_lora.stem, len(kwargs["prompt_embeds"])))
+            calls.append((engine.loras.active.stem, len(kwargs["prompt_embeds"])))
             return self.pipe(**kwargs)
 
     monkeypatch.setattr(engine, "pipe", CountingPipe(engine.pipe))
@@ -448,9 +448,12 @@ def test_unknown_lora_names_are_refused_naming_the_field(switching_engine, name)
 
 def test_engine_without_lora_folder_refuses_any_name(switching_engine):
     from service.engine import Engine, GenerationRequest
+    from service.lora.registry import LoraRegistry
 
     e = switching_engine
-    plain = Engine(e.pipe, e.settings.model_copy(update={"loras_dir": Path("/nonexistent")}), e.weights, e.lora)
+    settings = e.settings.model_copy(update={"loras_dir": Path("/nonexistent")})
+    loras = LoraRegistry(e.loras.default, settings.expected_lora_rank)
+    plain = Engine(e.pipe, settings, e.weights, loras)
     assert plain.lora_names == []
     with pytest.raises(ValueError, match="^lora: unknown LoRA 'other'; allowed: none"):
         plain.generate(GenerationRequest(PROMPT, seed=1, lora="other"))
@@ -461,16 +464,17 @@ def test_a_switch_uses_the_start_up_inspection(switching_engine, monkeypatch):
     import service.lora.inspect
 
     engine = switching_engine
-    other = engine.loras["other"]
-    assert engine.switcher.loras[other].path == other and engine.switcher.loras[engine.weights.lora] is engine.lora
+    other = engine.loras.files["other"]
+    switcher = engine.loras.switcher
+    assert switcher.loras[other].path == other and switcher.loras[engine.weights.lora] is engine.loras.default
 
     def no_reading(path, *args):
         raise AssertionError(f"{path} was inspected again")
 
     switch_seconds(engine, None)
     monkeypatch.setattr(service.lora.inspect, "read_tensor_table", no_reading)
-    assert switch_seconds(engine, "other") > 0 and engine.active_lora == other
-    assert switch_seconds(engine, None) > 0 and engine.active_lora == engine.weights.lora
+    assert switch_seconds(engine, "other") > 0 and engine.loras.active == other
+    assert switch_seconds(engine, None) > 0 and engine.loras.active == engine.weights.lora
 
 
 def test_wrong_lora_in_the_folder_fails_at_startup(switching_engine, runs):
@@ -490,6 +494,6 @@ def test_switch_cost_is_measured(switching_engine):
     log.warning(
         "LoRA switch on the CPU smoke model: %s s; base copy %.1f MB",
         ", ".join(f"{c:.3f}" for c in costs),
-        engine.switcher.base_bytes / 1e6,
+        engine.loras.switcher.base_bytes / 1e6,
     )
-    assert all(c > 0 for c in costs) and engine.active_lora == engine.weights.lora
+    assert all(c > 0 for c in costs) and engine.loras.active == engine.weights.lora

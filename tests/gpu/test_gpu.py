@@ -49,7 +49,7 @@ def pixels(image) -> np.ndarray:
 def test_fp16_on_cuda_with_lora_fused_and_no_wrappers(engine):
     assert engine.pipe.unet.dtype == torch.float16 and engine.pipe.device.type == "cuda"
     assert count_lora_layers(engine.pipe) == 0
-    assert engine.lora.rank == 32
+    assert engine.loras.default.rank == 32
 
 
 def test_output_has_no_nan_and_snaps(engine):
