@@ -57,8 +57,8 @@ from service.config import Settings
 from service.delivery import describe, encode_images, warnings
 from service.engine import Engine, GenerationRequest
 from service.errors import RequestError
-from service.http.metrics import Metrics
 from service.lora.cache import CachedLora, LoraUrlCache
+from service.metrics import Metrics
 from service.weights.fetch import fetch_weights_from_env
 from service.weights.policy import DownloadPolicy
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from service.config import Settings
 from service.engine import Engine, GenerationRequest, GenerationResult, Rendered
-from service.http.metrics import Metrics
+from service.metrics import BatchMetrics
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Batcher:
         self,
         render: Render,
         finish: Finish,
-        metrics: Metrics,
+        metrics: BatchMetrics,
         executor: ThreadPoolExecutor,
         *,
         max_images: int,
@@ -89,13 +89,13 @@ class Batcher:
         self._closing = False
         self._running: list[_Pending] = []  # the batch on the GPU thread now
         self._executor = executor
-        metrics.queue_depth.set_function(lambda: len(self._pending))
+        metrics.watch_queue(lambda: len(self._pending))
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="punks-batcher")
         self._task.add_done_callback(self._stopped)
 
     @classmethod
     def for_engine(
-        cls, engine: Engine, metrics: Metrics, executor: ThreadPoolExecutor, settings: Settings | None = None
+        cls, engine: Engine, metrics: BatchMetrics, executor: ThreadPoolExecutor, settings: Settings | None = None
     ) -> "Batcher":
         """The batcher every surface (HTTP, Cog) puts in front of a loaded engine, sized by `settings` (default: the
         engine's; the HTTP app passes its own, which may set other limits than the engine it was given)."""
@@ -132,7 +132,7 @@ class Batcher:
         except asyncio.CancelledError as cancel:
             if item in self._pending:  # never rendered: say why it was given up
                 reason = CLIENT_GONE if cancel.args == (CLIENT_GONE,) else "other"
-                self._metrics.unrendered.labels(reason).inc()
+                self._metrics.never_rendered(reason)
             raise
         finally:
             if item in self._pending:
@@ -232,13 +232,13 @@ class Batcher:
         started = time.perf_counter()
         requests = [item.request for item in batch]
         batch_images = sum(request.num_outputs for request in requests)
-        self._metrics.batch_images.observe(batch_images)
+        self._metrics.batch_started(batch_images)
         self._running = batch
         try:
             rendered = await asyncio.get_running_loop().run_in_executor(self._executor, self._render, requests)
         except Exception as error:
             self._running = []
-            self._metrics.failures.inc()
+            self._metrics.generation_failed()
             if len(batch) > 1:
                 # One bad request (or a batch too big for memory) must not fail its neighbours: retry each alone.
                 log.warning("batch of %d requests failed (%r); retrying each alone", len(batch), error)
@@ -259,7 +259,7 @@ class Batcher:
         try:
             result = await asyncio.to_thread(self._finish, rendered)
         except Exception as error:
-            self._metrics.failures.inc()
+            self._metrics.generation_failed()
             self._fail(item, error)
         else:
             _settle(item.future, result=Done(result, queue_wait_s, batch_images))

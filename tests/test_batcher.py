@@ -10,7 +10,7 @@ import pytest
 from service.batcher import CLIENT_GONE, Batcher, GenerationFailed, QueueFull, ShuttingDown
 from service.config import Settings
 from service.engine import GenerationRequest
-from service.http.metrics import Metrics
+from service.metrics import Metrics
 
 
 class FakeEngine:
