@@ -1,8 +1,8 @@
 """Benchmark: plain diffusers written two ways (a beginner's script and its docs' expert recipe) vs this
 project's engine, eager and compiled, in one run.
 
-    python bench/bench.py --out bench/results/              # on a CUDA machine (the device tool's H200)
-    python bench/bench.py --smoke --runs 2 --steps 2        # a quick dry run on a CPU with the smoke model
+    python -m bench.bench --out bench/results/              # on a CUDA machine (an H200 for the published numbers)
+    python -m bench.bench --smoke --runs 2 --steps 2        # a quick dry run on a CPU with the smoke model
 
 Builds the FULL-SIZE SD1.5 architecture with random weights plus a random rank-32 kohya LoRA, saves them
 in weights/ layout, and loads them through each side's own loader, so cold start is measured honestly.
@@ -60,7 +60,6 @@ from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 PROMPT = "lad with a red beanie, green background"
 READY = "BENCH-READY"
 PART = "BENCH-PART "  # + one JSON object: numbers a worker has so far
@@ -473,7 +472,7 @@ def free_port() -> int:
 def run_worker(kind: str, extra: list[str], args: argparse.Namespace, env: dict[str, str], save, save_other) -> dict:
     """Start a worker process; cold start = spawn -> its READY line. Its partial numbers go into the
     report as they come (save), and it asks for the 8 clients through the API with a SERVE line."""
-    command = [sys.executable, __file__, "--worker", kind, "--weights", str(args.weights)]
+    command = [sys.executable, "-m", "bench.bench", "--worker", kind, "--weights", str(args.weights)]
     for option in ("runs", "slow_runs", "batch_repeats", "steps"):
         command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     command += extra
@@ -722,7 +721,7 @@ def main() -> None:
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    command = shlex.join(["python", "bench/bench.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "bench.bench", *sys.argv[1:]])
     this_call = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "command": command} | gpu_identity()
     report = {
         "environment": environment(),

@@ -1,7 +1,7 @@
 """Cog (the real coglet server, as Replicate runs predict.py) next to the FastAPI service, in one run.
 
-    python bench/cog_bench.py --out bench/results/                      # on the device's GPU, compiled
-    python bench/cog_bench.py --smoke --steps 2 --rounds 1 --no-compile # a quick dry run on a CPU
+    python -m bench.cog_bench --out bench/results/                      # on a CUDA machine, compiled
+    python -m bench.cog_bench --smoke --steps 2 --rounds 1 --no-compile # a quick dry run on a CPU
 
 Both servers run the same engine on the same weights (the full-size random SD1.5 + rank-32 LoRA that
 bench/bench.py builds), compiled as in production (PUNKS_COMPILE=true, one inductor cache shared by both, so the
@@ -22,10 +22,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.bench import PROMPT, environment, free_port, percentiles, prepare_weights  # bench/bench.py
 
-from bench import PROMPT, environment, free_port, percentiles, prepare_weights  # noqa: E402  (bench/bench.py)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def call(url: str, body: dict | None = None, method: str = "POST", timeout: float = 900) -> dict:

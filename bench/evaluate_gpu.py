@@ -1,6 +1,6 @@
-"""`python -m service evaluate` on the device with the full-size random SD1.5 and two random rank-32 LoRAs.
+"""`python -m service evaluate` on a CUDA machine with the full-size random SD1.5 and two random rank-32 LoRAs.
 
-    python bench/evaluate_gpu.py OUT_DIR
+    python -m bench.evaluate_gpu OUT_DIR
 
 Checks that checkpoint evaluation (and the LoRA switch it relies on) runs on CUDA at full size; the images
 are noise (random weights), so the ranking itself means nothing here.
@@ -10,14 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
+from devtools.random_lora import kohya_metadata, random_kohya_lora
+from devtools.smoke import build_full_size_pipeline, save_random_model
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from devtools.random_lora import kohya_metadata, random_kohya_lora  # noqa: E402
-from devtools.smoke import build_full_size_pipeline, save_random_model  # noqa: E402
 
 
 def main(out: Path) -> None:

@@ -1,6 +1,6 @@
 """The opt-in FP8 mode (PUNKS_FP8) against fp16 on one GPU: speed of the compiled UNet, drift of the images.
 
-    python bench/fp8.py --out bench/results/                 # on the device's H200 (compute capability 8.9+)
+    python -m bench.fp8 --out bench/results/                 # on a CUDA machine of compute capability 8.9+ (H100, H200)
 
 Drift: the same engine (eager, 25 steps, >= 16 seeds) renders every seed in fp16, then its UNet goes through
 the very call PUNKS_FP8 makes (service.acceleration.quantize_unet_fp8, after the LoRA is fused) and renders
@@ -22,13 +22,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.bench import PROMPT, environment, prepare_weights, results_path  # bench/bench.py
+from bench.step_options import median_ms  # bench/step_options.py: CUDA-event median of a call
+from service.acceleration import quantize_unet_fp8
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from step_options import median_ms  # noqa: E402  (bench/step_options.py: CUDA-event median of a call)
-
-from bench import PROMPT, environment, prepare_weights, results_path  # noqa: E402  (bench/bench.py)
-from service.acceleration import quantize_unet_fp8  # noqa: E402
 
 PARTS = ("drift", "drift-demo", "speed")  # in the order they run; all three overran a 420 s call on the H200
 PROMPTS = (PROMPT, "punk with a cap, blue background", "punk with a cap, red background", "lad with sunglasses")
@@ -132,7 +130,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # prepare_weights' tiny model
     parser.add_argument("--out", type=Path, help="folder (or .json file) for the results")
     args = parser.parse_args()
-    report: dict = {"environment": environment(), "command": " ".join(["python", "bench/fp8.py", *sys.argv[1:]])}
+    report: dict = {"environment": environment(), "command": " ".join(["python", "-m", "bench.fp8", *sys.argv[1:]])}
     path = results_path(args.out, report["environment"], "fp8")
 
     def save(key: str, value) -> None:

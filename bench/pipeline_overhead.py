@@ -1,7 +1,7 @@
 """The CPU time a render spends outside the models, with diffusers' pipeline as it comes and as the engine runs it.
 
-    python bench/pipeline_overhead.py --out bench/results/        # CPU: full-size SD1.5 architecture, 64 px, 2 steps
-    python bench/pipeline_overhead.py --size 512 --steps 25        # on a CUDA machine
+    python -m bench.pipeline_overhead --out bench/results/        # CPU: full-size SD1.5 architecture, 64 px, 2 steps
+    python -m bench.pipeline_overhead --size 512 --steps 25        # on a CUDA machine
 
 A compiled batch-1 render is ~180 ms of GPU work; whatever the GPU thread does in Python around the models adds
 to every request's latency and, under load, holds the GIL the other threads need. Measured on the full-size
@@ -30,13 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.bench import environment  # bench/bench.py
+from devtools.smoke import build_full_size_pipeline
+from service.engine import to_pil
+from service.loading import OneDevicePipeline, set_scheduler
 
-from bench import environment  # noqa: E402  (bench/bench.py)
-from devtools.smoke import build_full_size_pipeline  # noqa: E402
-from service.engine import to_pil  # noqa: E402
-from service.loading import OneDevicePipeline, set_scheduler  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def median_ms(run: Callable[[], object], repeats: int) -> float:
@@ -124,7 +123,7 @@ def main() -> None:
 
     report = {
         "environment": environment(),
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python", "-m", "bench.pipeline_overhead", *sys.argv[1:]]),
         "model": f"full-size SD1.5 architecture, random weights, {dtype}, DPM++ 2M",
         "image": f"{args.size} px, {args.steps} steps, batch 1",
         "unit": f"ms, median of {args.repeats}",

@@ -2,9 +2,9 @@
 1, 2, ... replicas, through Serve's HTTP proxy on loopback. Bounded: a fixed number of requests per replica
 count, a fixed number of concurrent clients, a timeout per request.
 
-    python bench/ray_load.py --replicas 1,2 --requests 64 --concurrency 16 --out bench/results/   # N GPUs
-    python bench/ray_load.py --smoke --replicas 1 --requests 6 --concurrency 2 --steps 2             # CPU dry run
-    python bench/ray_load.py --random-weights /tmp/w --compare-uvicorn --out bench/results/           # Serve's cost
+    python -m bench.ray_load --replicas 1,2 --requests 64 --concurrency 16 --out bench/results/   # N GPUs
+    python -m bench.ray_load --smoke --replicas 1 --requests 6 --concurrency 2 --steps 2             # CPU dry run
+    python -m bench.ray_load --random-weights /tmp/w --compare-uvicorn --out bench/results/           # Serve's cost
 
 --compare-uvicorn also measures the single-process service (`python -m service serve`) in the same run, with the
 same settings, requests and clients, before Ray starts: the difference at 1 replica is what Serve's proxy and
@@ -36,7 +36,6 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 PROMPT = "lad with a red beanie, green background"
 MAX_REQUESTS, MAX_CONCURRENCY, TIMEOUT_S = 2000, 128, 300.0
 
@@ -191,7 +190,7 @@ def main() -> None:
             name: version(name) for name in ("torch", "diffusers", "transformers", "ray", "fastapi", "uvicorn")
         },
         "settings": {key: value for key, value in os.environ.items() if key.startswith("PUNKS_")},
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python", "-m", "bench.ray_load", *sys.argv[1:]]),
         "rows": rows,
     }
     print(json.dumps(result, indent=2))

@@ -1,7 +1,7 @@
 """How exactly the snapper (service/pixelart.py) recovers punk-like sprites, and how long it takes on one core.
 
-    .venv/bin/python bench/snap_quality.py --out bench/results/            # 200 sprites, seeds 10000..
-    .venv/bin/python bench/snap_quality.py --first-seed 0 --count 100 --misses   # tuning seeds, list misses
+    .venv/bin/python -m bench.snap_quality --out bench/results/            # 200 sprites, seeds 10000..
+    .venv/bin/python -m bench.snap_quality --first-seed 0 --count 100 --misses   # tuning seeds, list misses
 
 Ground truth comes from tests/synthetic_sprites.py: `make_punk(seed)` (one-cell eyes and highlights, often pure
 white, two-cell mouths, close dark shades, outlines, 4-16 colours, flat or checkered backgrounds) rendered by
@@ -39,8 +39,6 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.pixelart import snap_to_grid  # noqa: E402
 from tests.synthetic_sprites import GRID, severe_punk  # noqa: E402
@@ -213,7 +211,7 @@ def main() -> None:
         },
         "set": f"make_punk(seed) + Degradation.severe, seeds {args.first_seed}..{args.first_seed + args.count - 1}",
         "label": args.label,
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", "-m", "bench.snap_quality", *sys.argv[1:]]),
         "results": results,
     }
     if args.out:

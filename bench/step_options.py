@@ -1,6 +1,6 @@
 """What each GPU option does to one UNet step and one VAE decode, on the full-size SD1.5 architecture.
 
-    python bench/step_options.py --out bench/results/      # on a CUDA machine (the device tool's H100)
+    python -m bench.step_options --out bench/results/      # on a CUDA machine (an H100 for the published numbers)
 
 fp16, random weights, channels_last. Each call of the (uncompiled) modules is captured in a CUDA graph
 and timed by replaying it, so the numbers are the kernels' GPU time without launch overhead (eager calls
@@ -16,7 +16,6 @@ service/acceleration.py, and records the ones that were tried and did not help.
 import argparse
 import json
 import statistics
-import sys
 from contextlib import contextmanager, nullcontext
 from datetime import date
 from functools import partial
@@ -24,8 +23,6 @@ from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devtools.smoke import build_full_size_pipeline
 

@@ -1,6 +1,6 @@
 """Kernel-level levers of the full-size SD1.5 UNet and VAE decoder on one GPU, fp16, random weights.
 
-    python bench/unet_kernels.py --out bench/results/             # on the device's H200
+    python -m bench.unet_kernels --out bench/results/             # on a CUDA machine (an H200)
 
 Which attention kernel is fastest at SD1.5's attention shapes (flash, memory-efficient, cuDNN; timed eagerly),
 and what each exact lever does to the UNet step compiled as the engine compiles it (reduce-overhead, fullgraph,
@@ -34,12 +34,10 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from bench.bench import environment, results_path  # bench/bench.py
+from bench.step_options import median_ms  # bench/step_options.py: CUDA-event median of a call
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from step_options import median_ms  # noqa: E402  (bench/step_options.py: CUDA-event median of a call)
-
-from bench import environment, results_path  # noqa: E402  (bench/bench.py)
 
 INDUCTOR_LEVERS = ("conv_1x1_as_mm", "freezing", "coordinate_descent_tuning")  # each a torch._inductor.config flag
 LEVERS = ("baseline", "cudnn_benchmark", "cudnn_attention", "fused_qkv", *INDUCTOR_LEVERS)
@@ -140,7 +138,7 @@ def main() -> None:
 
     from devtools.smoke import build_full_size_pipeline
 
-    command = " ".join(["python", "bench/unet_kernels.py", *sys.argv[1:]])
+    command = " ".join(["python", "-m", "bench.unet_kernels", *sys.argv[1:]])
     report: dict = {"environment": environment(), "command": command}
     path = results_path(args.out, report["environment"], "unet-kernels")
 

@@ -1,6 +1,6 @@
 """bench/readme_table.py: docs/performance.md's numbers are printed from one results file, ratios within one run."""
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -8,11 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_table_module():
-    spec = importlib.util.spec_from_file_location("readme_table", REPO / "bench" / "readme_table.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.readme_table")  # bench/ is a package: `python -m bench.readme_table`
 
 
 def run(latency: float, by_batch: dict, **extra) -> dict:
