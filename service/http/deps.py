@@ -24,6 +24,7 @@ from service.config import Settings
 from service.engine import Engine, GenerationRequest
 from service.errors import RequestError
 from service.http.metrics import Metrics
+from service.state import ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,15 @@ class Service:
         if self.batcher is not None and not self.batcher.alive and not self.stopping:
             return "the generation worker stopped (see the server log)"
         return None
+
+    @property
+    def state(self) -> ServiceState:
+        """unavailable() and broken() as a value, for code that compares (Ray readiness) rather than tells."""
+        if self.stopping:
+            return ServiceState.STOPPING
+        if self.broken():
+            return ServiceState.BROKEN
+        return ServiceState.LOADING if self.batcher is None else ServiceState.READY
 
     def unavailable(self) -> str | None:
         """Why generation cannot be served now (None: it can): readiness fails."""

@@ -30,10 +30,10 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig
 from service.config import Settings
 from service.http.app import create_app
 from service.http.deps import RETRY_AFTER_S
+from service.state import ServiceState
 
 ENV_PREFIX = "PUNKS_"
 REPLICA_HEADER = "X-Replica"  # which replica answered: the load generator and the tests count them
-LOADING = "the engine is loading"  # _Service.unavailable() while the engine loads (service/http/app.py)
 READY_POLL_S = 0.1
 
 
@@ -72,7 +72,7 @@ def _wait_for_engine(app: FastAPI) -> None:
     async def lifespan(app_: FastAPI) -> AsyncIterator[Any]:
         async with startup(app_) as state:
             service = app_.state.service
-            while service.unavailable() == LOADING:
+            while service.state is ServiceState.LOADING:
                 await asyncio.sleep(READY_POLL_S)
             if reason := service.broken():
                 raise RuntimeError(reason)  # Serve marks the replica failed and retries it
