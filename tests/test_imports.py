@@ -12,12 +12,8 @@ connected components of that graph with more than one module, or a module import
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "service"
-# service/http/app.py imports the OpenAI and A1111 routers, which import app's _Service back.
-KNOWN_CYCLE = frozenset({"service.http.app", "service.http.a1111", "service.http.openai_images"})
 
 
 def module_files() -> dict[str, Path]:
@@ -125,14 +121,9 @@ def test_the_graph_sees_every_import_statement(tmp_path: Path):
     }
 
 
-def test_no_import_cycle_in_service_but_the_known_http_one():
-    """The one cycle left is the HTTP layer's (next test); no other may appear, nor may that one grow."""
-    found = cycles(import_graph())
-    assert [sorted(cycle) for cycle in found if not cycle <= KNOWN_CYCLE] == []
-
-
-@pytest.mark.xfail(strict=True, reason="fixed by the HTTP layer refactor in main")
-def test_the_http_layer_has_no_import_cycle():
+def test_no_import_cycle_in_service():
+    """The HTTP layer's cycle (app.py importing the OpenAI and A1111 routers, which imported app's state back) is
+    gone since the routers depend on service/http/deps.py; none may come back, anywhere in service/."""
     assert [sorted(cycle) for cycle in cycles(import_graph())] == []
 
 
