@@ -1,5 +1,8 @@
-"""One settings object for every surface. Each field is an environment variable prefixed PUNKS_
-(for example PUNKS_WEIGHTS_DIR, PUNKS_LORA_SCALE); the defaults below are the documented ones."""
+"""Settings, grouped by concern: one class per group below (model and weights, generation defaults, acceleration,
+batching, Cog's lora_url, the download policy, `weights download`, the HTTP service, Ray Serve), and `Settings`, all
+of them in one object for every surface. Each field is an environment variable prefixed PUNKS_ (for example
+PUNKS_WEIGHTS_DIR, PUNKS_LORA_SCALE), whichever group it is in; the defaults below are the documented ones
+(docs/configuration.md is generated from these classes: `python -m devtools.config_doc`)."""
 
 import ipaddress
 from functools import cached_property
@@ -41,8 +44,14 @@ MIN_OUTPUT_SIZE, MAX_OUTPUT_SIZE = 24, 4096
 MIN_LORA_SCALE, MAX_LORA_SCALE = 0.0, 2.0
 
 
-class Settings(BaseSettings):
+class _Group(BaseSettings):
+    """A group of settings: each reads its fields from the PUNKS_* environment on its own, or as part of Settings."""
+
     model_config = SettingsConfigDict(env_prefix="PUNKS_", frozen=True)
+
+
+class ModelSettings(_Group):
+    """Model and weights: which SD1.5 model and LoRAs are loaded, from where, on which device."""
 
     weights_dir: Path = Field(Path("weights"), description="Folder holding the base model and the LoRA.")
     base_model: Path | None = Field(
@@ -71,6 +80,42 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="'auto': float16 on CUDA, float32 on CPU."
     )
+    realesrgan_weights: Path | None = Field(
+        None, description="RealESRGAN x2plus/x4plus .pth. Default: weights_dir/RealESRGAN_x2plus.pth."
+    )
+
+    def base_model_candidates(self) -> list[Path]:
+        if self.base_model is not None:
+            return [self.base_model]
+        return [self.weights_dir / SD15_FOLDER, self.weights_dir / SD15_FILE]
+
+    def lora_path(self) -> Path:
+        return self.lora if self.lora is not None else self.weights_dir / LORA_FILE
+
+    def loras_path(self) -> Path:
+        return self.loras_dir if self.loras_dir is not None else self.weights_dir / LORAS_FOLDER
+
+    def realesrgan_path(self) -> Path:
+        return self.realesrgan_weights if self.realesrgan_weights is not None else self.weights_dir / REALESRGAN_FILE
+
+    @cached_property
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @cached_property
+    def torch_dtype_name(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float16" if self.torch_device.startswith("cuda") else "float32"
+
+
+class GenerationSettings(_Group):
+    """Generation defaults: what a request gets for the fields it leaves out, and the snapped sprite's shape."""
+
     steps: int = Field(25, ge=MIN_STEPS, le=MAX_STEPS, description="Default denoising steps.")
     guidance: float = Field(7.5, ge=MIN_GUIDANCE, le=MAX_GUIDANCE, description="Default classifier-free guidance.")
     scheduler: Scheduler = Field("dpm++", description="Sampler: " + ", ".join(SCHEDULERS) + ".")
@@ -86,6 +131,16 @@ class Settings(BaseSettings):
         False, description="Deliver floor(output_size/grid) px cells (1008 for 1024) instead of 42/43 px cells."
     )
     max_colors: int | None = Field(None, ge=2, le=256, description="Optional cap on the sprite's palette.")
+    upscaler: UpscalerName = Field(
+        "nearest",
+        description="'nearest': only the exact, lossless upscale of the snapped sprite. 'realesrgan': also a smooth "
+        "upscale of the raw 512 generation (loaded at start; needs requirements-upscale.txt).",
+    )
+
+
+class AccelerationSettings(_Group):
+    """Acceleration: torch.compile, FP8, their caches, and the warm-up that keeps compiling off the requests."""
+
     compile: bool = Field(
         False,
         description="torch.compile the UNet and VAE decoder with CUDA graphs (mode reduce-overhead). CUDA only. "
@@ -95,9 +150,9 @@ class Settings(BaseSettings):
         False,
         description="Opt-in: the UNet's attention and feed-forward linear layers in FP8 (torchao, dynamic per-tensor "
         "scales for activations and weights), after the LoRA is fused. CUDA with compute capability 8.9+ (Ada, "
-        "Hopper) and the fp8 extra (torchao). Not exact: its drift from fp16 is visible (bench/fp8.py, README). Not "
-        "faster: eager it is 3-4x slower than fp16, and with compile its start-up did not finish within 9 minutes on "
-        "the H200, even for one batch bucket (README, Measured numbers). Not with switchable LoRAs.",
+        "Hopper) and the fp8 extra (torchao). Not exact: its drift from fp16 is visible. Not faster: eager it is 3-4x "
+        "slower than fp16, and with compile its start-up did not finish within 9 minutes on an H200, even for one "
+        "batch bucket (bench/results/2026-12-02-fp8-NVIDIA-H200.json). Not with switchable LoRAs.",
     )
     compile_cache_dir: Path = Field(
         Path(".cache/torch-compile"),
@@ -116,6 +171,11 @@ class Settings(BaseSettings):
         "that no request ever waits for a new compile. The largest must hold max_batch_size and a 4-image request.",
     )
     warmup: bool = Field(True, description="Run one tiny generation at start so the first request is not slow.")
+
+
+class LoraUrlSettings(_Group):
+    """Cog's lora_url: LoRAs a caller names by URL, downloaded once into a bounded cache."""
+
     lora_url_cache_size: int = Field(
         0,
         ge=0,
@@ -127,9 +187,12 @@ class Settings(BaseSettings):
         Path(".cache/loras"), description="Where the `lora_url` downloads are kept (emptied of them at start)."
     )
 
-    # The download policy (service/weights/policy.py) of every URL the service fetches: these bound a caller's
-    # `lora_url`; the operator's own URLs (PUNKS_WEIGHTS_URLS, `weights download`) keep the timeouts and the rate
-    # floor but may use http, reach internal hosts and be up to 16 GiB.
+
+class DownloadSettings(_Group):
+    """Download policy (service/weights/policy.py) of every URL the service fetches: these bound a caller's
+    `lora_url`; the operator's own URLs (PUNKS_WEIGHTS_URLS, `weights download`) keep the timeouts and the rate
+    floor but may use http, reach internal hosts and be up to 16 GiB."""
+
     download_allow_http: bool = Field(False, description="Let `lora_url` use plain http:// (https only when off).")
     download_allowed_networks: tuple[str, ...] = Field(
         (),
@@ -152,7 +215,20 @@ class Settings(BaseSettings):
         4, ge=1, le=64, description="`lora_url` downloads at once (their own threads); more wait for a free one."
     )
 
-    # Weights download (service/weights/: `python -m service weights download`) and the optional upscaler
+    @field_validator("download_allowed_networks")
+    @classmethod
+    def _networks(cls, networks: tuple[str, ...]) -> tuple[str, ...]:
+        for network in networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"not a network in CIDR form: {network[:60]!r}") from None
+        return networks
+
+
+class WeightsDownloadSettings(_Group):
+    """Weights download (`python -m service weights download`): where the model files come from."""
+
     base_model_repo: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
         description="Hugging Face repo `weights download` fetches SD1.5 from (diffusers layout, fp16 files only).",
@@ -166,16 +242,11 @@ class Settings(BaseSettings):
         "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.1/RealESRGAN_x2plus.pth",
         description="Where `weights download --realesrgan` gets the upscaler (same forms as lora_url).",
     )
-    upscaler: UpscalerName = Field(
-        "nearest",
-        description="'nearest': only the exact, lossless upscale of the snapped sprite. 'realesrgan': also a smooth "
-        "upscale of the raw 512 generation (loaded at start; needs requirements-upscale.txt).",
-    )
-    realesrgan_weights: Path | None = Field(
-        None, description="RealESRGAN x2plus/x4plus .pth. Default: weights_dir/RealESRGAN_x2plus.pth."
-    )
 
-    # HTTP service (service/http/)
+
+class BatchingSettings(_Group):
+    """Batching (the HTTP service and Cog): how requests are grouped into pipeline calls and snapped."""
+
     max_batch_size: int = Field(
         4,
         ge=1,
@@ -190,19 +261,26 @@ class Settings(BaseSettings):
         description="Worker processes that snap the rendered images (the CPU half) while the GPU renders the next "
         "batch (an image finished while nothing else runs is snapped in the serving process, with no hand-off); "
         "0: threads of the serving process, where the snapping's many small numpy calls hold the GIL that "
-        "the GPU thread needs between graph replays (on the H200, 8 clients got 6.84 images/s with threads, 7.68 "
-        "with 4 processes). Unset: max_batch_size on CUDA, 0 on CPU (rendering there is far slower than snapping).",
+        "the GPU thread needs between graph replays (on an H200, 8 clients got 6.84 images/s with threads, 7.68 "
+        "with 4 processes: bench/results/2026-12-02-NVIDIA-H200.json). Unset: max_batch_size on CUDA, 0 on CPU "
+        "(rendering there is far slower than snapping).",
     )
     max_batch_wait_ms: float = Field(
         0.0,
         ge=0,
         description="How long the first queued request waits for others to share its pipeline call. 0: a request "
         "to an idle GPU starts at once, and requests that arrive while it renders share the next call anyway (as "
-        "Triton's dynamic batcher does by default); a lone request used to wait the whole 10 ms default for "
-        "nobody. The cost: clients that all start at once get a first batch of one (H200 call 10, 8 clients: 12 "
-        "engine calls instead of 10, 7.41 images/s against 7.79 with 10 ms in call 7). Set it for bursty traffic.",
+        "Triton's dynamic batcher does by default), where a 10 ms wait makes a lone request wait for nobody. The "
+        "cost: clients that all start at once get a first batch of one (on an H200, 8 clients: 12 engine calls "
+        "instead of 10, 7.41 images/s against 7.79 with 10 ms; bench/results/2026-12-02-NVIDIA-H200.json). Set it "
+        "for bursty traffic.",
     )
     max_queue: int = Field(64, ge=1, description="Requests allowed to wait for the GPU; beyond it the API answers 429.")
+
+
+class HttpSettings(_Group):
+    """HTTP service (service/http/, `python -m service serve`): limits, auth, timeouts, shutdown."""
+
     request_timeout_s: float = Field(
         120.0, gt=0, description="A request not answered by then gets 504 (and leaves the queue if still waiting)."
     )
@@ -247,7 +325,19 @@ class Settings(BaseSettings):
         "then get 503. The process exits once the batch on the GPU returns (under Docker's default `stop -t 10`).",
     )
 
-    # Ray Serve (service/http/ray_app.py, `serve run deploy/serve.yaml`): one replica = one engine on one GPU.
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and not token.get_secret_value().strip():
+            raise ValueError(
+                "PUNKS_API_TOKEN is set but empty: set a token, or unset the variable to serve without auth"
+            )
+        return token
+
+
+class RaySettings(_Group):
+    """Ray Serve (service/http/ray_app.py, `serve run deploy/serve.yaml`): one replica = one engine on one GPU."""
+
     ray_min_replicas: int = Field(1, ge=0, description="Ray Serve: fewest replicas the autoscaler keeps.")
     ray_max_replicas: int = Field(1, ge=1, description="Ray Serve: most replicas (at most one per GPU).")
     ray_target_ongoing_requests: float = Field(
@@ -273,24 +363,19 @@ class Settings(BaseSettings):
     )
     ray_num_cpus: float = Field(1.0, ge=0, description="Ray Serve: CPUs reserved per replica.")
 
-    @field_validator("api_token")
-    @classmethod
-    def _token_not_blank(cls, token: SecretStr | None) -> SecretStr | None:
-        if token is not None and not token.get_secret_value().strip():
-            raise ValueError(
-                "PUNKS_API_TOKEN is set but empty: set a token, or unset the variable to serve without auth"
-            )
-        return token
 
-    @field_validator("download_allowed_networks")
-    @classmethod
-    def _networks(cls, networks: tuple[str, ...]) -> tuple[str, ...]:
-        for network in networks:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ValueError(f"not a network in CIDR form: {network[:60]!r}") from None
-        return networks
+class Settings(
+    ModelSettings,
+    GenerationSettings,
+    AccelerationSettings,
+    BatchingSettings,
+    LoraUrlSettings,
+    DownloadSettings,
+    WeightsDownloadSettings,
+    HttpSettings,
+    RaySettings,
+):
+    """Every group in one object, as every surface reads its settings (`Settings()`, `settings.steps`)."""
 
     @model_validator(mode="after")
     def _buckets_hold_every_batch(self) -> "Settings":
@@ -303,40 +388,26 @@ class Settings(BaseSettings):
         return self
 
     @cached_property
-    def torch_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    @cached_property
-    def torch_dtype_name(self) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "float16" if self.torch_device.startswith("cuda") else "float32"
-
-    @cached_property
     def snap_process_count(self) -> int:
         if self.snap_processes is not None:
             return self.snap_processes
         return self.max_batch_size if self.torch_device.startswith("cuda") else 0
-
-    def base_model_candidates(self) -> list[Path]:
-        if self.base_model is not None:
-            return [self.base_model]
-        return [self.weights_dir / SD15_FOLDER, self.weights_dir / SD15_FILE]
-
-    def lora_path(self) -> Path:
-        return self.lora if self.lora is not None else self.weights_dir / LORA_FILE
-
-    def loras_path(self) -> Path:
-        return self.loras_dir if self.loras_dir is not None else self.weights_dir / LORAS_FOLDER
 
     def compile_artifacts_path(self) -> Path:
         if self.compile_artifacts is not None:
             return self.compile_artifacts
         return self.weights_dir / COMPILE_ARTIFACTS_FILE
 
-    def realesrgan_path(self) -> Path:
-        return self.realesrgan_weights if self.realesrgan_weights is not None else self.weights_dir / REALESRGAN_FILE
+
+# The groups in the order docs/configuration.md lists them (devtools/config_doc.py).
+GROUPS: tuple[type[_Group], ...] = (
+    ModelSettings,
+    GenerationSettings,
+    AccelerationSettings,
+    BatchingSettings,
+    HttpSettings,
+    RaySettings,
+    LoraUrlSettings,
+    DownloadSettings,
+    WeightsDownloadSettings,
+)
