@@ -38,8 +38,10 @@ from service.weights.resolve import WeightsSource, resolve_weights
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (steps done, steps in total)
-__all__ = ["Engine", "GeneratedImage", "GenerationRequest", "GenerationResult", "Progress", "Rendered"]
-__all__ += ["request_sizes", "to_pil"]
+__all__ = [
+    *("Engine", "GeneratedImage", "GenerationResult", "Progress", "Rendered", "to_pil"),
+    *("GenerationRequest", "request_sizes"),  # service/requests.py's, for the surfaces that import them from here
+]
 
 
 @dataclass
