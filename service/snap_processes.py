@@ -123,8 +123,8 @@ def keep_freed_memory() -> None:
     """Keep freed arrays in the heap for the next snap. In a fresh process glibc gives every freed block of more
     than 128 KB back to the OS at once, so each snap maps and page-faults its 1-6 MB arrays again: before this, a
     snap through a worker took 27.6 ms against 20.3 ms on the server's threads on the H200 host, far more than
-    moving a 512 px image and its result costs (bench/results/2026-12-02-NVIDIA-H200.json, finish_snap_ms, call 4).
-    With it, 30.4 ms in call 6, on a machine whose threads were not measured: its effect there is not isolated. A
+    moving a 512 px image and its result costs (bench/results/2026-12-02-NVIDIA-H200.json, finish_snap_ms).
+    With it, 30.4 ms in a later run on a host whose threads were not measured: its effect there is not isolated. A
     no-op where the C library is not glibc."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
