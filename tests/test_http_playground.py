@@ -1,7 +1,7 @@
 """The web playground at / (service/http/playground.py), driven in a real headless Chromium by Playwright.
 
-The browser is Debian's chromium at /usr/bin/chromium (`make test` installs it when run as root); Playwright's own browser download
-is never used. A missing browser is a failure, not a skip: CI must run these tests.
+The browser is Debian's chromium at /usr/bin/chromium (`make test` installs it when run as root); Playwright's own
+browser download is never used. A missing browser is a failure, not a skip: CI must run these tests.
 """
 
 import base64

@@ -443,7 +443,7 @@ def test_unknown_lora_names_are_refused_naming_the_field(switching_engine, name)
     with pytest.raises(ValueError, match="^lora:") as refused:
         switching_engine.generate(GenerationRequest(PROMPT, seed=1, lora=name))
     if name.strip():
-        assert "allowed: other" in str(refused.value)
+        assert str(refused.value).endswith("allowed: bespoke_punks, other")  # the default's name, then the others
 
 
 def test_engine_without_lora_folder_refuses_any_name(switching_engine):
@@ -455,7 +455,7 @@ def test_engine_without_lora_folder_refuses_any_name(switching_engine):
     loras = LoraRegistry(e.loras.default, settings.expected_lora_rank)
     plain = Engine(e.pipe, settings, e.weights, loras)
     assert plain.lora_names == []
-    with pytest.raises(ValueError, match="^lora: unknown LoRA 'other'; allowed: none"):
+    with pytest.raises(ValueError, match="^lora: unknown LoRA 'other'; allowed: bespoke_punks$"):
         plain.generate(GenerationRequest(PROMPT, seed=1, lora="other"))
 
 
