@@ -28,8 +28,8 @@ prompt in, 1024 px PNG bytes out:
   so the snapping's Python work no longer holds the GIL the GPU thread needs between graph replays; the default
   on CUDA since); engine-compile-snap-threads (PUNKS_SNAP_PROCESSES=0: snapping on the server's threads).
 
-A run that does not fit one device call goes on in a second one with --resume (the first call's report): the
-versions and GPU model must match, and each call is listed in the report with its GPU's UUID.
+A run can go on in a later process with --resume (the earlier report): the versions and GPU model must match,
+and each part is listed in the report with its GPU's UUID.
 
 With random weights the diffusers columns' images are noise, whose 1024 px RGB PNG costs ~0.25 s per image on the
 H200 machine, while the engine encodes a snapped, indexed image (~4 ms): compare render_s across columns; with_png_s
@@ -588,7 +588,7 @@ def environment() -> dict:
 
 
 def gpu_identity() -> dict:
-    """Which physical GPU a call ran on (a resumed run says whether its calls shared one)."""
+    """Which physical GPU a part ran on (a resumed run says whether its parts shared one)."""
     query = ["nvidia-smi", "--query-gpu=uuid,driver_version", "--format=csv,noheader"]
     try:
         uuid, driver = subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip().split(", ")
@@ -598,8 +598,8 @@ def gpu_identity() -> dict:
 
 
 def resumed(earlier: dict, fresh: dict) -> dict:
-    """The earlier call's report, to be continued: refused when versions, GPU model or settings differ."""
-    same = ("python", "torch", "diffusers", "transformers", "peft", "gpu", "cuda")  # each call says its driver
+    """The earlier report, to be continued: refused when versions, GPU model or settings differ."""
+    same = ("python", "torch", "diffusers", "transformers", "peft", "gpu", "cuda")  # each part says its driver
     differ = {
         key: (earlier["environment"].get(key), fresh["environment"].get(key))
         for key in same
@@ -609,7 +609,7 @@ def resumed(earlier: dict, fresh: dict) -> dict:
         if earlier.get(key) != fresh[key]:
             differ[key] = (earlier.get(key), fresh[key])
     if differ:
-        raise SystemExit(f"--resume: this call differs from the earlier one: {differ}")
+        raise SystemExit(f"--resume: this run differs from the earlier one: {differ}")
     if fresh["note"]:
         earlier["note"] = " ".join(filter(None, [earlier.get("note"), fresh["note"]]))
     return earlier
@@ -722,7 +722,7 @@ def main() -> None:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     command = shlex.join(["python", "-m", "bench.bench", *sys.argv[1:]])
-    this_call = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "command": command} | gpu_identity()
+    this_part = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "command": command} | gpu_identity()
     report = {
         "environment": environment(),
         "command": command,
@@ -735,12 +735,12 @@ def main() -> None:
     }
     if args.resume:
         report = resumed(json.loads(args.resume.read_text()), report)
-    report["calls"] = report.get("calls", []) + [this_call | {"variants": args.variants.split(",")}]
+    report["parts"] = report.get("parts", []) + [this_part | {"variants": args.variants.split(",")}]
     path = results_path(args.out, report["environment"])
 
     def save(variant: str, result: dict) -> None:  # after every number, so a run cut short still leaves them
-        report["results"][variant] = {"call": len(report["calls"])} | result  # which call measured it
-        report["calls"][-1]["elapsed_s"] = round(time.perf_counter() - started, 1)
+        report["results"][variant] = {"part": len(report["parts"])} | result  # which part measured it
+        report["parts"][-1]["elapsed_s"] = round(time.perf_counter() - started, 1)
         if path:
             path.with_suffix(".tmp").write_text(json.dumps(report, indent=2) + "\n")
             path.with_suffix(".tmp").replace(path)
@@ -752,8 +752,8 @@ def main() -> None:
         if args.deadline_s and time.perf_counter() - started > args.deadline_s - 30:
             save(variant, {"skipped": "not started: too little of the run's time left"})
             continue
-        print(f"{variant} ({round(time.perf_counter() - started)} s into the call)", flush=True)
-        save(variant, {"started_s_into_call": round(time.perf_counter() - started, 1)})  # stays if it never ends
+        print(f"{variant} ({round(time.perf_counter() - started)} s into the run)", flush=True)
+        save(variant, {"started_s_into_part": round(time.perf_counter() - started, 1)})  # stays if it never ends
         try:
             extra_env, extra = variant_setup(variant, args)
             env = base_env | variant_env | extra_env

@@ -1,7 +1,7 @@
 """Print the tables of docs/performance.md from one bench/bench.py results file, so the docs say what the
 committed file says and nothing else.
 
-    python bench/readme_table.py bench/results/2026-12-02-NVIDIA-H200.json
+    python -m bench.readme_table bench/results/2026-12-02-NVIDIA-H200.json
 
 Ratios compare the engine with the expert recipe measured in the same run (never across GPUs or runs).
 """
@@ -35,7 +35,7 @@ LEVER_VARIANTS = {  # results key -> lever row title (a lever that needs its own
 
 def part(result: dict) -> str:
     """Which part of a resumed run (bench.py --resume; the report's `parts`) measured a result."""
-    return str(result.get("part", result.get("call", "")))  # "call": bench.py's other name for it
+    return str(result.get("part", ""))
 
 
 def seconds(value: float | None, digits: int = 3) -> str:
@@ -176,7 +176,7 @@ def main() -> None:
         f"{env['gpu']}, driver {env.get('driver', '')}, torch {env['torch']}, diffusers {env['diffusers']}, "
         f"transformers {env['transformers']}, {env['date']}; {report['model']}, {report['steps']} steps."
     )
-    parts = report.get("parts") or report.get("calls") or [{"command": report.get("command", "")}]
+    parts = report.get("parts") or [{"command": report.get("command", "")}]
     for number, step in enumerate(parts, 1):
         where = f" (GPU {step['gpu_uuid']})" if "gpu_uuid" in step else ""
         print(f"Command{f' {number} of {len(parts)}' if len(parts) > 1 else ''}{where}: `{step['command']}`")

@@ -4,7 +4,7 @@
 
 fp16, random weights, channels_last. Each call of the (uncompiled) modules is captured in a CUDA graph
 and timed by replaying it, so the numbers are the kernels' GPU time without launch overhead (eager calls
-on the device are launch-bound and would hide every option). The engine's compiled UNet fuses more
+on the GPU are launch-bound and would hide every option). The engine's compiled UNet fuses more
 (about 35 ms per step at 8 images against 59 ms here), so this says whether an option changes the
 kernels' work, not the compiled step time. For each option: median milliseconds per UNet
 forward at several batch sizes (a batch of n images is 2n UNet rows with classifier-free guidance)

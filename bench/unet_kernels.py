@@ -8,7 +8,7 @@ channels_last), at batch 2 and 8 (one and four images with classifier-free guida
 
     cudnn_benchmark   torch.backends.cudnn.benchmark: cuDNN times its convolution algorithms per shape
     cudnn_attention   scaled_dot_product_attention tries cuDNN first (sdpa_kernel's set_priority). The backend torch
-                      picks at each shape under each lever is recorded (sdp_choice): on the device's torch 2.11 and
+                      picks at each shape under each lever is recorded (sdp_choice): on torch 2.11 and
                       the H200 it is cuDNN at every SD1.5 shape by default (torch puts cuDNN first on sm90 with
                       cuDNN >= 9.9), so there this lever is the default order
     fused_qkv         diffusers' unet.fuse_qkv_projections(): one matrix product for q, k and v

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "train" / "README.md"]
 README_MAX_LINES = 200
-# Linked from the README, generated from the settings class by its own tool: may be absent from a checkout for now.
+# Linked from the README, generated from the settings class by devtools/config_doc.py (its own test checks it).
 GENERATED_PAGES = {"docs/configuration.md"}
 FENCE = re.compile(r"^```(\w*)\s*$")
 SHELL_LANGUAGES = {"bash", "sh", "shell"}
@@ -104,7 +104,7 @@ RULES = [
     Rule(r"^python -m service weights check", run="cli", exit_codes=(0, 1)),  # 1: incomplete, as documented
     Rule(r"^python -m service lora inspect weights/", run="cli"),
     Rule(r"^python -m devtools\.smoke ", run="cli"),
-    Rule(r"^python bench/readme_table\.py bench/results/", run="repo"),
+    Rule(r"^python -m bench\.readme_table bench/results/", run="repo"),
     # Skipped, with the reason.
     Rule(r"^python -m service serve\b", reason="runs until stopped; the live server of the curl examples is this app"),
     Rule(r"^make (demo|test)$", reason="the Makefile's targets: `make test` runs this test; demo installs the venv"),
@@ -118,9 +118,9 @@ RULES = [
     Rule(r"^python -m service lora diff ", reason="example file names (tests/test_lora_tools.py runs lora diff)"),
     Rule(r"^python -m service evaluate ", reason="renders a contact sheet of many images (tests/test_lora_tools.py)"),
     Rule(r"^python -m service compile-cache", reason=NO_GPU),
-    Rule(r"^python bench/bench\.py .*--smoke", reason="a benchmark: minutes on a CPU"),
-    Rule(ENV_PREFIX + r"python bench/(bench|cog_bench|ray_load|fp8|unet_kernels)\.py ", reason=NO_GPU),
-    Rule(r"bench/snap_quality\.py ", reason="a benchmark: minutes on a CPU (tests/test_pixelart.py asserts its goals)"),
+    Rule(r"^python -m bench\.bench .*--smoke", reason="a benchmark: minutes on a CPU"),
+    Rule(ENV_PREFIX + r"python -m bench\.(bench|cog_bench|ray_load|fp8|unet_kernels) ", reason=NO_GPU),
+    Rule(r"bench\.snap_quality ", reason="a benchmark: minutes on a CPU (tests/test_pixelart.py asserts its goals)"),
     Rule(r"^python -m train\.(run|assemble) ", reason="trains the demo model (tests/test_train.py runs a short one)"),
 ]
 

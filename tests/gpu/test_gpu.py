@@ -1,4 +1,4 @@
-"""GPU checks, run on the device (skipped without CUDA):
+"""GPU checks, run on a CUDA machine (skipped without one):
 
     python -m pytest tests/gpu -q                           # smoke model + full-size random SD1.5
     PUNKS_GPU_COMPILE=1 python -m pytest tests/gpu -q       # also torch.compile vs eager (smoke model)
