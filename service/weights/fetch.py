@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from service.config import DownloadSettings
 from service.weights.files import format_size, sha256_of
 from service.weights.policy import DownloadCancelled, DownloadError, DownloadPolicy, DownloadStatusError, stream
 from service.weights.source import Source, redact
@@ -209,9 +210,7 @@ def fetch_weights(
 
 def operator_policy() -> DownloadPolicy:
     """The looser policy of URLs the operator typed (PUNKS_WEIGHTS_URLS, `weights download`)."""
-    from service.config import Settings
-
-    return DownloadPolicy.for_settings(Settings()).for_operator()
+    return DownloadPolicy.for_settings(DownloadSettings()).for_operator()
 
 
 def fetch_weights_from_env(weights_dir: Path, environ: dict[str, str] | None = None) -> list[Path]:

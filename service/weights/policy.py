@@ -32,6 +32,7 @@ from typing import Any
 import httpcore
 import httpx
 
+from service.config import DownloadSettings
 from service.weights.files import format_size
 
 MAX_REDIRECTS = 5
@@ -63,7 +64,7 @@ class DownloadPolicy:
     trust_env: bool = False  # proxies and certificates from the environment (the operator's own downloads)
 
     @classmethod
-    def for_settings(cls, settings: Any) -> "DownloadPolicy":
+    def for_settings(cls, settings: DownloadSettings) -> "DownloadPolicy":
         """The strict policy of run-time downloads (a caller's lora_url), from the PUNKS_DOWNLOAD_* settings."""
         return cls(
             allow_http=settings.download_allow_http,
