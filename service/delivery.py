@@ -70,6 +70,7 @@ def summary(result: GenerationResult) -> dict[str, Any]:
         "dropped_words": result.dropped_words,
         "steps": result.steps,
         "guidance": result.guidance,
+        "sampler": result.sampler,
         "images": [image_summary(image) for image in result.images],
         "timings": result.timings,
     }

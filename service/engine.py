@@ -9,6 +9,7 @@ requests and their bounds (service/requests.py), the LoRAs it serves (service/lo
 run (service/snap_processes.py). GenerationRequest and request_sizes are re-exported here for the surfaces.
 """
 
+import copy
 import logging
 import secrets
 import time
@@ -21,7 +22,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from service import config
+from service import config, samplers
 from service.acceleration import accelerate, bucket_size
 from service.config import Settings
 from service.errors import RequestError
@@ -59,6 +60,7 @@ class GenerationResult:
     dropped_words: str  # the end of the user's words that did not fit CLIP's budget ("" if none)
     steps: int
     guidance: float
+    sampler: str  # its A1111 name (service/samplers.py)
     images: list[GeneratedImage]
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -72,6 +74,7 @@ class _Job:
     seeds: tuple[int, ...]
     steps: int
     guidance: float
+    sampler: str  # a name of samplers.SAMPLERS
     lora: str | None
     upscaler: str
     output_size: int
@@ -79,7 +82,7 @@ class _Job:
 
     @property
     def batch_key(self) -> tuple:
-        return (self.steps, self.guidance, self.tokens.chunk_count)
+        return (self.steps, self.guidance, self.sampler, self.tokens.chunk_count)
 
     @property
     def group_key(self) -> tuple:
@@ -231,6 +234,15 @@ class Engine:
             raise RequestError("prompt", "none of its words fits CLIP's 225-token budget; use fewer or shorter words")
         return tokens
 
+    @property
+    def default_sampler(self) -> str:
+        """The sampler of requests that name none: PUNKS_SCHEDULER's, by its A1111 name."""
+        return samplers.DEFAULTS[self.settings.scheduler]
+
+    def sampler_of(self, request: GenerationRequest) -> str:
+        """The A1111 name of the sampler `request` renders with (an alias resolved, None the default)."""
+        return samplers.lookup(request.sampler).name if request.sampler is not None else self.default_sampler
+
     def generate(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationResult:
         return self.generate_batch([request], progress)[0]
 
@@ -297,6 +309,7 @@ class Engine:
             dropped_words=job.tokens.dropped_words,
             steps=job.steps,
             guidance=job.guidance,
+            sampler=job.sampler,
             images=images,
             timings={name: round(seconds, 4) for name, seconds in timings.items()},
         )
@@ -311,6 +324,7 @@ class Engine:
             seeds=tuple((first_seed + offset) % (config.MAX_SEED + 1) for offset in range(request.num_outputs)),
             steps=request.steps if request.steps is not None else self.settings.steps,
             guidance=request.guidance if request.guidance is not None else self.settings.guidance,
+            sampler=self.sampler_of(request),
             lora=request.lora,
             upscaler=request.upscaler or self.settings.upscaler,
             output_size=request.output_size if request.output_size is not None else self.settings.output_size,
@@ -332,7 +346,7 @@ class Engine:
         return self._negative_embeddings[key]
 
     def _run_pipeline(self, group: list[_Job], progress: Progress | None, done: int, total: int) -> list[Image.Image]:
-        steps, guidance, chunks = group[0].batch_key
+        steps, guidance, sampler, chunks = group[0].batch_key
         token_rows = [job.tokens.token_ids for job in group for _ in job.seeds]
         seeds = [seed for job in group for seed in job.seeds]
         wanted = len(seeds)
@@ -349,7 +363,12 @@ class Engine:
             return tensors
 
         size = self.settings.generation_size
-        output = self.pipe(
+        # A scheduler of its own for this call (schedulers keep per-call state), on a shallow copy of the pipeline:
+        # the shared pipeline and its default scheduler are never changed, and the UNet, VAE and their CUDA
+        # graphs are the same objects (a scheduler's steps run outside them).
+        pipe = copy.copy(self.pipe)
+        object.__setattr__(pipe, "scheduler", samplers.SAMPLERS[sampler].build(self.pipe.scheduler.config))
+        output = pipe(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
             num_inference_steps=steps,

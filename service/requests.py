@@ -7,7 +7,7 @@ engine can judge (is the LoRA served, is the upscaler loaded, does the prompt fi
 import unicodedata
 from dataclasses import dataclass
 
-from service import config
+from service import config, samplers
 from service.errors import RequestError
 
 
@@ -21,6 +21,7 @@ class GenerationRequest:
     num_outputs: int = 1
     steps: int | None = None
     guidance: float | None = None
+    sampler: str | None = None  # an A1111 name or alias (service/samplers.py); None: PUNKS_SCHEDULER's
     lora: str | None = None  # a name from Engine.lora_names (a LoRA in loras_dir); None: the default LoRA
     upscaler: config.UpscalerName | None = None  # "realesrgan": also GeneratedImage.smooth
     output_size: int | None = None  # side of the delivered image
@@ -42,6 +43,8 @@ class GenerationRequest:
             _check_number("steps", self.steps, config.MIN_STEPS, config.MAX_STEPS, whole=True)
         if self.guidance is not None:
             _check_number("guidance", self.guidance, config.MIN_GUIDANCE, config.MAX_GUIDANCE)
+        if self.sampler is not None:
+            samplers.lookup(self.sampler)
         if self.output_size is not None:
             _check_number("output_size", self.output_size, config.MIN_OUTPUT_SIZE, config.MAX_OUTPUT_SIZE, whole=True)
         if self.lora is not None:

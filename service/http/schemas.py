@@ -9,6 +9,7 @@ from service import config
 from service.config import MAX_SEED, OutputFormat
 from service.delivery import EncodedImage, summary
 from service.engine import GenerationRequest, GenerationResult
+from service.samplers import SamplerName
 
 
 class GenerateRequest(BaseModel):
@@ -29,6 +30,9 @@ class GenerateRequest(BaseModel):
         le=config.MAX_GUIDANCE,
         allow_inf_nan=False,
         description="Classifier-free guidance (default: PUNKS_GUIDANCE).",
+    )
+    sampler: SamplerName | None = Field(
+        None, description="Sampler, by its A1111 name (default: PUNKS_SCHEDULER's, 'DPM++ 2M')."
     )
     output_size: int | None = Field(
         None,
@@ -87,6 +91,7 @@ class GenerateResponse(BaseModel):
     dropped_words: str = Field(description="The end of the prompt that did not fit ('' if none).")
     steps: int
     guidance: float
+    sampler: str = Field(description="The sampler used, by its A1111 name.")
     media_type: str = Field(description="Of the images (and sprites), e.g. 'image/png'.")
     images: list[ImageOut]
     timings: Timings
