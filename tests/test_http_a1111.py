@@ -8,6 +8,7 @@ import httpx
 import pytest
 import webuiapi
 
+from service import samplers
 from service.config import MAX_SEED, Settings
 from service.engine import Engine
 from tests.live_server import SpyEngine, make_app, post, thread_server, wait_queued
@@ -53,7 +54,11 @@ def test_width_1024_gives_the_same_png_bytes_as_v1_generate(live: str):
 
 def test_listings_clients_read_at_start(live: str):
     api = client(live)
-    assert [sampler["name"] for sampler in api.get_samplers()] == [SAMPLER]
+    listed = api.get_samplers()
+    assert [sampler["name"] for sampler in listed] == list(samplers.SAMPLER_NAMES)
+    assert {"name": "Euler a", "aliases": ["k_euler_a", "k_euler_ancestral"], "options": {}} in listed
+    assert {"name": "PNDM", "aliases": ["PLMS", "plms", "pndm"], "options": {}} in listed
+    assert [schedule["label"] for schedule in api.get_schedulers()] == ["Automatic", "Karras"]
     assert [model["title"] for model in api.get_sd_models()] == ["bespoke-punks"]
     assert api.get_options()["sd_model_checkpoint"] == "bespoke-punks"
     assert api.get_scripts() == {"txt2img": [], "img2img": []}
@@ -62,9 +67,10 @@ def test_listings_clients_read_at_start(live: str):
 @pytest.mark.parametrize(
     ("arguments", "field"),
     [
-        ({"sampler_name": "Euler a"}, "sampler_name"),  # another sampler than the configured one
-        ({"sampler_name": "DPM++ 2M Karras"}, "sampler_name"),
-        ({"scheduler": "karras"}, "scheduler"),
+        ({"sampler_name": "DPM fast"}, "sampler_name"),  # not served
+        ({"sampler_name": "", "sampler_index": "DPM2 a"}, "sampler_index"),
+        ({"sampler_name": "Euler a", "scheduler": "karras"}, "scheduler"),  # no Karras variant served
+        ({"scheduler": "exponential"}, "scheduler"),
         ({"negative_prompt": "blurry"}, "negative_prompt"),
         ({"batch_size": 3, "n_iter": 2}, "n_iter"),
         ({"batch_size": 5}, "batch_size"),
@@ -90,11 +96,45 @@ def test_refused_arguments_are_422_naming_the_field(live: str, arguments: dict, 
     assert ["body", field] in [error["loc"][:2] for error in httpx.Response(422, content=text).json()["detail"]]
 
 
-def test_default_webuiapi_sampler_is_refused_clearly(live: str):
+def test_webuiapis_default_call_returns_images_with_its_default_sampler(live: str):
+    port = int(live.rsplit(":", 1)[1])
+    result = webuiapi.WebUIApi("127.0.0.1", port).txt2img(prompt="punk with a beanie", seed=11, steps=2, cfg_scale=7)
+    assert len(result.images) == 1 and result.images[0].size == (512, 512)
+    assert result.info["sampler_name"] == "Euler a" and result.info["scheduler"] == "Automatic"  # webuiapi's default
+    assert "Sampler: Euler a, Schedule type: Automatic," in result.info["infotexts"][0]
+    native = post(
+        live,
+        {
+            "prompt": "punk with a beanie",
+            "seed": 11,
+            "steps": 2,
+            "guidance": 7,
+            "sampler": "Euler a",
+            "output_size": 512,
+        },
+    )
+    assert result.json["images"][0] == native.json()["images"][0]["image"]
+
+
+def test_sampler_aliases_and_the_karras_scheduler_name_the_sampler_used(live: str):
+    api = client(live)
+    karras = api.txt2img(prompt=PROMPT, seed=5, steps=2, sampler_name="DPM++ 2M", scheduler="Karras")
+    assert karras.info["sampler_name"] == "DPM++ 2M Karras" and karras.info["scheduler"] == "Karras"
+    assert "Sampler: DPM++ 2M Karras, Schedule type: Karras," in karras.info["infotexts"][0]
+    named = api.txt2img(prompt=PROMPT, seed=5, steps=2, sampler_name="k_dpmpp_2m_ka", scheduler="automatic")
+    assert named.info["sampler_name"] == "DPM++ 2M Karras" and named.json["images"] == karras.json["images"]
+    plain = api.txt2img(prompt=PROMPT, seed=5, steps=2, sampler_name="DPM++ 2M")
+    assert plain.info["sampler_name"] == "DPM++ 2M" and plain.json["images"] != karras.json["images"]
+    plms = api.txt2img(prompt=PROMPT, seed=5, steps=2, sampler_name="PLMS")
+    assert plms.info["sampler_name"] == "PNDM" and plms.parameters["sampler_name"] == "PNDM"
+
+
+def test_unknown_sampler_lists_the_accepted_names(live: str):
     port = int(live.rsplit(":", 1)[1])
     with pytest.raises(RuntimeError) as raised:
-        webuiapi.WebUIApi(port=port).txt2img(prompt=PROMPT)  # sampler "Euler a"
-    assert raised.value.args[0] == 422 and "DPM++ 2M" in raised.value.args[1]
+        webuiapi.WebUIApi(port=port, sampler="DPM fast").txt2img(prompt=PROMPT)
+    assert raised.value.args[0] == 422
+    assert all(name in raised.value.args[1] for name in samplers.SAMPLER_NAMES)
 
 
 @pytest.mark.parametrize(

@@ -7,12 +7,16 @@ As in A1111, unknown fields are ignored (clients send dozens: hires fix, Control
 422 `{"detail": [{"type", "loc", "msg"}]}` and other failures `{"error", "detail", "body", "errors"}` with the
 status. What would change the picture and this server cannot do is refused naming the field, never ignored:
 a negative prompt (the engine encodes one fixed negative prompt, cached once; appending to it per request
-would need a per-request negative in the engine), a sampler other than the configured PUNKS_SCHEDULER (one
-scheduler per pipeline), hires fix, face restoration, tiling, styles, scripts, variation seeds, width != height.
+would need a per-request negative in the engine), a sampler or scheduler not in service/samplers.py, hires fix,
+face restoration, tiling, styles, scripts, variation seeds, width != height.
 
 `width` (= `height`) is the delivered size of the snapped 24x24 sprite (default 512, like A1111's; 1024 gives
 /v1/generate's default); the diffusion itself always runs at 512. `batch_size * n_iter` images, at most 4,
 with seeds seed, seed + 1, ... (A1111's all_seeds); seed -1 is random.
+
+Samplers are per request (service/samplers.py): `sampler_name` (or the deprecated `sampler_index`) by A1111's
+names and aliases, with A1111 1.9's separate `scheduler` folded in ("DPM++ 2M" + "Karras" is "DPM++ 2M Karras");
+none given: the deployment's PUNKS_SCHEDULER. `info` and the infotexts name the sampler actually used.
 """
 
 import asyncio
@@ -27,20 +31,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException
 
-from service import config
+from service import config, samplers
 from service.delivery import encode_images
 from service.engine import Engine, GenerationRequest
+from service.errors import RequestError
 from service.http import deps
 
-# The configured scheduler's names in A1111 (service/config.py Scheduler, service/loading.py SCHEDULERS).
-SAMPLERS: dict[config.Scheduler, tuple[str, ...]] = {
-    "dpm++": ("DPM++ 2M", "k_dpmpp_2m"),
-    "euler_a": ("Euler a", "k_euler_a", "k_euler_ancestral"),
-    "euler": ("Euler", "k_euler"),
-    "ddim": ("DDIM",),
-    "pndm": ("PLMS", "plms"),
-}
-SCHEDULE = "automatic"  # the sampler's own noise schedule (no Karras sigmas configured)
 # The engine's field names (RequestError.field, service/engine.py) as this API calls them.
 FIELDS = {"num_outputs": "batch_size", "guidance": "cfg_scale", "output_size": "width", "lora": "override_settings"}
 
@@ -55,9 +51,11 @@ class Txt2ImgRequest(BaseModel):
     styles: list[str] | None = Field(None, max_length=100, description="Refused unless empty.")
     seed: int = Field(-1, ge=-1, le=config.MAX_SEED, description="-1: random. Image i has seed + i.")
     subseed_strength: float = Field(0.0, allow_inf_nan=False, description="Variation seeds: refused unless 0.")
-    sampler_name: str | None = Field(None, max_length=100, description="The configured sampler's A1111 name.")
+    sampler_name: str | None = Field(None, max_length=100, description="A1111 name or alias (GET /sdapi/v1/samplers).")
     sampler_index: str | None = Field(None, max_length=100, description="Deprecated alias of sampler_name.")
-    scheduler: str | None = Field(None, max_length=100, description="'automatic' only.")
+    scheduler: str | None = Field(
+        None, max_length=100, description="'Automatic' or 'Karras' (GET /sdapi/v1/schedulers)."
+    )
     batch_size: int = Field(1, ge=1, le=config.MAX_IMAGES)
     n_iter: int = Field(1, ge=1, le=config.MAX_IMAGES, description="batch_size * n_iter <= 4.")
     steps: int | None = Field(None, ge=config.MIN_STEPS, le=config.MAX_STEPS, description="Default: PUNKS_STEPS.")
@@ -111,7 +109,7 @@ router = APIRouter(prefix="/sdapi/v1", route_class=deps.shaped_route(error_respo
     response_model=Txt2ImgResponse,
 )
 async def txt2img(body: Txt2ImgRequest, http: Request, service: deps.ServiceDep) -> Response:
-    sampler = _check_unsupported(body, service.settings.scheduler)
+    sampler = _check_unsupported(body, samplers.DEFAULTS[service.settings.scheduler])
     engine = service.ready_engine()
     lora = _lora(engine, (body.override_settings or {}).get("sd_model_checkpoint"))
     request = GenerationRequest(
@@ -120,6 +118,7 @@ async def txt2img(body: Txt2ImgRequest, http: Request, service: deps.ServiceDep)
         num_outputs=body.batch_size * body.n_iter,
         steps=body.steps,
         guidance=body.cfg_scale,
+        sampler=sampler,
         lora=lora,
         output_size=body.width,
         integer_scale=False,  # exactly width x height
@@ -133,9 +132,11 @@ async def txt2img(body: Txt2ImgRequest, http: Request, service: deps.ServiceDep)
     seeds = [image.seed for image in images]
     count = len(seeds)
     model = lora or deps.MODEL
+    sampler = result.sampler  # the one used
+    schedule = samplers.SCHEDULES[samplers.KARRAS if sampler.endswith(" Karras") else samplers.AUTOMATIC]
     infotexts = [
         f"{result.prompt}\nNegative prompt: {result.negative_prompt}\nSteps: {result.steps}, Sampler: {sampler}, "
-        f"Schedule type: {SCHEDULE}, CFG scale: {result.guidance:g}, Seed: {seed}, "
+        f"Schedule type: {schedule}, CFG scale: {result.guidance:g}, Seed: {seed}, "
         f"Size: {body.width}x{body.height}, Model: {model}"
         for seed in seeds
     ]
@@ -152,7 +153,7 @@ async def txt2img(body: Txt2ImgRequest, http: Request, service: deps.ServiceDep)
         "width": body.width,
         "height": body.height,
         "sampler_name": sampler,
-        "scheduler": SCHEDULE,
+        "scheduler": schedule,
         "cfg_scale": result.guidance,
         "steps": result.steps,
         "batch_size": body.batch_size,
@@ -174,6 +175,7 @@ async def txt2img(body: Txt2ImgRequest, http: Request, service: deps.ServiceDep)
     parameters = body.model_dump(exclude={"override_settings"}) | {
         "override_settings": {"sd_model_checkpoint": model},
         "sampler_name": sampler,
+        "scheduler": schedule,
     }
     payload = Txt2ImgResponse(
         images=[base64.b64encode(image.image).decode("ascii") for image in images] if body.send_images else [],
@@ -191,15 +193,30 @@ async def sd_models(engine: deps.ReadyEngine) -> list[dict[str, Any]]:
     ]
 
 
-@router.get("/samplers", summary="The configured sampler (PUNKS_SCHEDULER) under its A1111 names.")
-async def samplers(service: deps.ServiceDep) -> list[dict[str, Any]]:
-    name, *aliases = SAMPLERS[service.settings.scheduler]
-    return [{"name": name, "aliases": aliases, "options": {}}]
+@router.get("/samplers", summary="The samplers txt2img accepts (sampler_name), with A1111's aliases.")
+async def samplers_list() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": sampler.name,
+            "aliases": list(sampler.aliases),
+            "options": {"scheduler": samplers.KARRAS} if dict(sampler.options).get("use_karras_sigmas") else {},
+        }
+        for sampler in samplers.SAMPLERS.values()
+    ]
 
 
-@router.get("/schedulers", summary="The one noise schedule: the sampler's own ('automatic').")
+@router.get("/schedulers", summary="The noise schedules txt2img accepts (scheduler), folded into the sampler.")
 async def schedulers() -> list[dict[str, Any]]:
-    return [{"name": SCHEDULE, "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
+    return [
+        {
+            "name": name,
+            "label": label,
+            "aliases": None,
+            "default_rho": 7.0 if name == samplers.KARRAS else -1,
+            "need_inner_model": False,
+        }
+        for name, label in samplers.SCHEDULES.items()
+    ]
 
 
 @router.get("/options", summary="The few options clients read at start.")
@@ -212,10 +229,16 @@ async def scripts() -> dict[str, list[str]]:
     return {"txt2img": [], "img2img": []}
 
 
-def _check_unsupported(body: Txt2ImgRequest, scheduler: config.Scheduler) -> str:
-    """Refuse, naming the field, what would change the picture and this server cannot do. Returns the sampler."""
-    names = SAMPLERS[scheduler]
-    sampler = body.sampler_name or body.sampler_index or names[0]
+def _check_unsupported(body: Txt2ImgRequest, default: str) -> str:
+    """Refuse, naming the field, what would change the picture and this server cannot do. Returns the sampler's
+    name (service/samplers.py): sampler_name (or sampler_index) with the scheduler folded in, or `default`."""
+    sampler_field = "sampler_name" if body.sampler_name else "sampler_index"
+    sampler, sampler_error = default, None
+    try:
+        chosen = samplers.lookup(body.sampler_name or body.sampler_index or default, sampler_field)
+        sampler = samplers.with_schedule(chosen, body.scheduler).name
+    except RequestError as error:
+        sampler_error = error
     refusals = [
         (
             "negative_prompt",
@@ -223,15 +246,9 @@ def _check_unsupported(body: Txt2ImgRequest, scheduler: config.Scheduler) -> str
             "not supported: every image uses the fixed negative prompt against the known failures (leave it empty)",
         ),
         (
-            "sampler_name" if body.sampler_name else "sampler_index",
-            sampler not in names,
-            f"this server samples with {names[0]!r} only (PUNKS_SCHEDULER={scheduler}); per-request samplers "
-            "are not supported",
-        ),
-        (
-            "scheduler",
-            body.scheduler is not None and body.scheduler.lower() != SCHEDULE,
-            f"only {SCHEDULE!r} (the sampler's own schedule) is supported",
+            sampler_error.field if sampler_error else sampler_field,
+            sampler_error is not None,
+            sampler_error.reason if sampler_error else "",
         ),
         ("height", body.height != body.width, "must equal width: the portrait is square"),
         ("enable_hr", bool(body.enable_hr), "hires fix is not supported (the 24x24 sprite is upscaled exactly)"),
@@ -249,7 +266,7 @@ def _check_unsupported(body: Txt2ImgRequest, scheduler: config.Scheduler) -> str
     errors = [{"type": "value_error", "loc": ("body", field), "msg": why} for field, bad, why in refusals if bad]
     if errors:
         raise RequestValidationError(errors)
-    return names[0]
+    return sampler
 
 
 def _lora(engine: Engine, checkpoint: object) -> str | None:
