@@ -16,6 +16,7 @@ from service.errors import WeightsError
 from service.lora import evaluate
 from service.lora import report as lora_report
 from service.lora.inspect import LoraError
+from service.samplers import SAMPLER_NAMES
 from service.weights import cli as weights_cli
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ def generate(args: argparse.Namespace) -> int:
         num_outputs=args.num_outputs,
         steps=args.steps,
         guidance=args.guidance,
+        sampler=args.sampler,
         upscaler=args.upscaler,
         output_size=args.output_size,
         integer_scale=args.integer_scale,
@@ -117,6 +119,11 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, help=f"{config.MIN_STEPS}-{config.MAX_STEPS} (default PUNKS_STEPS)")
     gen.add_argument(
         "--guidance", type=float, help=f"{config.MIN_GUIDANCE}-{config.MAX_GUIDANCE} (default PUNKS_GUIDANCE)"
+    )
+    gen.add_argument(
+        "--sampler",
+        metavar="NAME",
+        help=f"A1111 sampler name or alias: {', '.join(SAMPLER_NAMES)} (default PUNKS_SCHEDULER's, DPM++ 2M)",
     )
     gen.add_argument(
         "--upscaler",

@@ -21,7 +21,18 @@ def test_generate_writes_png_sprite_and_json(smoke_env, tmp_path):
     env = smoke_env | {"PYTHONPATH": str(repo)}
     output = tmp_path / "out" / "punk.png"
     done = run_cli(
-        ["generate", "lad with a red beanie, green background", "--seed", "7", "-o", str(output)], env, tmp_path
+        [
+            "generate",
+            "lad with a red beanie, green background",
+            "--seed",
+            "7",
+            "--sampler",
+            "k_euler_a",
+            "-o",
+            str(output),
+        ],
+        env,
+        tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert "SMOKE" in done.stderr  # the fallback is loud
@@ -35,7 +46,7 @@ def test_generate_writes_png_sprite_and_json(smoke_env, tmp_path):
             cell = image[edges[row] : edges[row + 1], edges[column] : edges[column + 1]].reshape(-1, 3)
             assert (cell == sprite[row, column]).all(), (row, column)
     metadata = json.loads(output.with_suffix(".json").read_text())
-    assert metadata["images"][0]["seed"] == 7
+    assert metadata["images"][0]["seed"] == 7 and metadata["sampler"] == "Euler a"
     assert metadata["prompt"].startswith("pixel art, 24x24, portrait of bespoke punk lad with a red beanie")
     palette = {"#{:02x}{:02x}{:02x}".format(*c) for c in sprite.reshape(-1, 3)}
     assert set(metadata["images"][0]["palette"]) == palette
@@ -50,6 +61,8 @@ def test_bad_input_gives_a_message_and_nonzero_exit(smoke_env, tmp_path):
     assert empty.returncode == 2 and "prompt: must not be empty" in empty.stderr
     steps = run_cli(["generate", "lad", "--steps", "500"], env, tmp_path)
     assert steps.returncode == 2 and "steps: must be between" in steps.stderr
+    sampler = run_cli(["generate", "lad", "--sampler", "DPM fast"], env, tmp_path)
+    assert sampler.returncode == 2 and "sampler: unknown sampler 'DPM fast'; accepted: Euler, Euler a" in sampler.stderr
     not_a_number = run_cli(["generate", "lad", "--seed", "abc"], env, tmp_path)
     assert not_a_number.returncode == 2 and "invalid int value" in not_a_number.stderr
 

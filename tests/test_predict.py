@@ -32,6 +32,7 @@ from devtools.cog_schema import ROOT, SCHEMA_PATH, build_schema, is_current
 from service import config
 from service.config import MAX_SEED, Settings
 from service.errors import WeightsError
+from service.samplers import SAMPLER_NAMES
 from service.weights.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec, redact
 from tests.hostile_hosts import ALLOWED_HOST, ALLOWED_NETWORKS_ENV, INTERNAL_HOST, canary, hostile_server
 from tests.live_server import subprocess_server
@@ -266,6 +267,8 @@ def test_input_bounds_are_the_shared_ones(schema: dict):
         assert props[name].get("default") is None and props[name]["nullable"] is True, name
         assert f"PUNKS_{name.upper()} ({str(fields[name].default).lower()})" in props[name]["description"], name
     assert schema["components"]["schemas"]["output_format"]["enum"] == ["png", "webp"]
+    assert schema["components"]["schemas"]["scheduler"]["enum"] == list(SAMPLER_NAMES)  # service/samplers.py's
+    assert props["scheduler"].get("default") is None and props["scheduler"]["nullable"] is True
     assert "lora_scale" not in props  # fused once at setup: PUNKS_LORA_SCALE, not an input
     assert all(prop.get("description") for prop in props.values())
     output = schema["components"]["schemas"]["Output"]
