@@ -16,6 +16,7 @@ from PIL import Image
 
 from service.config import MAX_STEPS, Settings
 from service.prompts import PROMPT_PREFIX, PROMPT_SUFFIX
+from service.samplers import SAMPLER_NAMES
 from tests.live_server import make_app, thread_server
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -98,6 +99,9 @@ def test_generate_from_the_page(live: str, browser, tmp_path: Path):
     assert page.input_value("#steps") == "1" and page.input_value("#num_outputs") == "1"
     assert page.input_value("#seed") == ""  # random
     page.wait_for_function("document.querySelectorAll('#lora option').length > 0")
+    options = page.eval_on_selector_all("#sampler option", "options => options.map(o => o.value)")
+    assert options == ["", *SAMPLER_NAMES]  # the server default, then /openapi.json's enum
+    page.select_option("#sampler", "Euler a")
 
     page.fill("#prompt", "lad with a red beanie, green background")
     page.fill("#seed", "7")

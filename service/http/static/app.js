@@ -6,7 +6,7 @@
 const TOKEN_KEY = "punks.token";
 const GALLERY_KEY = "punks.gallery";
 const NUMBER_FIELDS = ["seed", "num_outputs", "steps", "guidance"];
-const FIELDS = ["prompt", ...NUMBER_FIELDS, "lora", "upscaler", "integer_scale"];
+const FIELDS = ["prompt", ...NUMBER_FIELDS, "sampler", "lora", "upscaler", "integer_scale"];
 
 const $ = (id) => document.getElementById(id);
 const state = { loraDefault: null, busy: false, shown: null };
@@ -41,6 +41,9 @@ function applySchema(schema, config) {
     document.querySelector(`label[for=${name}]`).dataset.range = range.trim();
   }
   $("integer_scale").checked = Boolean(config.defaults.integer_scale);
+  const sampler = $("sampler");  // the samplers /v1/generate accepts: its OpenAPI enum
+  sampler.replaceChildren(new Option("server default", ""));
+  for (const name of bounds.sampler.enum || []) sampler.append(new Option(name, name));
   const upscaler = $("upscaler");
   upscaler.replaceChildren(new Option("server default", ""));
   for (const name of bounds.upscaler.enum || []) upscaler.append(new Option(name, name));
@@ -125,6 +128,7 @@ function requestBody() {
   }
   body.integer_scale = $("integer_scale").checked;
   if ($("lora").value) body.lora = $("lora").value;
+  if ($("sampler").value) body.sampler = $("sampler").value;
   if (!$("upscaler-field").hidden && $("upscaler").value) body.upscaler = $("upscaler").value;
   return ok ? body : null;
 }
