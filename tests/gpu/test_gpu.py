@@ -123,3 +123,22 @@ def test_graphed_text_encoder_matches_the_eager_one_and_follows_its_weights(engi
     finally:  # the module-scoped engine serves the tests after this one
         norm.weight = original
     torch.testing.assert_close(check(ids), before, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(not os.environ.get("PUNKS_GPU_COMPILE"), reason="set PUNKS_GPU_COMPILE=1 (compiles for minutes)")
+def test_switching_sampler_on_the_compiled_engine_does_not_recompile(weights, tmp_path):
+    """A scheduler's steps run outside the CUDA graphs of the UNet and VAE: after one warm-up per sampler family
+    of timestep dtype, changing the sampler per request compiles nothing new (dynamo's unique graphs unchanged)."""
+    from torch._dynamo.utils import counters
+
+    from service.samplers import SAMPLER_NAMES
+
+    engine = Engine.load(settings_for(weights, compile=True, batch_buckets=(4,), compile_cache_dir=tmp_path))
+    for sampler in SAMPLER_NAMES:  # first use of each: any recompile would show here already
+        engine.generate(GenerationRequest(PROMPT, seed=5, steps=4, sampler=sampler))
+    compiled = counters["stats"]["unique_graphs"]
+    for sampler in [*SAMPLER_NAMES, *reversed(SAMPLER_NAMES)]:
+        image = engine.generate(GenerationRequest(PROMPT, seed=5, steps=4, sampler=sampler)).images[0]
+        assert np.isfinite(pixels(image.raw)).all()
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert counters["recompiles"] == {} or sum(counters["recompiles"].values()) == 0, dict(counters["recompiles"])
