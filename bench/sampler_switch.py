@@ -1,4 +1,4 @@
-"""Per-switch cost of the per-request sampler (issue 35) on the compiled engine, on a CUDA GPU:
+"""Per-switch cost of the per-request sampler on the compiled engine, on a CUDA GPU:
 
     python -m bench.sampler_switch [--steps 25] [--repeats 5]
 
