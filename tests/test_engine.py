@@ -20,18 +20,19 @@ def pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-class CountingPipe:
-    """The engine's pipeline, recording the batch size of each call."""
+def count_pipeline_calls(pipe, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch size of each call of the pipeline's class (the engine calls a per-call copy of its pipeline,
+    with the request's sampler: the class is what every copy shares)."""
+    calls: list[int] = []
+    pipeline_class = type(pipe)
+    original = pipeline_class.__call__
 
-    def __init__(self, pipe, calls: list[int]):
-        self.pipe, self.calls = pipe, calls
+    def counting(self, **kwargs):
+        calls.append(len(kwargs["prompt_embeds"]))
+        return original(self, **kwargs)
 
-    def __getattr__(self, name: str):
-        return getattr(self.pipe, name)
-
-    def __call__(self, **kwargs):
-        self.calls.append(len(kwargs["prompt_embeds"]))
-        return self.pipe(**kwargs)
+    monkeypatch.setattr(pipeline_class, "__call__", counting)
+    return calls
 
 
 def test_generation_returns_sprite_upscale_palette_and_quality(engine):
@@ -52,12 +53,12 @@ def test_generation_returns_sprite_upscale_palette_and_quality(engine):
     assert described["images"][0]["seed"] == 7 and described["truncated"] is False
 
 
-def test_warm_up_fills_buckets_beyond_one_requests_images(engine, smoke_settings):
+def test_warm_up_fills_buckets_beyond_one_requests_images(engine, smoke_settings, monkeypatch):
     """A compiled server with max_batch_size 8 warms a bucket of 8 up the way the batcher fills it (two 4-image
     requests in one call); one 8-image request would be refused and the server would not start."""
-    calls: list[int] = []
+    calls = count_pipeline_calls(engine.pipe, monkeypatch)
     wide = smoke_settings.model_dump() | {"compile": True, "batch_buckets": (1, 4, 8), "max_batch_size": 8}
-    Engine(CountingPipe(engine.pipe, calls), Settings(**wide), engine.weights, engine.loras).warm_up()
+    Engine(engine.pipe, Settings(**wide), engine.weights, engine.loras).warm_up()
     assert calls == [1, 4, 8]
 
 
@@ -69,31 +70,25 @@ def test_same_seed_same_image_and_other_seed_other_image(engine):
     assert not np.array_equal(pixels(first.raw), pixels(other.raw))
 
 
-class AlsoPil:
-    """The engine's pipeline, also rendering each call again with diffusers' own output_type="pil"."""
+def test_raw_images_are_the_bytes_of_diffusers_own_pil_output(engine, monkeypatch):
+    """The engine converts to 8 bits on the model's device (to_pil) instead of diffusers' postprocess: same bytes.
+    Each pipeline call is rendered again with diffusers' own output_type="pil", from the same generator states."""
+    pil_images: list = []
+    pipeline_class = type(engine.pipe)
+    original = pipeline_class.__call__
 
-    def __init__(self, pipe):
-        self.pipe, self.images = pipe, []
-
-    def __getattr__(self, name: str):
-        return getattr(self.pipe, name)
-
-    def __call__(self, **kwargs):
+    def also_pil(self, **kwargs):
         states = [generator.get_state() for generator in kwargs["generator"]]
-        output = self.pipe(**kwargs)
+        output = original(self, **kwargs)
         for generator, state in zip(kwargs["generator"], states, strict=True):
             generator.set_state(state)
-        self.images += self.pipe(**kwargs | {"output_type": "pil"}).images
+        pil_images.extend(original(self, **kwargs | {"output_type": "pil"}).images)
         return output
 
-
-def test_raw_images_are_the_bytes_of_diffusers_own_pil_output(engine, monkeypatch):
-    """The engine converts to 8 bits on the model's device (to_pil) instead of diffusers' postprocess: same bytes."""
-    pipe = AlsoPil(engine.pipe)
-    monkeypatch.setattr(engine, "pipe", pipe)
+    monkeypatch.setattr(pipeline_class, "__call__", also_pil)
     (rendered,) = engine.render([GenerationRequest(PROMPT, seed=31, num_outputs=2, steps=2)])
-    assert len(pipe.images) == len(rendered.raws) == 2
-    for ours, diffusers_own in zip(rendered.raws, pipe.images, strict=True):
+    assert len(pil_images) == len(rendered.raws) == 2
+    for ours, diffusers_own in zip(rendered.raws, pil_images, strict=True):
         assert ours.mode == diffusers_own.mode == "RGB"
         assert np.array_equal(np.asarray(ours), np.asarray(diffusers_own))
     assert not np.array_equal(np.asarray(rendered.raws[0]), np.asarray(rendered.raws[1]))
@@ -186,8 +181,7 @@ def test_random_seed_is_chosen_and_reported(engine):
 
 def test_batched_requests_give_the_same_images_as_alone(engine, monkeypatch):
     alone = engine.generate(GenerationRequest(PROMPT, seed=21)).images[0]
-    calls = []
-    monkeypatch.setattr(engine, "pipe", CountingPipe(engine.pipe, calls))
+    calls = count_pipeline_calls(engine.pipe, monkeypatch)
     batch = engine.generate_batch(
         [GenerationRequest("punk with sunglasses", seed=5, num_outputs=2), GenerationRequest(PROMPT, seed=21)]
     )

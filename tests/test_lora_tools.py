@@ -415,18 +415,14 @@ def test_mixed_batch_is_grouped_by_lora(switching_engine, monkeypatch):
     raw(engine, "other")  # "other" is the active LoRA now
     calls: list[tuple[str, int]] = []  # (the LoRA fused at each pipeline call, its batch size)
 
-    class CountingPipe:
-        def __init__(self, pipe):
-            self.pipe = pipe
+    pipeline_class = type(engine.pipe)
+    original = pipeline_class.__call__
 
-        def __getattr__(self, name: str):
-            return getattr(self.pipe, name)
+    def counting(self, **kwargs):  # on the class: the engine calls a per-call copy of its pipeline
+        calls.append((engine.loras.active.stem, len(kwargs["prompt_embeds"])))
+        return original(self, **kwargs)
 
-        def __call__(self, **kwargs):
-            calls.append((engine.loras.active.stem, len(kwargs["prompt_embeds"])))
-            return self.pipe(**kwargs)
-
-    monkeypatch.setattr(engine, "pipe", CountingPipe(engine.pipe))
+    monkeypatch.setattr(pipeline_class, "__call__", counting)
     requests = [GenerationRequest(PROMPT, seed=5, steps=1, lora=lora) for lora in (None, "other", None)]
     results = engine.generate_batch(requests)
     # one pipeline call per LoRA, the active one first: one switch
