@@ -866,6 +866,7 @@ def test_setup_downloads_the_weights_then_run_writes_images_then_sprites(
         "output_format": "png",
         "lora": "",
         "lora_url": "",
+        "scheduler": None,
     }
 
     async def setup_then_run_twice():  # as coglet does: setup and every run on one event loop
