@@ -83,14 +83,13 @@ class Service:
         return ServiceState.LOADING if self.batcher is None else ServiceState.READY
 
     def unavailable(self) -> str | None:
-        """Why generation cannot be served now (None: it can): readiness fails."""
-        if self.stopping:
+        """Why generation cannot be served now (None: it can): readiness fails. `state`, told."""
+        state = self.state
+        if state is ServiceState.STOPPING:
             return "the service is shutting down"
-        if reason := self.broken():
-            return reason
-        if self.batcher is None:
-            return "the engine is loading"
-        return None
+        if state is ServiceState.BROKEN:
+            return self.broken()
+        return "the engine is loading" if state is ServiceState.LOADING else None
 
     async def shutdown(self) -> None:
         """Refuse new work at once; give the queued work shutdown_timeout_s. Idempotent: the server calls it

@@ -144,10 +144,6 @@ class LoraUrlCache:
         finally:
             self.release(entry)
 
-    def close(self) -> None:
-        """Stop taking downloads (queued ones are dropped; running ones are not waited for)."""
-        self._threads.shutdown(wait=False, cancel_futures=True)
-
     def _release_when_acquired(self, acquiring: asyncio.Future) -> None:
         if not acquiring.cancelled() and acquiring.exception() is None:
             self.release(acquiring.result())
