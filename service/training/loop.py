@@ -204,6 +204,7 @@ def train_lora(
             optimizer.step()
             losses.append(loss.item())
             progress.step(epoch, recipe.epochs, losses[-1], force=len(losses) == per_epoch)
+        seconds = round(time.monotonic() - started, 2)  # the steps' time, what a longer run scales with
         path = checkpoints / checkpoint_name(name, epoch)
         metadata = kohya_metadata(recipe, examples, epoch, epoch * per_epoch, name)
         save_file(adapters.kohya_tensors(), str(path), metadata=metadata)
@@ -212,9 +213,7 @@ def train_lora(
         )
         files.append(path)
         if on_epoch is not None:
-            on_epoch(
-                EpochLog(epoch, per_epoch, float(np.mean(losses)), round(time.monotonic() - started, 2), path.name)
-            )
+            on_epoch(EpochLog(epoch, per_epoch, float(np.mean(losses)), seconds, path.name))
     return files
 
 
