@@ -127,10 +127,20 @@ def not_an_image(tmp_path: Path) -> Path:
 
 
 def sdxl_base(tmp_path: Path) -> Path:
-    base = tmp_path / "sdxl"
+    index = {"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "x"]}
+    return config_folder(tmp_path / "sdxl", index, {"cross_attention_dim": 2048, "addition_embed_type": "text_time"})
+
+
+def sd2_base(tmp_path: Path) -> Path:
+    index = {"_class_name": "StableDiffusionPipeline"}
+    return config_folder(tmp_path / "sd2", index, {"cross_attention_dim": 1024})
+
+
+def config_folder(base: Path, index: dict, unet: dict) -> Path:
+    """The configs of a diffusers model folder, all the base model check reads."""
     for sub, content in {
-        "model_index.json": {"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "x"]},
-        "unet/config.json": {"cross_attention_dim": 2048, "addition_embed_type": "text_time"},
+        "model_index.json": index,
+        "unet/config.json": unet,
         "scheduler/scheduler_config.json": {},
     }.items():
         (base / sub).parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +193,15 @@ def test_a_base_that_is_not_sd15_is_refused_even_when_forced_for_sdxl(tmp_path, 
     for extra in ([], ["--force"]):
         assert run_cli(folder, "--base-model", sdxl_base(tmp_path), *extra) == 2
         assert "is an SDXL model; this trainer trains SD1.5 LoRAs" in capsys.readouterr().err
+
+
+def test_an_sd2_base_is_refused_unless_forced(tmp_path, capsys, monkeypatch):
+    folder = folder_with(tmp_path, {"a.png": png(sprite_images(1)[0])})
+    monkeypatch.setattr("service.training.loop.train_lora", _no_training)
+    assert run_cli(folder, "--base-model", sd2_base(tmp_path)) == 2
+    assert "is an SD2.x model, not SD1.5: in the training analysis" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="training started"):  # forced: every check passed
+        run_cli(folder, "--base-model", sd2_base(tmp_path), "--force", "--out", tmp_path / "out")
 
 
 def _no_training(*args, **kwargs):

@@ -13,7 +13,7 @@ from pathlib import Path
 from service.lora.layout import SD15_DIM
 from service.weights.files import WeightFileError, read_tensor_table
 
-MAX_RANK_THAT_WORKED = SD15_DIM  # dim 64 gave photographs
+REFUSED_RANK = 64  # dim 64 gave photographs, 128 (SDXL) noisy pixels
 SD15_CROSS_ATTENTION = 768
 OTHER_FAMILIES = {1024: "SD2.x", 2048: "SDXL"}  # cross-attention width -> family (service/lora/inspect.py)
 FINDING = (
@@ -44,7 +44,7 @@ class Recipe:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.resolution % 8:
             raise ValueError(f"resolution: must be a multiple of 8 (the VAE's downscale), got {self.resolution}")
-        if self.rank > MAX_RANK_THAT_WORKED and not self.force:
+        if self.rank >= REFUSED_RANK and not self.force:
             raise ValueError(f"rank: {self.rank} refused: {FINDING}; pass force to train it anyway")
 
     def metadata(self) -> dict[str, str]:

@@ -122,12 +122,15 @@ def rank_epochs(
 ) -> list[dict]:
     """`lora evaluate` over the epochs' checkpoints: contact sheet, ranking.md/json and sprites in `out`; the
     ranking rows, best first."""
+    import gc
+
     import torch
 
     from service.engine import Engine
 
+    gc.collect()  # the training's pipeline and optimizer, before a second pipeline loads
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the training's memory
+        torch.cuda.empty_cache()
     named = lora_evaluate.checkpoint_names(checkpoints)
     engine = Engine.load(settings.model_copy(update={"lora": checkpoints[-1]}), loras=named)
     try:
@@ -173,7 +176,10 @@ def add_command(commands) -> None:
     )
     parser.add_argument("--name", default="bespoke_punks", help="file name of the LoRA (default bespoke_punks)")
     parser.add_argument(
-        "--rank", type=int, default=defaults.rank, help=f"network dim (default {defaults.rank}; >= 64 needs --force)"
+        "--rank",
+        type=int,
+        default=defaults.rank,
+        help=f"network dim (default {defaults.rank}; 64 or more needs --force)",
     )
     parser.add_argument(
         "--alpha", type=float, default=defaults.alpha, help=f"network alpha (default {defaults.alpha:g})"
