@@ -108,7 +108,7 @@ def speed(output: Path) -> dict:
         "model": "SD1.5 architecture (UNet 860M, CLIP ViT-L/14, VAE), random weights, bf16 base, fp32 LoRA",
         "recipe": "rank 32 / alpha 16, 512 px, AdamW, text encoder and UNet adapters",
         "batch": rows,
-        "evaluation_s_per_epoch": round(eval_s, 1),
+        "evaluation_s_per_epoch": round(eval_s, 1),  # an upper bound: the engine's load is shared by 2, not 10
         "evaluation": f"{len(prompts)} prompts x {len(evaluate.DEFAULT_SEEDS)} seed, {DEFAULT_EVAL_STEPS} steps",
         "seed_run_projection": projection({b: r["steps_s"] for b, r in rows.items()}, eval_s),
     }
