@@ -153,8 +153,8 @@ def demo(
         "later_epoch_beats_the_first": best_epoch > 1,
     }
     (out / "training.json").write_text(json.dumps(result, indent=2) + "\n")
-    for path in (out / "checkpoints").glob("*"):  # the ranking and sheet are the result; the files are not kept
-        path.unlink()
+    for folder in (out / "checkpoints", out / "evaluation" / "sprites"):  # the ranking and sheet are the result
+        shutil.rmtree(folder)
     return result
 
 

@@ -178,6 +178,9 @@ def test_bad_data_is_refused_naming_the_file_before_any_model_loads(case, tmp_pa
         (["--rank", "64"], "rank: 64 refused: in the training analysis"),
         (["--subject", "a, b"], "subject: 'a, b' must be"),
         (["--epochs", "0"], "epochs: must be at least 1"),
+        (["--resolution", "100"], "resolution: must be a multiple of 8"),
+        (["--eval-seeds", "-1"], "eval_seeds: -1 is not between 0 and"),
+        (["--eval-steps", "0"], "eval_steps: must be between 1 and 100, got 0"),
     ],
 )
 def test_settings_that_failed_or_make_no_sense_are_refused(argv, message, tmp_path, capsys, monkeypatch):

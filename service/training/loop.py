@@ -187,7 +187,13 @@ def train_lora(
     if finished >= recipe.epochs:
         return files
     latents = encode_latents(pipe, examples, recipe, device)
-    rows = [caption_ids(pipe.tokenizer, e.caption) for e in examples]
+    limit = MAX_CHUNKS * CHUNK_TOKENS  # the engine's prompt budget
+    tokens = [caption_ids(pipe.tokenizer, e.caption) for e in examples]
+    if cut := [e.name for e, ids in zip(examples, tokens, strict=True) if len(ids) > limit]:
+        log.warning(
+            "%d captions cut to %d CLIP tokens, as the engine cuts prompts (first: %s)", len(cut), limit, cut[0]
+        )
+    rows = [ids[:limit] for ids in tokens]
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     per_epoch = steps_per_epoch(len(examples), recipe.batch_size)
     progress = ProgressLog(recipe.epochs * per_epoch, finished * per_epoch)
@@ -236,9 +242,8 @@ def encode_latents(pipe, examples: list[Example], recipe: Recipe, device: str) -
 
 
 def caption_ids(tokenizer, caption: str) -> list[int]:
-    """The caption's tokens (no BOS/EOS), cut to the engine's MAX_CHUNKS chunks of 75."""
-    ids = tokenizer(caption, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    return ids[: MAX_CHUNKS * CHUNK_TOKENS]
+    """The caption's CLIP tokens, without BOS/EOS."""
+    return tokenizer(caption, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
 
 def diffusion_loss(pipe, scheduler, latents, rows: list[list[int]], generator, on_gpu: bool) -> torch.Tensor:

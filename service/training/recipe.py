@@ -14,6 +14,7 @@ from service.lora.layout import SD15_DIM
 from service.weights.files import WeightFileError, read_tensor_table
 
 REFUSED_RANK = 64  # dim 64 gave photographs, 128 (SDXL) noisy pixels
+MIN_RESOLUTION, MAX_RESOLUTION = 64, 1024  # 64: cells of 2-3 px; SD1.5 itself was trained at 512
 SD15_CROSS_ATTENTION = 768
 OTHER_FAMILIES = {1024: "SD2.x", 2048: "SDXL"}  # cross-attention width -> family (service/lora/inspect.py)
 FINDING = (
@@ -42,8 +43,11 @@ class Recipe:
         for name in ("alpha", "learning_rate", "text_encoder_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.resolution % 8:
-            raise ValueError(f"resolution: must be a multiple of 8 (the VAE's downscale), got {self.resolution}")
+        if self.resolution % 8 or not MIN_RESOLUTION <= self.resolution <= MAX_RESOLUTION:
+            raise ValueError(
+                f"resolution: must be a multiple of 8 (the VAE's downscale) from {MIN_RESOLUTION} to {MAX_RESOLUTION}, "
+                f"got {self.resolution}"
+            )
         if self.rank >= REFUSED_RANK and not self.force:
             raise ValueError(f"rank: {self.rank} refused: {FINDING}; pass force to train it anyway")
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from service.config import Settings
+from service.config import MAX_SEED, MAX_STEPS, MIN_STEPS, Settings
 from service.lora import evaluate as lora_evaluate
 from service.training.captions import check_subject
 from service.training.data import Example, read_dataset
@@ -76,6 +76,10 @@ def train(
     recipe, evaluation = recipe or Recipe(), evaluation or Evaluation()
     examples = prepare(data, base_model, recipe, subject)
     prompts = lora_evaluate.load_prompts(evaluation.prompts)
+    if bad := [seed for seed in evaluation.seeds if not 0 <= seed <= MAX_SEED]:
+        raise ValueError(f"eval_seeds: {bad[0]} is not between 0 and {MAX_SEED}")
+    if not MIN_STEPS <= evaluation.steps <= MAX_STEPS:
+        raise ValueError(f"eval_steps: must be between {MIN_STEPS} and {MAX_STEPS}, got {evaluation.steps}")
     settings = Settings(base_model=base_model, warmup=False, steps=evaluation.steps)
     out.mkdir(parents=True, exist_ok=True)
     captions = save_captions(examples, out / "captions")
