@@ -4,6 +4,11 @@ epoch's kohya LoRA out, which the inference model's `lora_url` takes as it is. T
 (rank 32 / alpha 16, 10 epochs at 512 px) and every epoch is ranked by `lora evaluate`; progress (epoch, step, loss,
 time left) goes to the training's logs.
 
+`input_images` is a Cog `Path`, as in cog-sdxl's trainer, so that Replicate's form takes an upload: coglet hands
+over the file (Replicate passes one of its own storage); this module fetches no URL itself. Self-hosted, a caller
+who may send a URL there makes coglet fetch it, outside service/weights/policy.py: put such a server behind a
+network policy.
+
 Not `train.py`: that name is the train/ package's (the demo model's trainer), which would shadow it.
 """
 
