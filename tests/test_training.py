@@ -207,6 +207,24 @@ def test_an_sd2_base_is_refused_unless_forced(tmp_path, capsys, monkeypatch):
         run_cli(folder, "--base-model", sd2_base(tmp_path), "--force", "--out", tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    ("first_key", "message"),
+    [
+        ("conditioner.embedders.1.model.ln_final.weight", "is an SDXL model"),
+        ("cond_stage_model.model.ln_final.weight", "is an SD2.x model, not SD1.5"),
+    ],
+)
+def test_a_single_file_base_is_judged_by_its_tensor_names(first_key, message, tmp_path, capsys, monkeypatch):
+    import torch
+
+    base = tmp_path / "model.safetensors"
+    save_file({first_key: torch.zeros(2), "model.diffusion_model.out.0.weight": torch.zeros(2)}, str(base))
+    folder = folder_with(tmp_path, {"a.png": png(sprite_images(1)[0])})
+    monkeypatch.setattr("service.training.loop.train_lora", _no_training)
+    assert run_cli(folder, "--base-model", base) == 2
+    assert message in capsys.readouterr().err
+
+
 def _no_training(*args, **kwargs):
     raise AssertionError("training started on refused input")
 

@@ -80,6 +80,8 @@ def _family(path: Path) -> str:
         if scheduler.get("prediction_type") == "v_prediction" and width == SD15_CROSS_ATTENTION:
             return "SD2.x (v-prediction)"
         return OTHER_FAMILIES.get(width, "SD1.x") if isinstance(width, int) else "unknown"
+    if path.suffix == ".ckpt":  # a pickle is not opened to look; loading it with SD1.5's configs refuses the others
+        return "SD1.x"
     try:
         names = read_tensor_table(path).tensors
     except WeightFileError as error:
