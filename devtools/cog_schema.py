@@ -18,6 +18,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER_REF = "predict.py:Runner"
+TRAIN_REF = "trainer.py:train"  # cog.yaml `train:`: its TrainingInput is what coglet validates trainings against
 SCHEMA_PATH = ROOT / ".cog" / "openapi_schema.json"
 
 
@@ -30,7 +31,7 @@ def _number(value: float | int) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-def _input_schema(info: Any) -> tuple[dict, dict]:
+def _input_schema(info: Any, title: str = "Input") -> tuple[dict, dict]:
     from cog import _adt as adt
 
     properties: dict[str, dict] = {}
@@ -73,7 +74,7 @@ def _input_schema(info: Any) -> tuple[dict, dict]:
         if field.deprecated:
             prop["deprecated"] = True
         properties[name] = prop
-    schema: dict[str, Any] = {"title": "Input", "type": "object", "properties": properties}
+    schema: dict[str, Any] = {"title": title, "type": "object", "properties": properties}
     if required:
         schema["required"] = required
     return schema, enums
@@ -83,40 +84,41 @@ def _json_response(schema: dict) -> dict:
     return {"content": {"application/json": {"schema": schema}}}
 
 
-def build_schema(ref: str = RUNNER_REF) -> dict:
-    """The OpenAPI 3.0.2 document for the runner `ref` ("file.py:Class", relative to the repo root)."""
-    import cog
+def _inspect(ref: str) -> Any:
+    """The cog SDK's view of "file.py:Name" (a runner class or a train function), relative to the repo root."""
     from cog._inspector import create_predictor
 
-    module_path, class_name = ref.split(":", 1)
+    module_path, name = ref.split(":", 1)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        info = create_predictor(Path(module_path).stem, class_name)
-    input_schema, enums = _input_schema(info)
-    validation_error = {
-        "description": "Validation Error",
-        **_json_response({"$ref": "#/components/schemas/HTTPValidationError"}),
-    }
-    ok_any = {"description": "Successful Response", **_json_response({})}
+        return create_predictor(Path(module_path).stem, name)
+
+
+VALIDATION_ERROR = {
+    "description": "Validation Error",
+    **_json_response({"$ref": "#/components/schemas/HTTPValidationError"}),
+}
+OK_ANY = {"description": "Successful Response", **_json_response({})}
+
+
+def _exchange(kind: str, input_name: str, output_name: str) -> dict:
+    """The <kind>Request and <kind>Response schemas (kind: Prediction or Training)."""
     string = {"type": "string"}
     time = {"type": "string", "format": "date-time"}
-    schemas = {
-        "Input": input_schema,
-        "Output": info.output.json_type(),
-        **enums,
-        "PredictionRequest": {
-            "title": "PredictionRequest",
+    return {
+        f"{kind}Request": {
+            "title": f"{kind}Request",
             "type": "object",
-            "properties": {"id": {"title": "Id", **string}, "input": {"$ref": "#/components/schemas/Input"}},
+            "properties": {"id": {"title": "Id", **string}, "input": {"$ref": f"#/components/schemas/{input_name}"}},
         },
-        "PredictionResponse": {
-            "title": "PredictionResponse",
+        f"{kind}Response": {
+            "title": f"{kind}Response",
             "type": "object",
             "properties": {
-                "input": {"$ref": "#/components/schemas/Input"},
-                "output": {"$ref": "#/components/schemas/Output"},
+                "input": {"$ref": f"#/components/schemas/{input_name}"},
+                "output": {"$ref": f"#/components/schemas/{output_name}"},
                 "id": {"title": "Id", **string},
                 "version": {"title": "Version", **string},
                 "created_at": {"title": "Created At", **time},
@@ -128,6 +130,59 @@ def build_schema(ref: str = RUNNER_REF) -> dict:
                 "metrics": {"title": "Metrics", "type": "object"},
             },
         },
+    }
+
+
+def _run_paths(route: str, noun: str, summary: str, description: str) -> dict:
+    """POST /<route> and POST /<route>/{<noun>_id}/cancel (predictions or trainings)."""
+    kind = noun.capitalize()
+    return {
+        f"/{route}": {
+            "post": {
+                "summary": summary,
+                "description": description,
+                "operationId": f"{summary.lower()}_{route}_post",
+                "requestBody": _json_response({"$ref": f"#/components/schemas/{kind}Request"}),
+                "responses": {
+                    "200": {
+                        "description": "Successful Response",
+                        **_json_response({"$ref": f"#/components/schemas/{kind}Response"}),
+                    },
+                    "422": VALIDATION_ERROR,
+                },
+            }
+        },
+        f"/{route}/{{{noun}_id}}/cancel": {
+            "post": {
+                "summary": "Cancel",
+                "operationId": f"cancel_{route}__{noun}_id__cancel_post",
+                "parameters": [
+                    {
+                        "required": True,
+                        "schema": {"title": f"{kind} Id", "type": "string"},
+                        "name": f"{noun}_id",
+                        "in": "path",
+                    }
+                ],
+                "responses": {"200": OK_ANY, "422": VALIDATION_ERROR},
+            }
+        },
+    }
+
+
+def build_schema(ref: str = RUNNER_REF, train_ref: str | None = TRAIN_REF) -> dict:
+    """The OpenAPI 3.0.2 document for the runner `ref` ("file.py:Class", relative to the repo root) and, where
+    given, the train function `train_ref` ("file.py:function"), as `cog build` writes it for cog.yaml's
+    `run:` and `train:`."""
+    import cog
+
+    info = _inspect(ref)
+    input_schema, enums = _input_schema(info)
+    schemas = {
+        "Input": input_schema,
+        "Output": info.output.json_type(),
+        **enums,
+        **_exchange("Prediction", "Input", "Output"),
         "Status": {
             "title": "Status",
             "description": "An enumeration.",
@@ -155,51 +210,32 @@ def build_schema(ref: str = RUNNER_REF) -> dict:
                     "type": "array",
                     "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
                 },
-                "msg": {"title": "Message", **string},
-                "type": {"title": "Error Type", **string},
+                "msg": {"title": "Message", "type": "string"},
+                "type": {"title": "Error Type", "type": "string"},
             },
         },
     }
     paths = {
-        "/": {"get": {"summary": "Root", "operationId": "root__get", "responses": {"200": ok_any}}},
+        "/": {"get": {"summary": "Root", "operationId": "root__get", "responses": {"200": OK_ANY}}},
         "/health-check": {
             "get": {
                 "summary": "Healthcheck",
                 "operationId": "healthcheck_health_check_get",
-                "responses": {"200": ok_any},
+                "responses": {"200": OK_ANY},
             }
         },
-        "/predictions": {
-            "post": {
-                "summary": "Predict",
-                "description": "Run a single prediction on the model",
-                "operationId": "predict_predictions_post",
-                "requestBody": _json_response({"$ref": "#/components/schemas/PredictionRequest"}),
-                "responses": {
-                    "200": {
-                        "description": "Successful Response",
-                        **_json_response({"$ref": "#/components/schemas/PredictionResponse"}),
-                    },
-                    "422": validation_error,
-                },
-            }
-        },
-        "/predictions/{prediction_id}/cancel": {
-            "post": {
-                "summary": "Cancel",
-                "operationId": "cancel_predictions__prediction_id__cancel_post",
-                "parameters": [
-                    {
-                        "required": True,
-                        "schema": {"title": "Prediction Id", "type": "string"},
-                        "name": "prediction_id",
-                        "in": "path",
-                    }
-                ],
-                "responses": {"200": ok_any, "422": validation_error},
-            }
-        },
+        **_run_paths("predictions", "prediction", "Predict", "Run a single prediction on the model"),
     }
+    if train_ref is not None:
+        train = _inspect(train_ref)
+        train_input, train_enums = _input_schema(train, "TrainingInput")
+        schemas |= {
+            "TrainingInput": train_input,
+            "TrainingOutput": train.output.json_type() | {"title": "TrainingOutput"},
+            **train_enums,
+            **_exchange("Training", "TrainingInput", "TrainingOutput"),
+        }
+        paths |= _run_paths("trainings", "training", "Train", "Run a single training on the model")
     return {
         "openapi": "3.0.2",
         "info": {"title": "Cog", "version": cog.__version__},

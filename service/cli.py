@@ -17,6 +17,7 @@ from service.lora import evaluate
 from service.lora import report as lora_report
 from service.lora.inspect import LoraError
 from service.samplers import SAMPLER_NAMES
+from service.training import run as training
 from service.weights import cli as weights_cli
 
 if TYPE_CHECKING:
@@ -172,6 +173,7 @@ def parser() -> argparse.ArgumentParser:
     lora_report.add_commands(commands)
     weights_cli.add_commands(commands)
     evaluate.add_command(commands)
+    training.add_command(commands)
     return root
 
 

@@ -118,8 +118,9 @@ RULES = [
     Rule(r"^python -m service lora diff ", reason="example file names (tests/test_lora_tools.py runs lora diff)"),
     Rule(r"^python -m service evaluate ", reason="renders a contact sheet of many images (tests/test_lora_tools.py)"),
     Rule(r"^python -m service compile-cache", reason=NO_GPU),
+    Rule(r"^python -m service train ", reason="trains for minutes (tests/test_training.py runs a short training)"),
     Rule(r"^python -m bench\.bench .*--smoke", reason="a benchmark: minutes on a CPU"),
-    Rule(ENV_PREFIX + r"python -m bench\.(bench|cog_bench|ray_load|fp8|unet_kernels) ", reason=NO_GPU),
+    Rule(ENV_PREFIX + r"python -m bench\.(bench|cog_bench|ray_load|fp8|unet_kernels|train_gpu) ", reason=NO_GPU),
     Rule(r"bench\.snap_quality ", reason="a benchmark: minutes on a CPU (tests/test_pixelart.py asserts its goals)"),
     Rule(r"^python -m train\.(run|assemble) ", reason="trains the demo model (tests/test_train.py runs a short one)"),
 ]

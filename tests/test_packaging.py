@@ -170,8 +170,9 @@ def top_level_imports(path: Path) -> set[str]:
 
 
 def test_images_need_no_development_folder():
-    """predict.py (the cog image) and service/ (both images) import devtools/tests/bench at module level nowhere."""
-    for path in [ROOT / "predict.py", *(ROOT / "service").rglob("*.py")]:
+    """predict.py, trainer.py (the cog image) and service/ (both images) import devtools/tests/bench/train at module
+    level nowhere."""
+    for path in [ROOT / "predict.py", ROOT / "trainer.py", *(ROOT / "service").rglob("*.py")]:
         assert not top_level_imports(path) & set(DEV_FOLDERS), path.relative_to(ROOT)
 
 
@@ -188,6 +189,7 @@ def test_cog_yaml():
     assert build["python_requirements"] == "requirements/gpu.txt"
     assert build["sdk_version"] == cog.__version__ == pyproject_pin("cog", "dev")
     assert cog_yaml["run"] == "predict.py:Runner" and "predict" not in cog_yaml
+    assert cog_yaml["train"] == "trainer.py:train"  # not train.py: the train/ package (dev only) would shadow it
     assert "PUNKS_ALLOW_SMOKE_MODEL=false" in cog_yaml["environment"]
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert set(DEV_FOLDERS) <= set(ignored) and "weights" not in ignored, "cog bakes weights/ in, not dev folders"

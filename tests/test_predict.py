@@ -88,6 +88,7 @@ class CogServer:
         log_dir: Path,
         runner_ref: str = "predict.py:Runner",
         args: tuple[str, ...] = (),
+        concurrency: int = COG_MAX_CONCURRENCY,  # 1 for a sync runner (trainer.py's train)
     ):
         self.port = free_port()
         self.log = log_dir / f"cog-{name}.log"
@@ -102,7 +103,7 @@ class CogServer:
                     "COG_PREDICT_TYPE_STUB": runner_ref,
                     "PORT": str(self.port),
                     "PYTHONUNBUFFERED": "1",
-                    "COG_MAX_CONCURRENCY": str(COG_MAX_CONCURRENCY),  # what cog build bakes into the image
+                    "COG_MAX_CONCURRENCY": str(concurrency),  # what cog build bakes into the image
                     "TMPDIR": str(tmp),  # the runner's output files
                     # coglet starts its worker as `python` from PATH: it must be this venv's python
                     "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),

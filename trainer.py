@@ -1,0 +1,84 @@
+"""Cog trainings for Replicate (cog.yaml `train: "trainer.py:train"`): a .zip of pixel-art portraits in, the best
+epoch's kohya LoRA out, which the inference model's `lora_url` takes as it is. The same training as `punks train`
+(service/training/run.py): the data is checked before the base model loads, the recipe that worked is the default
+(rank 32 / alpha 16, 10 epochs at 512 px) and every epoch is ranked by `lora evaluate`; progress (epoch, step, loss,
+time left) goes to the training's logs.
+
+`input_images` is a Cog `Path`, as in cog-sdxl's trainer, so that Replicate's form takes an upload: coglet hands
+over the file (Replicate passes one of its own storage); this module fetches no URL itself. Self-hosted, a caller
+who may send a URL there makes coglet fetch it, outside service/weights/policy.py: put such a server behind a
+network policy.
+
+Not `train.py`: that name is the train/ package's (the demo model's trainer), which would shadow it.
+"""
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path as FsPath
+
+from cog import BaseModel, Input, Path
+
+from service.config import Settings
+from service.training.recipe import Recipe
+from service.training.run import DEFAULT_SUBJECT, Evaluation
+from service.training.run import train as train_lora
+from service.weights.resolve import resolve_weights
+
+
+class TrainingOutput(BaseModel):
+    weights: Path  # the best epoch's .safetensors: pass its URL as lora_url
+    contact_sheet: Path  # every epoch's sprites on the fixed prompts, ranked
+    ranking: Path  # ranking.md: the snapper's verdict and scores per epoch
+    captions: Path  # captions.zip: the captions trained on, written ones included
+
+
+def train(
+    input_images: Path = Input(
+        description="A .zip of pixel-art portraits: 24x24 sprites, or larger square pixel art the snapper turns into 24x24 sprites, with optional .txt captions of the same name. Missing captions are written from the sprite in the trained format."
+    ),
+    subject: str = Input(
+        default=DEFAULT_SUBJECT,
+        description="Word after 'bespoke punk' in written captions (the trained collection: lad, lass).",
+    ),
+    rank: int = Input(
+        default=32,
+        ge=1,
+        le=256,
+        description="Network dim. 32 is the rank that worked; 64 and more gave photographs and are refused unless force is on.",
+    ),
+    epochs: int = Input(
+        default=10, ge=1, le=100, description="Epochs; each is saved and ranked, the best one returned."
+    ),
+    batch_size: int = Input(default=1, ge=1, le=16, description="Images per step."),
+    learning_rate: float = Input(default=1e-4, ge=1e-7, le=0.01, description="UNet learning rate."),
+    seed: int = Input(default=0, ge=0, description="Seed of the data order and the noise."),
+    eval_steps: int = Input(
+        default=25,
+        ge=1,
+        le=100,
+        description="Denoising steps of each epoch's evaluation images (fixed prompts and seeds).",
+    ),
+    force: bool = Input(default=False, description="Train settings the seed's runs refute (rank 64 or more)."),
+) -> TrainingOutput:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = FsPath(tempfile.mkdtemp(prefix="punks-train-"))
+    recipe = Recipe(
+        rank=rank, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed, force=force
+    )
+    result = train_lora(
+        FsPath(input_images),
+        out,
+        resolve_weights(Settings()).base_model,
+        recipe,
+        subject,
+        evaluation=Evaluation(steps=eval_steps),
+        resume=False,
+    )
+    captions = shutil.make_archive(str(out / "captions"), "zip", result.captions)
+    return TrainingOutput(
+        weights=Path(result.lora),
+        contact_sheet=Path(result.contact_sheet),
+        ranking=Path(result.ranking),
+        captions=Path(captions),
+    )
