@@ -56,7 +56,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -572,9 +572,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
-        "peft": version("peft"),
-        "fastapi": version("fastapi"),
-        "uvicorn": version("uvicorn"),
+        **{name: installed_version(name) for name in ("peft", "fastapi", "uvicorn")},
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -585,6 +583,14 @@ def environment() -> dict:
     else:
         info["gpu"] = "none (cpu)"
     return info
+
+
+def installed_version(name: str) -> str | None:
+    """A package's version, None where a bench that does not use it runs without it."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def gpu_identity() -> dict:

@@ -17,8 +17,8 @@ renders the snapper's verdict rejects). Writes the evaluation (contact sheet, ra
 import argparse
 import json
 import math
-import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.bench import environment
 from service.training.captions import write_caption
 from service.training.data import Example
 from service.training.loop import EpochLog, train_lora
@@ -102,9 +103,8 @@ def speed(output: Path) -> dict:
     rank_epochs(checkpoints, settings, prompts, list(evaluate.DEFAULT_SEEDS), DEFAULT_EVAL_STEPS, work / "evaluation")
     eval_s = (time.perf_counter() - started) / len(checkpoints)
     result = {
-        "device": torch.cuda.get_device_name(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "environment": environment(),
+        "command": "python -m bench.train_gpu " + " ".join(sys.argv[1:]),
         "model": "SD1.5 architecture (UNet 860M, CLIP ViT-L/14, VAE), random weights, bf16 base, fp32 LoRA",
         "recipe": "rank 32 / alpha 16, 512 px, AdamW, text encoder and UNet adapters",
         "batch": rows,
@@ -141,8 +141,8 @@ def demo(
     ranked = rank_epochs(checkpoints, settings, evaluate.load_prompts(), list(seeds), eval_steps, out / "evaluation")
     best_epoch = int(ranked[0]["name"].rsplit("-", 1)[1])
     result = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else device,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "environment": environment(),
+        "command": "python -m bench.train_gpu " + " ".join(sys.argv[1:]),
         "images": images,
         "evaluation": {"seeds": list(seeds), "steps": eval_steps},
         "recipe": {"epochs": epochs, "batch_size": 4, "learning_rate": 1e-3, "text_encoder_learning_rate": 5e-4},
