@@ -42,6 +42,11 @@ MAX_PROMPT_CHARS = 500
 MAX_SEED = 2**32 - 1
 MIN_OUTPUT_SIZE, MAX_OUTPUT_SIZE = 24, 4096
 MIN_LORA_SCALE, MAX_LORA_SCALE = 0.0, 2.0
+# Pixel-art controls and variations (service/sprite_controls.py, service/images.py).
+MAX_PALETTE_COLORS = 64
+MIN_STRENGTH, MAX_STRENGTH, DEFAULT_STRENGTH = 0.0, 1.0, 0.6  # img2img: the share of the steps run on the image
+MAX_IMAGE_BYTES = 8 * 2**20  # an input image's file
+MAX_IMAGE_SIDE = 2048  # px, either side of an input image; Pillow's decompression-bomb limit is its square
 
 
 class _Group(BaseSettings):
