@@ -290,6 +290,12 @@ class HttpSettings(_Group):
         120.0, gt=0, description="A request not answered by then gets 504 (and leaves the queue if still waiting)."
     )
     max_body_bytes: int = Field(16 * 1024, ge=1, description="Larger request bodies get 413.")
+    max_image_body_bytes: int = Field(
+        12 * 2**20,
+        ge=1,
+        description="The body limit of the routes that take an image (POST /v1/generate, /v1/images/variations, "
+        "/sdapi/v1/img2img): an image file of up to 8 MiB in base64 or a form.",
+    )
     api_token: SecretStr | None = Field(
         None,
         description="When set, generation requires `Authorization: Bearer <token>`; health endpoints stay open. "
