@@ -75,6 +75,12 @@ def palette_colours(value: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(code.lower() for code in value))  # duplicates once, in order
 
 
+def palette_from_text(text: str) -> str | tuple[str, ...]:
+    """A palette as one line of text says it (the CLI's --palette, Cog's `palette`): a preset's name, or '#rrggbb'
+    codes separated by commas or spaces. Checked later, by palette_colours."""
+    return tuple(re.split(r"[\s,]+", text.strip())) if "#" in text else text
+
+
 def check_background(value: object) -> str:
     """'keep', 'transparent' or a '#rrggbb' code (lower case); RequestError naming `background` otherwise."""
     if value in (KEEP, TRANSPARENT):
