@@ -49,11 +49,11 @@ def generate(args: argparse.Namespace) -> int:
     from service.engine import Engine, GenerationRequest  # torch: imported only by the commands that need it
     from service.images import decode_image
 
-    image = None
+    start = None  # the image a variation starts from
     if args.image is not None:
         if not args.image.is_file() or args.image.stat().st_size > config.MAX_IMAGE_BYTES:
             raise ValueError(f"image: not a file of at most {config.MAX_IMAGE_BYTES} bytes")
-        image = decode_image(args.image.read_bytes())
+        start = decode_image(args.image.read_bytes())
     request = GenerationRequest(
         prompt=args.prompt,
         seed=args.seed,
@@ -67,7 +67,7 @@ def generate(args: argparse.Namespace) -> int:
         output_format=args.output_format,
         palette=palette_from_text(args.palette) if args.palette is not None else None,
         background=args.background,
-        image=image,
+        image=start,
         strength=args.strength,
     )
     request.check()  # before the slow load
