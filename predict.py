@@ -310,8 +310,11 @@ class Runner(BaseRunner):
         return folder
 
 
-def _read_image(path: FsPath) -> Image.Image:
-    """The `image` input, decoded and checked (service/images.py): RequestError naming `image` otherwise."""
+def _read_image(path: FsPath | str) -> Image.Image:
+    """The `image` input, decoded and checked (service/images.py): RequestError naming `image` otherwise. coglet
+    hands on a value that is no URL as the string it was (its schema says format uri, but it does not check)."""
+    if not isinstance(path, FsPath):
+        raise RequestError("image", "must be the URL of an image file (https:// or a data: URL)")
     if path.stat().st_size > config.MAX_IMAGE_BYTES:
         raise RequestError("image", f"at most {config.MAX_IMAGE_BYTES} bytes")
     return decode_image(path.read_bytes())
