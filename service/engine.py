@@ -250,7 +250,9 @@ class Engine:
             steps = request.steps if request.steps is not None else self.settings.steps
             strength = request.strength if request.strength is not None else config.DEFAULT_STRENGTH
             if int(steps * strength) < 1:
-                raise RequestError("strength", f"x steps ({steps}) must be at least 1: raise strength or steps")
+                raise RequestError(
+                    "strength", f"leaves no step to run: a variation runs int(steps x strength) of the {steps} steps"
+                )
         return tokens
 
     @property
