@@ -9,9 +9,9 @@ CPU: each portrait (train/sprites.py: flat and 2x2-checkered backgrounds, 8-12 c
 background mask alone, the palette mapping alone (PICO-8's 16 colours, the Game Boy's 4), both with the
 transparent background, and the whole snap with and without them. The targets: a few milliseconds per image.
 
-GPU: the median seconds of one request of 1 and of 4 images, text to image and variations of a snapped demo
-portrait at strength 0.3, 0.6 and 0.9 (a variation runs int(steps x strength) of the steps, plus the VAE encoder).
-Uses the real weights in PUNKS_WEIGHTS_DIR, else the demo model.
+GPU: the median seconds of one request of 1 and of 4 images, text to image and variations of a training-style
+sprite at strength 0.3, 0.6 and 0.9 (a variation runs int(steps x strength) of the steps, plus the VAE encoder), on
+the full-size SD1.5 architecture with random weights (built into --weights on the first run, as bench.bench does).
 """
 
 import os
@@ -81,19 +81,22 @@ def cpu_costs(count: int, repeats: int) -> dict:
     return {name: summary(values) for name, values in times.items()}
 
 
-def gpu_costs(repeats: int) -> dict:
+def gpu_costs(args: argparse.Namespace) -> dict:
     import torch
 
+    from bench.bench import environment, prepare_weights  # bench/bench.py: the full-size random model
     from service.config import Settings
     from service.engine import Engine, GenerationRequest
 
-    engine = Engine.load(Settings())
-    start = engine.generate(GenerationRequest(PROMPT, seed=1)).images[0].art.sprite
+    prepare_weights(args)
+    full_size = {"weights_dir": args.weights, "base_model": args.weights / "stable-diffusion-v1-5"}
+    engine = Engine.load(Settings(**full_size, compile=args.compile))
+    start = Image.fromarray(sprites.render(sprites.random_punk(np.random.default_rng(0))))  # a training-style sprite
 
     def seconds(request: GenerationRequest) -> float:
         engine.generate(request)
         runs = []
-        for _ in range(repeats):
+        for _ in range(args.repeats):
             torch.cuda.synchronize()
             started = time.perf_counter()
             engine.generate(request)
@@ -108,10 +111,10 @@ def gpu_costs(repeats: int) -> dict:
             request = GenerationRequest(PROMPT, 7, images, image=start, strength=strength)
             rows.append({"images": images, "strength": strength, "s": seconds(request)})
     return {
-        "gpu": torch.cuda.get_device_name(),
+        "environment": environment(),
+        "model": "full-size SD1.5, random weights, rank-32 LoRA",
         "steps": engine.settings.steps,
         "compile": engine.settings.compile,
-        "weights": str(engine.weights.base_model.name),
         "requests": rows,
     }
 
@@ -122,6 +125,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=200, help="portraits (CPU part)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, help="also write the JSON report into this folder")
+    parser.add_argument("--weights", type=Path, default=Path("/tmp/bench-weights"), help="GPU part: model folder")
+    parser.add_argument("--compile", action="store_true", help="GPU part: PUNKS_COMPILE=true")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # prepare_weights' tiny model
     args = parser.parse_args()
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
@@ -130,8 +136,8 @@ def main() -> None:
         "repeats": args.repeats,
     }
     if args.img2img:
-        report |= gpu_costs(args.repeats)
-        name = f"{report['date']}-controls-img2img-{report['gpu'].replace(' ', '-')}.json"
+        report |= gpu_costs(args)
+        name = f"{report['date']}-controls-img2img-{report['environment']['gpu'].replace(' ', '-')}.json"
     else:
         report |= {"portraits": args.count, "one_core": True, "per_image": cpu_costs(args.count, args.repeats)}
         name = f"{report['date']}-controls-cpu.json"
