@@ -16,24 +16,25 @@ the full-size SD1.5 architecture with random weights (built into --weights on th
 
 import os
 
-for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # before numpy is imported
-    os.environ[_variable] = "1"
+if __name__ == "__main__":  # single-threaded BLAS, set before numpy is imported (not when a test imports this)
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_variable] = "1"
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
-from service.pixelart import to_pixel_art, upscale  # noqa: E402
-from service.sprite_controls import PRESETS, apply_controls, background_mask  # noqa: E402
-from train import sprites  # noqa: E402
+from service.pixelart import to_pixel_art, upscale
+from service.sprite_controls import PRESETS, apply_controls, background_mask
+from train import sprites
 
 PROMPT = "lad with a red beanie, green background"
 
@@ -59,8 +60,6 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def cpu_costs(count: int, repeats: int) -> dict:
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     rng = np.random.default_rng(0)
     cases: dict[str, Callable[[np.ndarray, Image.Image], object]] = {
         "background_mask": lambda sprite, render: background_mask(sprite),
@@ -139,6 +138,8 @@ def main() -> None:
         report |= gpu_costs(args)
         name = f"{report['date']}-controls-img2img-{report['environment']['gpu'].replace(' ', '-')}.json"
     else:
+        if hasattr(os, "sched_setaffinity"):  # one core, as the snapper's own benchmark
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         report |= {"portraits": args.count, "one_core": True, "per_image": cpu_costs(args.count, args.repeats)}
         name = f"{report['date']}-controls-cpu.json"
     text = json.dumps(report, indent=2)
