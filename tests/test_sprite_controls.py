@@ -183,3 +183,19 @@ def test_palettes_and_backgrounds_that_are_accepted():
         with pytest.raises(RequestError) as error:
             GenerationRequest("punk", background=bad).check()  # type: ignore[arg-type]
         assert error.value.field == "background"
+
+
+@pytest.mark.parametrize("output_format", ["png", "webp"])
+def test_delivered_files_keep_the_transparency_and_only_palette_colours(output_format):
+    import io
+
+    from service.delivery import encode
+
+    drawn, sprite = punk(12)
+    render = upscale(Image.fromarray(sprite), 512).convert("RGB")
+    art = to_pixel_art(render, palette=PRESETS["game-boy"], background="transparent")
+    delivered = np.asarray(Image.open(io.BytesIO(encode(art.image, output_format))).convert("RGBA"))
+    assert np.array_equal(delivered, np.asarray(art.image.convert("RGBA")))  # lossless, alpha included
+    assert art.background is not None and art.background.sum() >= true_background(drawn).sum()
+    assert np.array_equal(delivered[..., 3] == 0, np.asarray(upscale(Image.fromarray(art.background), 1024)) == 1)
+    assert colours_of(delivered[..., :3][delivered[..., 3] == 255]) <= palette_set(PRESETS["game-boy"])
