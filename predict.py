@@ -53,13 +53,12 @@ import cog
 from cog import BaseModel, BaseRunner, Input, Path
 from PIL import Image
 
-from service import config
 from service.batcher import Batcher
 from service.config import Settings
 from service.delivery import describe, encode_images, warnings
 from service.engine import Engine, GenerationRequest
 from service.errors import RequestError
-from service.images import decode_image
+from service.images import read_image_file
 from service.lora.cache import CachedLora, LoraUrlCache
 from service.metrics import Metrics
 from service.sprite_controls import palette_from_text
@@ -315,9 +314,7 @@ def _read_image(path: FsPath | str) -> Image.Image:
     hands on a value that is no URL as the string it was (its schema says format uri, but it does not check)."""
     if not isinstance(path, FsPath):
         raise RequestError("image", "must be the URL of an image file (https:// or a data: URL)")
-    if path.stat().st_size > config.MAX_IMAGE_BYTES:
-        raise RequestError("image", f"at most {config.MAX_IMAGE_BYTES} bytes")
-    return decode_image(path.read_bytes())
+    return read_image_file(path)
 
 
 # Typed as run() declares its inputs; at run time a float can arrive where it says int (see the docstring).

@@ -47,13 +47,8 @@ def write_outputs(result: "GenerationResult", request: "GenerationRequest", outp
 def generate(args: argparse.Namespace) -> int:
     from service.delivery import describe, warnings
     from service.engine import Engine, GenerationRequest  # torch: imported only by the commands that need it
-    from service.images import decode_image
+    from service.images import read_image_file
 
-    start = None  # the image a variation starts from
-    if args.image is not None:
-        if not args.image.is_file() or args.image.stat().st_size > config.MAX_IMAGE_BYTES:
-            raise ValueError(f"image: not a file of at most {config.MAX_IMAGE_BYTES} bytes")
-        start = decode_image(args.image.read_bytes())
     request = GenerationRequest(
         prompt=args.prompt,
         seed=args.seed,
@@ -67,7 +62,7 @@ def generate(args: argparse.Namespace) -> int:
         output_format=args.output_format,
         palette=palette_from_text(args.palette) if args.palette is not None else None,
         background=args.background,
-        image=start,
+        image=read_image_file(args.image) if args.image is not None else None,
         strength=args.strength,
     )
     request.check()  # before the slow load

@@ -10,6 +10,7 @@ import base64
 import binascii
 import io
 import warnings
+from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -44,6 +45,13 @@ def decode_image(data: bytes, field: str = "image") -> Image.Image:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def read_image_file(path: Path, field: str = "image") -> Image.Image:
+    """decode_image of a file (the CLI's --image, Cog's `image`), its size checked before it is read."""
+    if not path.is_file() or path.stat().st_size > config.MAX_IMAGE_BYTES:
+        raise RequestError(field, f"must be an image file of at most {config.MAX_IMAGE_BYTES} bytes")
+    return decode_image(path.read_bytes(), field)
 
 
 def _check_header(image: Image.Image, field: str) -> None:

@@ -109,7 +109,7 @@ def test_bad_controls_give_a_message_naming_the_field_and_exit_2(smoke_env, tmp_
         (["--palette", "gameboy"], "palette: unknown preset"),
         (["--background", "clear"], "background: must be 'keep', 'transparent' or a '#rrggbb' colour"),
         (["--image", str(junk)], "image: is not a complete image file"),
-        (["--image", str(tmp_path / "missing.png")], "image: not a file"),
+        (["--image", str(tmp_path / "missing.png")], "image: must be an image file of at most"),
         (["--strength", "0.5"], "strength: applies to a variation"),
     ]:
         done = run_cli(["generate", "lad", *arguments], env, tmp_path)
