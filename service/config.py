@@ -289,7 +289,9 @@ class HttpSettings(_Group):
     request_timeout_s: float = Field(
         120.0, gt=0, description="A request not answered by then gets 504 (and leaves the queue if still waiting)."
     )
-    max_body_bytes: int = Field(16 * 1024, ge=1, description="Larger request bodies get 413.")
+    max_body_bytes: int = Field(
+        16 * 1024, ge=1, description="Larger request bodies get 413 (the routes that take an image: below)."
+    )
     max_image_body_bytes: int = Field(
         12 * 2**20,
         ge=1,
