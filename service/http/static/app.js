@@ -183,7 +183,7 @@ async function generate(event) {
   try {
     if (response.ok) {
       const result = await response.json();
-      const request = { ...body, image: undefined };  // the start image stays out of the session's storage
+      const request = { ...body, image: undefined };  // the start image stays out of sessionStorage (its quota)
       const entry = { at: Date.now(), request, elapsed_s: elapsed, ...result };
       addToGallery(entry);
       showResult(entry);
