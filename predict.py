@@ -51,14 +51,17 @@ from typing import TypeVar, overload
 
 import cog
 from cog import BaseModel, BaseRunner, Input, Path
+from PIL import Image
 
 from service.batcher import Batcher
 from service.config import Settings
 from service.delivery import describe, encode_images, warnings
 from service.engine import Engine, GenerationRequest
 from service.errors import RequestError
+from service.images import read_image_file
 from service.lora.cache import CachedLora, LoraUrlCache
 from service.metrics import Metrics
+from service.sprite_controls import palette_from_text
 from service.weights.fetch import fetch_weights_from_env
 from service.weights.policy import DownloadPolicy
 
@@ -167,6 +170,25 @@ class Runner(BaseRunner):
             default="",
             description="Or the URL of an SD1.5 kohya LoRA (.safetensors): https://... or hf://owner/repo/path, optionally ending in #sha256=<hex>. Downloaded once and cached; a LoRA for SDXL/SD2 or with layers the model lacks fails the prediction. Not together with lora.",
         ),
+        # pixel-art controls and variations
+        palette: str = Input(
+            default="",
+            description="Every cell takes one of these colours: a preset (pico-8, game-boy) or up to 64 '#rrggbb' codes separated by commas. Distinct sprite colours stay distinct while the palette has room. Empty: the sprite's own colours.",
+        ),
+        background: str = Input(
+            default="keep",
+            description="keep, transparent (a PNG whose border-connected background has alpha 0) or a '#rrggbb' colour to recolour it.",
+        ),
+        image: Path | None = Input(
+            default=None,
+            description="Make variations of this image: a 24x24 sprite (drawn in cells of 21-22 px, as in training) or any PNG, JPEG or WebP of at most 2048 px a side.",
+        ),
+        strength: float = Input(
+            default=0.6,
+            ge=0.0,
+            le=1.0,
+            description="How far a variation may move from the image: the share of the steps run from it. Used only with image.",
+        ),
     ) -> Output:
         """Up to 8 concurrent predictions are rendered in shared batches (service/batcher.py). A RequestError
         fails the prediction with a message free of server paths."""
@@ -184,6 +206,10 @@ class Runner(BaseRunner):
                 output_format,
                 lora,
                 lora_url,
+                palette,
+                background,
+                image,
+                strength,
             )
         except RequestError as error:
             raise RequestError(error.field, error.public_reason) from None
@@ -202,6 +228,10 @@ class Runner(BaseRunner):
         output_format: str,
         lora: str,
         lora_url: str,
+        palette: str,
+        background: str,
+        image: Path | None,
+        strength: float,
     ) -> Output:
         # The schema rejects out-of-bounds values with a 422 before they get here; without it (or for what it
         # cannot say) GenerationRequest.check raises RequestError naming the field: a failed prediction.
@@ -219,6 +249,10 @@ class Runner(BaseRunner):
             integer_scale=integer_scale,
             output_format=output_format,  # type: ignore[arg-type]  # schema: choices
             return_sprites=return_sprites,
+            palette=palette_from_text(palette) if palette.strip() else None,
+            background=background,
+            image=await asyncio.to_thread(_read_image, image) if image is not None else None,
+            strength=strength if image is not None else None,
         )
         self.engine.check_request(request)
         started = time.perf_counter()
@@ -273,6 +307,14 @@ class Runner(BaseRunner):
         while len(self._folders) > KEPT_OUTPUT_FOLDERS:
             shutil.rmtree(self._folders.popleft(), ignore_errors=True)
         return folder
+
+
+def _read_image(path: FsPath | str) -> Image.Image:
+    """The `image` input, decoded and checked (service/images.py): RequestError naming `image` otherwise. coglet
+    hands on a value that is no URL as the string it was (its schema says format uri, but it does not check)."""
+    if not isinstance(path, FsPath):
+        raise RequestError("image", "must be the URL of an image file (https:// or a data: URL)")
+    return read_image_file(path)
 
 
 # Typed as run() declares its inputs; at run time a float can arrive where it says int (see the docstring).

@@ -17,6 +17,7 @@ from service.lora import evaluate
 from service.lora import report as lora_report
 from service.lora.inspect import LoraError
 from service.samplers import SAMPLER_NAMES
+from service.sprite_controls import KEEP, PRESETS, palette_from_text
 from service.training import run as training
 from service.weights import cli as weights_cli
 
@@ -47,6 +48,7 @@ def write_outputs(result: "GenerationResult", request: "GenerationRequest", outp
 def generate(args: argparse.Namespace) -> int:
     from service.delivery import describe, warnings
     from service.engine import Engine, GenerationRequest  # torch: imported only by the commands that need it
+    from service.images import read_image_file
 
     request = GenerationRequest(
         prompt=args.prompt,
@@ -59,6 +61,10 @@ def generate(args: argparse.Namespace) -> int:
         output_size=args.output_size,
         integer_scale=args.integer_scale,
         output_format=args.output_format,
+        palette=palette_from_text(args.palette) if args.palette is not None else None,
+        background=args.background,
+        image=read_image_file(args.image) if args.image is not None else None,
+        strength=args.strength,
     )
     request.check()  # before the slow load
     engine = Engine.load(Settings(upscaler=args.upscaler) if args.upscaler else Settings())
@@ -143,6 +149,25 @@ def parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--output-format", choices=config.OUTPUT_FORMATS, default="png", help="lossless png (default) or webp"
+    )
+    # pixel-art controls and variations
+    gen.add_argument(
+        "--palette",
+        metavar="PALETTE",
+        help=f"every cell takes one of these colours: {' or '.join(PRESETS)}, or up to {config.MAX_PALETTE_COLORS} "
+        "'#rrggbb' separated by commas",
+    )
+    gen.add_argument(
+        "--background",
+        default=KEEP,
+        metavar="BACKGROUND",
+        help="keep (default), transparent (RGBA output) or a '#rrggbb' to recolour it",
+    )
+    gen.add_argument("--image", type=Path, help="make variations of this image (a 24x24 sprite or any PNG/JPEG/WebP)")
+    gen.add_argument(
+        "--strength",
+        type=float,
+        help=f"how far a variation may move from --image, 0-1 (default {config.DEFAULT_STRENGTH})",
     )
     gen.add_argument(
         "-o",

@@ -42,6 +42,11 @@ MAX_PROMPT_CHARS = 500
 MAX_SEED = 2**32 - 1
 MIN_OUTPUT_SIZE, MAX_OUTPUT_SIZE = 24, 4096
 MIN_LORA_SCALE, MAX_LORA_SCALE = 0.0, 2.0
+# Pixel-art controls and variations (service/sprite_controls.py, service/images.py).
+MAX_PALETTE_COLORS = 64
+MIN_STRENGTH, MAX_STRENGTH, DEFAULT_STRENGTH = 0.0, 1.0, 0.6  # img2img: the share of the steps run on the image
+MAX_IMAGE_BYTES = 8 * 2**20  # an input image's file
+MAX_IMAGE_SIDE = 2048  # px, either side of an input image; Pillow's decompression-bomb limit is its square
 
 
 class _Group(BaseSettings):
@@ -284,7 +289,15 @@ class HttpSettings(_Group):
     request_timeout_s: float = Field(
         120.0, gt=0, description="A request not answered by then gets 504 (and leaves the queue if still waiting)."
     )
-    max_body_bytes: int = Field(16 * 1024, ge=1, description="Larger request bodies get 413.")
+    max_body_bytes: int = Field(
+        16 * 1024, ge=1, description="Larger request bodies get 413 (the routes that take an image: below)."
+    )
+    max_image_body_bytes: int = Field(
+        12 * 2**20,
+        ge=1,
+        description="The body limit of the routes that take an image (POST /v1/generate, /v1/images/variations, "
+        "/sdapi/v1/img2img): an image file of up to 8 MiB in base64 or a form.",
+    )
     api_token: SecretStr | None = Field(
         None,
         description="When set, generation requires `Authorization: Bearer <token>`; health endpoints stay open. "

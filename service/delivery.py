@@ -45,20 +45,32 @@ class EncodedImage:
 
 
 def encode_images(images: list[GeneratedImage], output_format: OutputFormat, sprites: bool) -> list[EncodedImage]:
+    """`sprites`: also each grid x grid sprite, and in the summary its background mask (when one was found)."""
     return [
         EncodedImage(
             seed=image.seed,
             image=encode(image.art.image, output_format),
             sprite=encode(image.art.sprite, output_format) if sprites else None,
             smooth=encode(image.smooth, output_format) if image.smooth is not None else None,
-            summary=image_summary(image),
+            summary=image_summary(image, with_mask=sprites),
         )
         for image in images
     ]
 
 
-def image_summary(image: GeneratedImage) -> dict[str, Any]:
-    return {"seed": image.seed, "palette": image.art.palette, "quality": image.art.quality.as_dict()}
+def image_summary(image: GeneratedImage, with_mask: bool = False) -> dict[str, Any]:
+    """Seed, delivered palette, quality signals; with a `background` control, the count of the cells taken as
+    background (null with "keep"), and `with_mask` the mask itself: one string of 0 and 1 per sprite row."""
+    mask = image.art.background
+    summary: dict[str, Any] = {
+        "seed": image.seed,
+        "palette": image.art.palette,
+        "quality": image.art.quality.as_dict(),
+        "background_cells": int(mask.sum()) if mask is not None else None,
+    }
+    if with_mask and mask is not None:
+        summary["background_mask"] = ["".join("1" if cell else "0" for cell in row) for row in mask]
+    return summary
 
 
 def summary(result: GenerationResult) -> dict[str, Any]:

@@ -26,13 +26,15 @@ from service import config, samplers
 from service.acceleration import accelerate, bucket_size
 from service.config import Settings
 from service.errors import RequestError
-from service.loading import load_base_pipeline, set_scheduler
+from service.images import initial_image
+from service.loading import OneDeviceImg2ImgPipeline, load_base_pipeline, set_scheduler
 from service.lora.inspect import LoraInfo
 from service.lora.registry import LoraRegistry
 from service.pixelart import PixelArt
 from service.prompts import NEGATIVE_PROMPT, PromptTokens, chunk_input_ids, tokenize_negative, tokenize_prompt
 from service.requests import GenerationRequest, request_sizes
 from service.snap_processes import Snapper
+from service.sprite_controls import palette_colours
 from service.upscale import Upscaler, load_upscaler
 from service.weights.resolve import WeightsSource, resolve_weights
 
@@ -79,10 +81,22 @@ class _Job:
     upscaler: str
     output_size: int
     integer_scale: bool
+    # pixel-art controls, applied by the snap
+    palette: tuple[str, ...] | None
+    background: str
+    # a variation: the picture it starts from (generation size) and the share of the steps run from it
+    image: Image.Image | None = None
+    strength: float | None = None
 
     @property
     def batch_key(self) -> tuple:
-        return (self.steps, self.guidance, self.sampler, self.tokens.chunk_count)
+        variation = (self.strength is not None, self.strength or 0.0)  # sortable: None is no number
+        return (self.steps, self.guidance, self.sampler, self.tokens.chunk_count, variation)
+
+    @property
+    def denoising_steps(self) -> int:
+        """The steps the pipeline runs: a variation skips the first (1 - strength) of them, as diffusers does."""
+        return self.steps if self.strength is None else min(int(self.steps * self.strength), self.steps)
 
     @property
     def group_key(self) -> tuple:
@@ -232,6 +246,13 @@ class Engine:
         tokens = tokenize_prompt(self.pipe.tokenizer, request.prompt)
         if tokens.dropped_words == " ".join(request.prompt.split()):  # nothing of the user's words would be drawn
             raise RequestError("prompt", "none of its words fits CLIP's 225-token budget; use fewer or shorter words")
+        if request.image is not None:
+            steps = request.steps if request.steps is not None else self.settings.steps
+            strength = request.strength if request.strength is not None else config.DEFAULT_STRENGTH
+            if int(steps * strength) < 1:
+                raise RequestError(
+                    "strength", f"leaves no step to run: a variation runs int(steps x strength) of the {steps} steps"
+                )
         return tokens
 
     @property
@@ -266,7 +287,7 @@ class Engine:
         ]
         rendered = [Rendered(job) for job in jobs]  # job.request_index is its place in this list
         timings = {"pipeline_s": 0.0}  # shared by the batch's requests: they waited for the same calls
-        total_steps = sum(job.steps for job in {job.group_key: job for job in jobs}.values())
+        total_steps = sum(job.denoising_steps for job in {job.group_key: job for job in jobs}.values())
         done_steps = 0
         active_first = lambda j: (self.loras.file(j.lora, private=True) != self.loras.active, j.group_key)  # noqa: E731
         for _, grouped in groupby(sorted(jobs, key=active_first), key=lambda j: j.group_key):
@@ -276,7 +297,7 @@ class Engine:
             started = time.perf_counter()
             raws = iter(self._run_pipeline(group, progress, done_steps, total_steps))
             timings["pipeline_s"] += time.perf_counter() - started
-            done_steps += group[0].steps
+            done_steps += group[0].denoising_steps
             for job in group:
                 rendered[job.request_index].raws = [next(raws) for _ in job.seeds]
             if smooth := [job for job in group if job.upscaler == "realesrgan"]:
@@ -298,7 +319,10 @@ class Engine:
         smooth: Sequence[Image.Image | None] = rendered.smooth or [None] * len(rendered.raws)
         images = [
             GeneratedImage(
-                seed=seed, raw=raw, art=self.snapper.snap(raw, job.output_size, job.integer_scale), smooth=smoothed
+                seed=seed,
+                raw=raw,
+                art=self.snapper.snap(raw, job.output_size, job.integer_scale, job.palette, job.background),
+                smooth=smoothed,
             )
             for seed, raw, smoothed in zip(job.seeds, rendered.raws, smooth, strict=True)
         ]
@@ -329,6 +353,14 @@ class Engine:
             upscaler=request.upscaler or self.settings.upscaler,
             output_size=request.output_size if request.output_size is not None else self.settings.output_size,
             integer_scale=request.integer_scale if request.integer_scale is not None else self.settings.integer_scale,
+            palette=palette_colours(request.palette) if request.palette is not None else None,
+            background=request.background,
+            image=None
+            if request.image is None
+            else initial_image(request.image, self.settings.generation_size, self.settings.grid),
+            strength=None
+            if request.image is None
+            else (request.strength if request.strength is not None else config.DEFAULT_STRENGTH),
         )
 
     @torch.inference_mode()
@@ -346,14 +378,17 @@ class Engine:
         return self._negative_embeddings[key]
 
     def _run_pipeline(self, group: list[_Job], progress: Progress | None, done: int, total: int) -> list[Image.Image]:
-        steps, guidance, sampler, chunks = group[0].batch_key
+        steps, guidance, sampler, chunks, _ = group[0].batch_key
+        strength = group[0].strength
         token_rows = [job.tokens.token_ids for job in group for _ in job.seeds]
         seeds = [seed for job in group for seed in job.seeds]
+        starts = [job.image for job in group for _ in job.seeds]  # variations: the pictures they start from
         wanted = len(seeds)
         if self.settings.compile:  # pad to a compiled batch size; the extra rows are dropped below
             padding = bucket_size(wanted, self.settings.batch_buckets) - wanted
             token_rows += token_rows[-1:] * padding
             seeds += [0] * padding
+            starts += starts[-1:] * padding
         prompt_embeds = self._encode(token_rows, chunks)
         negative_embeds = self._negative(chunks).expand(len(seeds), -1, -1)
 
@@ -366,19 +401,26 @@ class Engine:
         # A scheduler of its own for this call (schedulers keep per-call state), on a shallow copy of the pipeline:
         # the shared pipeline and its default scheduler are never changed, and the UNet, VAE and their CUDA
         # graphs are the same objects (a scheduler's steps run outside them).
-        pipe = copy.copy(self.pipe)
-        object.__setattr__(pipe, "scheduler", samplers.SAMPLERS[sampler].build(self.pipe.scheduler.config))
-        output = pipe(
+        scheduler = samplers.SAMPLERS[sampler].build(self.pipe.scheduler.config)
+        common = dict(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
             num_inference_steps=steps,
             guidance_scale=guidance,
-            height=size,
-            width=size,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             callback_on_step_end=on_step_end,
             output_type="pt",  # 0..1, still on the device: the 8-bit conversion below is done there too
         )
+        if strength is None:
+            pipe = copy.copy(self.pipe)
+            object.__setattr__(pipe, "scheduler", scheduler)
+            output = pipe(height=size, width=size, **common)
+        else:  # diffusers' img2img pipeline over the same modules: no second copy of any weight
+            variations = OneDeviceImg2ImgPipeline(
+                **self.pipe.components | {"scheduler": scheduler}, requires_safety_checker=False
+            )
+            variations.set_progress_bar_config(disable=True)
+            output = variations(image=starts, strength=strength, **common)
         return to_pil(output.images[:wanted])
 
 

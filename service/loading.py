@@ -13,6 +13,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
 )
 
@@ -29,8 +30,10 @@ SCHEDULERS = {  # config.Scheduler's names
 }
 
 
-class OneDevicePipeline(StableDiffusionPipeline):
-    """diffusers' SD1.5 pipeline for a service that keeps every model on one device (it never offloads)."""
+class OneDevice:
+    """For diffusers' SD1.5 pipelines in a service that keeps every model on one device (it never offloads)."""
+
+    unet: torch.nn.Module
 
     @property
     def _execution_device(self) -> torch.device:
@@ -38,6 +41,14 @@ class OneDevicePipeline(StableDiffusionPipeline):
         component looking for offload hooks, on every call, on the GPU thread: on the CI machine's CPU a call spent
         9.1 ms outside the models with it and 2.3 ms without (bench/results/2026-12-03-pipeline-overhead-cpu.json)."""
         return next(self.unet.parameters()).device
+
+
+class OneDevicePipeline(OneDevice, StableDiffusionPipeline):
+    """Text to image."""
+
+
+class OneDeviceImg2ImgPipeline(OneDevice, StableDiffusionImg2ImgPipeline):
+    """Variations of an image (the engine builds it from the loaded pipeline's components)."""
 
 
 def load_base_pipeline(path: Path, config_dir: Path, dtype: torch.dtype) -> OneDevicePipeline:

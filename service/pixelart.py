@@ -21,6 +21,8 @@ exactly `grid` cells per axis:
    exactly one colour while two drawn colours 15 apart stay two.
 
 Pure numpy + Pillow (no torch, no scipy), about 13 ms per 512 px image on one CPU core (bench/snap_quality.py).
+The optional pixel-art controls on the snapped sprite (a fixed palette, the background) are
+service/sprite_controls.py's (scipy, imported when a request uses them).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
+
+from service.sprite_controls import KEEP, apply_controls
 
 # --- grid lines (fractions of the image side, or of the nominal pitch = side / grid) ---------
 SPAN_TOLERANCE = 0.04  # spec: the cells span 496-528 of 512 px (1 +- 0.031), plus slack
@@ -77,10 +81,11 @@ class QualitySignals:
 
 @dataclass(frozen=True)
 class PixelArt:
-    sprite: Image.Image  # grid x grid RGB
+    sprite: Image.Image  # grid x grid RGB (RGBA with background "transparent")
     image: Image.Image  # nearest-neighbour upscale of `sprite`; indexed ("P") when it has <= 256 colours
-    palette: list[str]  # '#rrggbb', most frequent first
+    palette: list[str]  # '#rrggbb', most frequent first (opaque cells only)
     quality: QualitySignals
+    background: np.ndarray | None = None  # grid x grid bool: the cells taken as background (None: "keep")
 
 
 def _is_pixel_art(grid_fit: float, edge_alignment: float, palette_size: int) -> bool:
@@ -536,12 +541,14 @@ def upscale(sprite: Image.Image, size: int = 1024, integer_scale: bool = False) 
     exactly size // grid px (42 for 24 -> 1008 x 1008), for consumers who need a uniform scale.
 
     A sprite of at most 256 colours (a cleaned palette always is, short of noise) comes back as an
-    indexed "P" image with exactly those colours: its PNG encodes about 4x faster and half as big.
+    indexed "P" image with exactly those colours: its PNG encodes about 4x faster and half as big. An RGBA
+    sprite keeps its alpha (in the indexed image's palette: the PNG's tRNS chunk).
     """
     cols, rows = sprite.size
     if size < max(cols, rows):
         raise ValueError(f"size {size} is smaller than the {cols}x{rows} sprite")
-    pixels = np.asarray(sprite.convert("RGB"))
+    mode = "RGBA" if sprite.mode == "RGBA" else "RGB"
+    pixels = np.asarray(sprite.convert(mode))
 
     def cell_sizes(cells: int) -> np.ndarray:
         if integer_scale:
@@ -551,18 +558,21 @@ def upscale(sprite: Image.Image, size: int = 1024, integer_scale: bool = False) 
     def blocks(cells: np.ndarray) -> np.ndarray:
         return np.repeat(np.repeat(cells, cell_sizes(rows), axis=0), cell_sizes(cols), axis=1)
 
-    colors, indices = np.unique(pixels.reshape(-1, 3), axis=0, return_inverse=True)
+    colors, indices = np.unique(pixels.reshape(-1, len(mode)), axis=0, return_inverse=True)
     if len(colors) > 256:
-        return Image.fromarray(blocks(pixels), "RGB")
+        return Image.fromarray(blocks(pixels), mode)
     indexed = blocks(indices.reshape(rows, cols).astype(np.uint8))
     image = Image.frombytes("P", (indexed.shape[1], indexed.shape[0]), indexed.tobytes())
-    image.putpalette(colors.astype(np.uint8).tobytes())
+    image.putpalette(colors.astype(np.uint8).tobytes(), mode)
     return image
 
 
 def palette_hex(sprite: Image.Image) -> list[str]:
-    """The sprite's colours as '#rrggbb', most frequent first (ties: by colour, for stability)."""
-    colors, counts = np.unique(np.asarray(sprite.convert("RGB")).reshape(-1, 3), axis=0, return_counts=True)
+    """The sprite's colours as '#rrggbb', most frequent first (ties: by colour, for stability); of an RGBA
+    sprite, those of its opaque cells."""
+    pixels = np.asarray(sprite.convert("RGBA"))
+    opaque = pixels[..., :3][pixels[..., 3] > 0]
+    colors, counts = np.unique(opaque.reshape(-1, 3), axis=0, return_counts=True)
     order = np.lexsort((colors[:, 2], colors[:, 1], colors[:, 0], -counts))
     return ["#{:02x}{:02x}{:02x}".format(*colors[i]) for i in order]
 
@@ -637,15 +647,25 @@ def to_pixel_art(
     size: int = 1024,
     max_colors: int | None = None,
     integer_scale: bool = False,
+    palette: tuple[str, ...] | None = None,
+    background: str = KEEP,
 ) -> PixelArt:
-    """The whole post-processing: find the grid once, snap, clean the palette, judge, upscale."""
+    """The whole post-processing: find the grid once, snap, clean the palette (max_colors), apply the controls
+    (a fixed palette, the background: service/sprite_controls.py), upscale. The quality signals judge the snap
+    itself, before the controls (`palette` lists the delivered colours)."""
     _check_max_colors(max_colors)
     rgb = _rgb_array(image, grid)
     found = _find_grid(rgb, grid)
     sprite = _sprite(rgb, *found.bent, max_colors)
+    quality = _quality(rgb, found, sprite)
+    mask = None
+    if palette is not None or background != KEEP:
+        controlled, mask = apply_controls(np.asarray(sprite), palette, background)
+        sprite = Image.fromarray(controlled, "RGBA" if controlled.shape[-1] == 4 else "RGB")
     return PixelArt(
         sprite=sprite,
         image=upscale(sprite, size, integer_scale),
         palette=palette_hex(sprite),
-        quality=_quality(rgb, found, sprite),
+        quality=quality,
+        background=mask,
     )

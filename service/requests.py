@@ -7,8 +7,11 @@ engine can judge (is the LoRA served, is the upscaler loaded, does the prompt fi
 import unicodedata
 from dataclasses import dataclass
 
+from PIL import Image
+
 from service import config, samplers
 from service.errors import RequestError
+from service.sprite_controls import KEEP, check_background, palette_colours
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,13 @@ class GenerationRequest:
     output_size: int | None = None  # side of the delivered image
     integer_scale: bool | None = None  # cells of exactly floor(output_size / grid) px
     output_format: config.OutputFormat = "png"  # delivery only (service/delivery.py)
-    return_sprites: bool = False  # delivery only: also the grid x grid sprites
+    return_sprites: bool = False  # delivery only: also the grid x grid sprites (and the background masks)
+    # pixel-art controls (service/sprite_controls.py)
+    palette: str | tuple[str, ...] | None = None  # a preset's name or up to 64 '#rrggbb'; None: the snap's own
+    background: str = KEEP  # "keep", "transparent" or a '#rrggbb' to recolour it
+    # variations of an existing image (img2img)
+    image: Image.Image | None = None  # decoded and checked at the door (service/images.py)
+    strength: float | None = None  # share of the steps run from the image; None: DEFAULT_STRENGTH
 
     def check(self) -> None:
         """Raise RequestError naming the field for a value outside the shared bounds (service/config.py).
@@ -56,6 +65,15 @@ class GenerationRequest:
         if self.integer_scale is not None:
             _check_flag("integer_scale", self.integer_scale)
         _check_flag("return_sprites", self.return_sprites)
+        if self.palette is not None:
+            palette_colours(self.palette)
+        check_background(self.background)
+        if self.image is not None and not isinstance(self.image, Image.Image):
+            raise RequestError("image", "must be an image")
+        if self.strength is not None:
+            _check_number("strength", self.strength, config.MIN_STRENGTH, config.MAX_STRENGTH)
+            if self.image is None:
+                raise RequestError("strength", "applies to a variation: give an image too")
 
 
 def request_sizes(images: int) -> list[int]:

@@ -18,6 +18,7 @@ from functools import partial
 from PIL import Image
 
 from service.pixelart import PixelArt, to_pixel_art
+from service.sprite_controls import KEEP
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,23 @@ class Snapper:
         finally:
             self._running.leave()
 
-    def snap(self, raw: Image.Image, size: int, integer_scale: bool) -> PixelArt:
-        snap = partial(to_pixel_art, grid=self.grid, size=size, max_colors=self.max_colors, integer_scale=integer_scale)
+    def snap(
+        self,
+        raw: Image.Image,
+        size: int,
+        integer_scale: bool,
+        palette: tuple[str, ...] | None = None,
+        background: str = KEEP,
+    ) -> PixelArt:
+        snap = partial(
+            to_pixel_art,
+            grid=self.grid,
+            size=size,
+            max_colors=self.max_colors,
+            integer_scale=integer_scale,
+            palette=palette,
+            background=background,
+        )
         processes = self.processes
         if processes is None:
             return snap(raw)
@@ -68,10 +84,13 @@ class Snapper:
             return snap(raw)
 
     def warm_up(self, image_size: int) -> None:
-        """Start every worker process now (each one imports numpy and Pillow), not on a user's request."""
+        """Start every worker process now (each one imports numpy and Pillow), not on a user's request; and snap
+        once with the pixel-art controls here and in each worker, whose first use imports scipy."""
+        blank = Image.new("RGB", (image_size, image_size))
+        controlled = partial(to_pixel_art, palette=("#000000", "#ffffff"), background="transparent")
+        controlled(blank)
         if self.processes is not None:
-            blank = Image.new("RGB", (image_size, image_size))
-            list(self.processes.map(to_pixel_art, [blank] * self.process_count))
+            list(self.processes.map(controlled, [blank] * self.process_count))
 
     def close(self) -> None:
         """Stop the worker processes, if any; the engine snaps no more afterwards."""

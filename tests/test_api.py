@@ -201,11 +201,12 @@ def test_bad_body_is_422(deployed: str, content: bytes, content_type: str, statu
 
 
 def test_huge_body_is_413_by_length_and_by_content(deployed: str):
-    huge = b'{"prompt": "' + b"x" * (Settings().max_body_bytes) + b'"}'
+    """/v1/generate takes an image: its limit is PUNKS_MAX_IMAGE_BODY_BYTES (other routes: PUNKS_MAX_BODY_BYTES)."""
+    huge = b'{"prompt": "' + b"x" * (Settings().max_image_body_bytes) + b'"}'
     declared = httpx.post(f"{deployed}/v1/generate", content=huge, headers={"Content-Type": "application/json"})
 
     def chunks() -> Iterator[bytes]:  # chunked transfer: no Content-Length to go by
-        yield from (huge[i : i + 1024] for i in range(0, len(huge), 1024))
+        yield from (huge[i : i + 65536] for i in range(0, len(huge), 65536))
 
     streamed = httpx.post(f"{deployed}/v1/generate", content=chunks(), headers={"Content-Type": "application/json"})
     for response in (declared, streamed):

@@ -74,3 +74,44 @@ def test_missing_weights_without_fallback_fail_at_startup(smoke_env, tmp_path):
     done = run_cli(["generate", "lad"], env, tmp_path)
     assert done.returncode == 1
     assert "bespoke_punks.safetensors" in done.stderr and "weights download" in done.stderr
+
+
+def test_a_variation_with_a_palette_and_a_transparent_background(smoke_env, tmp_path):
+    from pathlib import Path
+
+    from service.sprite_controls import PRESETS, rgb_codes
+    from train import sprites
+
+    env = smoke_env | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    start = tmp_path / "start.png"
+    Image.fromarray(sprites.render(sprites.random_punk(np.random.default_rng(1)))).save(start)
+    output = tmp_path / "vary.png"
+    arguments = ["generate", "lad", "--seed", "3", "--image", str(start), "--strength", "0.5", "-o", str(output)]
+    done = run_cli([*arguments, "--palette", "game-boy", "--background", "transparent"], env, tmp_path)
+    assert done.returncode == 0, done.stderr
+    image = np.asarray(Image.open(output).convert("RGBA"))
+    sprite = np.asarray(Image.open(output.with_suffix(".sprite.png")).convert("RGBA"))
+    summary = json.loads(output.with_suffix(".json").read_text())["images"][0]
+    mask = np.array([[cell == "1" for cell in row] for row in summary["background_mask"]])
+    assert np.array_equal(sprite[..., 3] == 0, mask) and summary["background_cells"] == int(mask.sum())
+    palette = {tuple(colour) for colour in rgb_codes(PRESETS["game-boy"]).tolist()}
+    assert {tuple(pixel) for pixel in image[..., :3][image[..., 3] == 255].tolist()} <= palette
+
+
+def test_bad_controls_give_a_message_naming_the_field_and_exit_2(smoke_env, tmp_path):
+    from pathlib import Path
+
+    env = smoke_env | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is no image")
+    for arguments, message in [
+        (["--palette", "#12345"], "palette: colour 1 is not a '#rrggbb' code"),
+        (["--palette", "gameboy"], "palette: unknown preset"),
+        (["--background", "clear"], "background: must be 'keep', 'transparent' or a '#rrggbb' colour"),
+        (["--image", str(junk)], "image: is not a complete image file"),
+        (["--image", str(tmp_path / "missing.png")], "image: must be an image file of at most"),
+        (["--strength", "0.5"], "strength: applies to a variation"),
+    ]:
+        done = run_cli(["generate", "lad", *arguments], env, tmp_path)
+        assert done.returncode == 2 and f"error: {message}" in done.stderr, (arguments, done.stderr)
+        assert "this is no image" not in done.stderr

@@ -70,7 +70,7 @@ def test_models_lists_the_default(live: str):
         ({"n": 5}, "n"),
         ({"n": 0}, "n"),
         ({"output_format": "jpeg"}, "output_format"),
-        ({"background": "transparent"}, "background"),
+        ({"background": "clear"}, "background"),
         ({"extra_body": {"seed": -1}}, "seed"),
         ({"extra_body": {"seed": "7"}}, "seed"),
         ({"extra_body": {"steps": 30}}, "steps"),  # unknown parameter

@@ -211,3 +211,56 @@ def test_phone_sized_window(live: str, browser, tmp_path: Path):
     assert 250 < width <= 390
     page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
     assert errors == []
+
+
+def test_palette_background_and_a_variation_of_an_uploaded_image_from_the_page(live: str, browser, tmp_path: Path):
+    import numpy as np
+
+    from service.sprite_controls import PRESETS, rgb_codes
+    from train import sprites
+
+    page, errors = open_page(browser, live)
+    options = page.eval_on_selector_all("#palette-presets option", "options => options.map(o => o.value)")
+    assert options == list(PRESETS)
+    start = tmp_path / "start.png"
+    Image.fromarray(sprites.render(sprites.random_punk(np.random.default_rng(8)))).save(start)
+    page.fill("#prompt", "lad with a red beanie")
+    page.fill("#seed", "5")
+    page.fill("#steps", "4")  # a variation at strength 0.5 runs 2 of them
+    page.fill("#palette", "game-boy")
+    page.select_option("#background", "transparent")
+    page.set_input_files("#image", str(start))
+    page.wait_for_selector("#start:not([hidden])")
+    page.fill("#strength", "0.5")
+    page.click("#submit")
+    page.wait_for_selector("#result:not([hidden]) .card", timeout=RESULT_TIMEOUT_MS)
+
+    card = page.locator("#images .card").first
+    full = np.asarray(decoded(card.locator("img.full").get_attribute("src")).convert("RGBA"))
+    game_boy = {tuple(colour) for colour in rgb_codes(PRESETS["game-boy"]).tolist()}
+    assert {tuple(pixel) for pixel in full[..., :3][full[..., 3] == 255].tolist()} <= game_boy
+    cells = int(card.locator(".background_cells").inner_text().split()[0])
+    assert cells > 0 and (full[..., 3] == 0).any()
+    assert set(card.locator(".palette code").all_inner_texts()) <= set(PRESETS["game-boy"])
+    stored = json.loads(page.evaluate("sessionStorage.getItem('punks.gallery')"))[-1]["request"]
+    assert "image" not in stored and stored["palette"] == "game-boy" and stored["strength"] == 0.5
+
+    card.locator(".vary").click()  # the result's sprite becomes the next start image
+    assert page.get_attribute("#start-image", "src").startswith("data:image/png;base64,")
+    page.select_option("#background", "colour")
+    page.fill("#background-colour", "#ff00ff")
+    page.fill("#palette", "")
+    page.click("#submit")
+    page.wait_for_selector("#busy:has-text('Rendering')")
+    page.wait_for_selector("#busy:has-text('Done')", timeout=RESULT_TIMEOUT_MS)
+    again = page.locator("#images .card").first
+    assert "#ff00ff" in again.locator(".palette code").all_inner_texts()
+
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"no image in here")
+    page.set_input_files("#image", str(junk))
+    page.wait_for_selector("#start:not([hidden])")
+    page.click("#submit")
+    page.wait_for_selector("#error-image:not(:empty)", timeout=RESULT_TIMEOUT_MS)
+    assert "not a complete image" in page.inner_text("#error-image")
+    assert errors == []

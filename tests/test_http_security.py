@@ -78,8 +78,13 @@ def test_body_limit_answers_in_each_apis_own_shape(local: str):
     assert openai.status_code == 413 and set(openai.json()["error"]) == {"message", "type", "param", "code"}
     a1111 = httpx.post(f"{local}/sdapi/v1/txt2img", json=big)
     assert a1111.status_code == 413 and a1111.json()["error"] == "HTTPException" and "errors" in a1111.json()
-    native = httpx.post(f"{local}/v1/generate", json=big)
+    # the routes that take an image have their own, larger limit (PUNKS_MAX_IMAGE_BODY_BYTES)
+    native = httpx.post(f"{local}/v1/generate", json={"prompt": "a" * (Settings().max_image_body_bytes + 1)})
     assert native.status_code == 413 and native.json()["detail"][0]["type"] == "too_large"
+    variations = httpx.post(
+        f"{local}/v1/images/variations", files={"image": ("x.png", bytes(Settings().max_image_body_bytes + 1))}
+    )
+    assert variations.status_code == 413 and set(variations.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_starlettes_http_exceptions_take_each_apis_shape(local: str):

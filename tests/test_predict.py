@@ -36,6 +36,7 @@ from service.samplers import SAMPLER_NAMES
 from service.weights.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec, redact
 from tests.hostile_hosts import ALLOWED_HOST, ALLOWED_NETWORKS_ENV, INTERNAL_HOST, canary, hostile_server
 from tests.live_server import subprocess_server
+from train import sprites
 
 GRID = 24
 COG_MAX_CONCURRENCY = 8  # predict.py's @cog.concurrent(max=8); test_concurrency_is_declared checks it
@@ -271,6 +272,10 @@ def test_input_bounds_are_the_shared_ones(schema: dict):
     assert schema["components"]["schemas"]["scheduler"]["enum"] == list(SAMPLER_NAMES)  # service/samplers.py's
     assert props["scheduler"].get("default") is None and props["scheduler"]["nullable"] is True
     assert "lora_scale" not in props  # fused once at setup: PUNKS_LORA_SCALE, not an input
+    assert bounds("strength") == (config.MIN_STRENGTH, config.MAX_STRENGTH)
+    assert props["strength"]["default"] == config.DEFAULT_STRENGTH and props["image"]["format"] == "uri"
+    assert f"up to {config.MAX_PALETTE_COLORS} '#rrggbb'" in props["palette"]["description"]
+    assert f"at most {config.MAX_IMAGE_SIDE} px" in props["image"]["description"]
     assert all(prop.get("description") for prop in props.values())
     output = schema["components"]["schemas"]["Output"]
     files = {"type": "array", "items": {"type": "string", "format": "uri"}}
@@ -375,6 +380,57 @@ def test_same_request_gives_the_same_bytes_from_the_cli_the_http_api_and_cog(
     assert Image.open(io.BytesIO(cog_image)).size == (480, 480)
     assert cog_image == base64.b64decode(http_image["image"]) == (tmp_path / "punk.png").read_bytes()
     assert cog_sprite == base64.b64decode(http_image["sprite"]) == (tmp_path / "punk.sprite.png").read_bytes()
+
+
+def test_a_variation_with_controls_gives_the_same_bytes_from_the_cli_the_http_api_and_cog(
+    server: CogServer, smoke_env: dict[str, str], tmp_path: Path
+):
+    """Palette, transparent background and a variation of a sprite: the same PNGs (with alpha) on every surface."""
+    start = tmp_path / "start.png"
+    Image.fromarray(sprites.render(sprites.random_punk(np.random.default_rng(3)))).save(start)
+    encoded = base64.b64encode(start.read_bytes()).decode("ascii")
+    inputs = {"prompt": "lad", "seed": 4, "steps": 2, "return_sprites": True, "strength": 0.5}
+    controls = {"palette": "pico-8", "background": "transparent"}
+    status, body = server.predict(**inputs, **controls, image=f"data:image/png;base64,{encoded}")
+    assert status == 200 and body["status"] == "succeeded", body
+    cog_image, cog_sprite = (decode_data_url(body["output"][key][0])[1] for key in ("images", "sprites"))
+
+    with subprocess_server(smoke_env) as url:
+        response = httpx.post(f"{url}/v1/generate", json=inputs | controls | {"image": encoded}, timeout=120)
+    assert response.status_code == 200, response.text
+    (http_image,) = response.json()["images"]
+
+    arguments = ["--seed", "4", "--steps", "2", "--strength", "0.5", "--image", str(start)]
+    arguments += ["--palette", "pico-8", "--background", "transparent", "-o", str(tmp_path / "punk.png")]
+    cli = subprocess.run(
+        [sys.executable, "-m", "service", "generate", "lad", *arguments],
+        env=smoke_env | {"PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert cog_image == base64.b64decode(http_image["image"]) == (tmp_path / "punk.png").read_bytes()
+    assert cog_sprite == base64.b64decode(http_image["sprite"]) == (tmp_path / "punk.sprite.png").read_bytes()
+    alpha = np.asarray(Image.open(io.BytesIO(cog_sprite)).convert("RGBA"))[..., 3]
+    assert int((alpha == 0).sum()) == http_image["background_cells"] > 0
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"palette": "gameboy"}, "palette: unknown preset"),
+        ({"palette": "#000000, #12"}, "palette: colour 2 is not a '#rrggbb' code"),
+        ({"background": "clear"}, "background: must be 'keep', 'transparent' or a '#rrggbb' colour"),
+        ({"image": "data:image/png;base64,bm90IGFuIGltYWdl"}, "image: is not a complete image file"),
+        ({"image": "not a url"}, "image: must be the URL of an image file"),
+    ],
+)
+def test_bad_controls_fail_the_prediction_naming_the_field(server: CogServer, inputs: dict, message: str):
+    status, body = server.predict(prompt="a punk", steps=2, **inputs)
+    assert status == 200 and body["status"] == "failed" and message in body["error"], body
+    assert "not an image" not in body["error"]
 
 
 def test_same_seed_same_image_and_unknown_inputs_are_dropped(server: CogServer):
@@ -504,6 +560,7 @@ def test_output_order_holds_in_upload_mode(server: CogServer, smoke_env: dict[st
         ({"prompt": "a punk", "output_format": "gif"}, "output_format"),
         ({"prompt": "a punk", "return_sprites": "yes"}, "return_sprites"),
         ({"prompt": "a punk", "lora": 3}, "lora"),
+        ({"prompt": "a punk", "strength": 1.5}, "strength"),
     ],
 )
 def test_invalid_input_is_a_422_naming_the_field(server: CogServer, inputs: dict, field: str):
@@ -868,6 +925,10 @@ def test_setup_downloads_the_weights_then_run_writes_images_then_sprites(
         "lora": "",
         "lora_url": "",
         "scheduler": None,
+        "palette": "",
+        "background": "keep",
+        "image": None,
+        "strength": 0.6,
     }
 
     async def setup_then_run_twice():  # as coglet does: setup and every run on one event loop

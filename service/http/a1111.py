@@ -1,7 +1,10 @@
-"""AUTOMATIC1111's web UI API (the part clients use for text to image) over the same engine, batcher, auth and
-limits as /v1/generate, so `webuiapi`, SillyTavern, Krita/Photoshop plugins and Discord bots can point at this
-server: POST /sdapi/v1/txt2img, and GET /sdapi/v1/sd-models, samplers, schedulers, options, scripts for the
-clients that list them at start.
+"""AUTOMATIC1111's web UI API (the part clients use for text to image and image to image) over the same engine,
+batcher, auth and limits as /v1/generate, so `webuiapi`, SillyTavern, Krita/Photoshop plugins and Discord bots can
+point at this server: POST /sdapi/v1/txt2img and /sdapi/v1/img2img, and GET /sdapi/v1/sd-models, samplers,
+schedulers, options, scripts for the clients that list them at start.
+
+img2img takes one image in `init_images` (base64, with or without a data: URL prefix) and `denoising_strength`
+(A1111's default 0.75) as a variation's `image` and `strength`; an inpainting `mask` is refused.
 
 As in A1111, unknown fields are ignored (clients send dozens: hires fix, ControlNet, ...), bad values are a
 422 `{"detail": [{"type", "loc", "msg"}]}` and other failures `{"error", "detail", "body", "errors"}` with the
@@ -36,9 +39,17 @@ from service.delivery import encode_images
 from service.engine import Engine, GenerationRequest
 from service.errors import RequestError
 from service.http import deps
+from service.images import decode_base64_image
 
 # The engine's field names (RequestError.field, service/engine.py) as this API calls them.
-FIELDS = {"num_outputs": "batch_size", "guidance": "cfg_scale", "output_size": "width", "lora": "override_settings"}
+FIELDS = {
+    "num_outputs": "batch_size",
+    "guidance": "cfg_scale",
+    "output_size": "width",
+    "lora": "override_settings",
+    "image": "init_images",
+    "strength": "denoising_strength",
+}
 
 
 class Txt2ImgRequest(BaseModel):
@@ -78,6 +89,18 @@ class Txt2ImgRequest(BaseModel):
     )
 
 
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's StableDiffusionImg2ImgProcessingAPI: txt2img's fields plus the image and its strength."""
+
+    init_images: list[Annotated[str, StringConstraints(max_length=config.MAX_IMAGE_BYTES * 4 // 3 + 100)]] = Field(
+        max_length=1, description="One base64 image (a data: URL prefix is accepted)."
+    )
+    denoising_strength: float = Field(
+        0.75, ge=config.MIN_STRENGTH, le=config.MAX_STRENGTH, allow_inf_nan=False, description="0-1."
+    )
+    mask: str | None = Field(None, max_length=100, description="Inpainting: refused.")
+
+
 class Txt2ImgResponse(BaseModel):
     images: list[str] = Field(description="Base64 PNGs.")
     parameters: dict[str, Any]
@@ -109,20 +132,46 @@ router = APIRouter(prefix="/sdapi/v1", route_class=deps.shaped_route(error_respo
     response_model=Txt2ImgResponse,
 )
 async def txt2img(body: Txt2ImgRequest, http: Request, service: deps.ServiceDep) -> Response:
+    return await _generate(body, http, service)
+
+
+@router.post(
+    "/img2img",
+    summary="A1111-compatible image to image: variations of init_images[0] (base64 PNGs, info as a JSON string).",
+    response_model=Txt2ImgResponse,
+)
+async def img2img(body: Img2ImgRequest, http: Request, service: deps.ServiceDep) -> Response:
+    errors = [
+        ("init_images", not body.init_images, "give one image"),
+        ("mask", bool(body.mask), "inpainting is not supported (leave it empty)"),
+    ]
+    if refused := [{"type": "value_error", "loc": ("body", f), "msg": why} for f, bad, why in errors if bad]:
+        raise RequestValidationError(refused)
+    return await _generate(body, http, service, body.init_images[0], body.denoising_strength)
+
+
+async def _generate(
+    body: Txt2ImgRequest, http: Request, service: deps.Service, image: str | None = None, strength: float | None = None
+) -> Response:
+    """Both routes: the request in the engine's words, queued, answered with A1111's images, parameters and info."""
     sampler = _check_unsupported(body, samplers.DEFAULTS[service.settings.scheduler])
     engine = service.ready_engine()
     lora = _lora(engine, (body.override_settings or {}).get("sd_model_checkpoint"))
-    request = GenerationRequest(
-        prompt=body.prompt,
-        seed=None if body.seed == -1 else body.seed,
-        num_outputs=body.batch_size * body.n_iter,
-        steps=body.steps,
-        guidance=body.cfg_scale,
-        sampler=sampler,
-        lora=lora,
-        output_size=body.width,
-        integer_scale=False,  # exactly width x height
-        output_format="png",
+    request = await deps.engine_request(
+        lambda: GenerationRequest(
+            prompt=body.prompt,
+            seed=None if body.seed == -1 else body.seed,
+            num_outputs=body.batch_size * body.n_iter,
+            steps=body.steps,
+            guidance=body.cfg_scale,
+            sampler=sampler,
+            lora=lora,
+            output_size=body.width,
+            integer_scale=False,  # exactly width x height
+            output_format="png",
+            image=decode_base64_image(image, "init_images") if image is not None else None,
+            strength=strength,
+        )
     )
     done = await service.submit(request, http)
     if done is None:  # the client hung up
@@ -172,7 +221,7 @@ async def txt2img(body: Txt2ImgRequest, http: Request, service: deps.ServiceDep)
         "dropped_words": result.dropped_words,
         "images": [image.summary for image in images],
     }
-    parameters = body.model_dump(exclude={"override_settings"}) | {
+    parameters = body.model_dump(exclude={"override_settings", "init_images"}) | {
         "override_settings": {"sd_model_checkpoint": model},
         "sampler_name": sampler,
         "scheduler": schedule,

@@ -27,6 +27,8 @@ ADAPTER_SHAPES: tuple[tuple[tuple[str, ...], ErrorShape], ...] = (
     (("/v1/images/", "/v1/models"), openai_images.error_response),
     (("/sdapi/",), a1111.error_response),
 )
+# The routes that take an image (variations): their bodies may be up to PUNKS_MAX_IMAGE_BODY_BYTES.
+IMAGE_PATHS = ("/v1/generate", "/v1/images/variations", "/sdapi/v1/img2img")
 # Every API, and whether it takes the token check (PUNKS_API_TOKEN).
 ROUTERS: tuple[tuple[APIRouter, bool], ...] = (
     (playground.router, False),  # the web page at / (service/http/static/); it asks for the token itself
@@ -70,7 +72,14 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.state.shutdown = service.shutdown  # for the server, on SIGTERM (service/http/serve.py)
     app.state.service = service  # deps.get_service; a Ray Serve replica waits for readiness on it
     # Added innermost first: metrics see every answer (408/413/400 too); the security headers go on all of them.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s, respond=_error)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        respond=_error,
+        image_paths=IMAGE_PATHS,
+        max_image_bytes=settings.max_image_body_bytes,
+    )
     if settings.trusted_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(settings.trusted_hosts), www_redirect=False)
     elif settings.api_token is None:

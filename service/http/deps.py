@@ -108,8 +108,7 @@ class Service:
         try:
             engine.check_request(request)  # what only the loaded engine knows: LoRA names, upscaler
         except RequestError as error:
-            item = {"type": "value_error", "loc": ("body", error.field), "msg": error.public_reason}
-            raise RequestValidationError([item]) from None
+            raise invalid(error) from None
         submitted = asyncio.ensure_future(self.batcher.submit(request))
         hung_up = asyncio.ensure_future(_disconnected(http))
         try:
@@ -133,6 +132,20 @@ class Service:
         finally:
             hung_up.cancel()
             submitted.cancel()  # a no-op once done; on a timeout it takes the request out of the queue
+
+
+def invalid(error: RequestError) -> RequestValidationError:
+    """A RequestError as the validation error every API answers in its own shape (422 or 400 naming the field)."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", error.field), "msg": error.public_reason}])
+
+
+async def engine_request(build: Callable[[], GenerationRequest]) -> GenerationRequest:
+    """The engine's request made by `build` off the event loop (it may decode an input image), a RequestError
+    raised as `invalid`'s validation error."""
+    try:
+        return await asyncio.to_thread(build)
+    except RequestError as error:
+        raise invalid(error) from None
 
 
 async def _disconnected(request: Request) -> None:

@@ -36,18 +36,30 @@ class BodyLimit:
     408 and a closed connection for a body not complete within timeout_s: uvicorn would wait for the rest
     forever, and a few thousand such connections exhaust the file descriptors."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float, respond: ErrorResponder):
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        timeout_s: float,
+        respond: ErrorResponder,
+        image_paths: tuple[str, ...] = (),
+        max_image_bytes: int = 0,
+    ):
+        """`image_paths`: the routes that take an image, whose bodies may have up to max_image_bytes."""
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.respond = respond
+        self.image_paths = image_paths
+        self.max_image_bytes = max_image_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.max_image_bytes if scope["path"] in self.image_paths else self.max_bytes
         length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(scope, receive, send)
+        if length.isdigit() and int(length) > limit:
+            return await self._reject(scope, receive, send, limit)
         chunks, size = [], 0
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -57,8 +69,8 @@ class BodyLimit:
                         return
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
-                    if size > self.max_bytes:
-                        return await self._reject(scope, receive, send)
+                    if size > limit:
+                        return await self._reject(scope, receive, send, limit)
                     if not message.get("more_body", False):
                         break
         except TimeoutError:
@@ -77,8 +89,8 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = f"Body larger than {self.max_bytes} bytes"
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        message = f"Body larger than {limit} bytes"
         await self.respond(scope["path"], 413, "too_large", message, {})(scope, receive, send)
 
 

@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.batcher import Done
 from service.delivery import MEDIA_TYPES, encode_images
-from service.http.deps import CLIENT_CLOSED_REQUEST, RETRY_AFTER_S, ReadyEngine, ServiceDep
+from service.http.deps import CLIENT_CLOSED_REQUEST, RETRY_AFTER_S, ReadyEngine, ServiceDep, engine_request
 from service.http.schemas import GenerateRequest, GenerateResponse, Timings
 
 PNG_RESPONSE = {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
@@ -69,7 +69,7 @@ async def loras(engine: ReadyEngine) -> dict[str, object]:
 )
 async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> Response:
     started = time.perf_counter()
-    done = await service.submit(body.to_engine(), request)
+    done = await service.submit(await engine_request(body.to_engine), request)
     if done is None:  # the client hung up: nobody reads this
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     as_png = _prefers_png(request.headers.get("accept", ""))

@@ -1,10 +1,14 @@
 """OpenAI's Images API over the same engine, batcher, auth and limits as /v1/generate, so the official `openai`
-client (and Open WebUI, LibreChat, LiteLLM...) works with a `base_url`: POST /v1/images/generations, GET /v1/models.
+client (and Open WebUI, LibreChat, LiteLLM...) works with a `base_url`: POST /v1/images/generations,
+POST /v1/images/variations (the client's `images.create_variation`: a form with the image), GET /v1/models.
 
 What this server cannot do is refused with OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`,
 never silently changed: sizes other than 1024x1024 (the 24x24 sprite is delivered at 1024 px), `response_format`
 "url" (no files are hosted here), models other than "bespoke-punks" or a LoRA name. OpenAI has no seed: this
 server reads an extra `seed` field (the client's `extra_body={"seed": 7}`) and returns each image's seed.
+`background` "transparent" (gpt-image-1's) makes the punk's background transparent, as /v1/generate does.
+A variation has no prompt in OpenAI's API: it is described as VARIATION_PROMPT unless the form has a `prompt`; its
+`strength` (0-1, extra) says how far it may move from the image.
 """
 
 import asyncio
@@ -13,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -26,15 +30,19 @@ from service.http.deps import (
     CLIENT_CLOSED_REQUEST,
     MODEL,
     ReadyEngine,
+    Service,
     ServiceDep,
+    engine_request,
     lora_of_model,
     model_names,
     printable,
     shaped_route,
 )
+from service.images import decode_image
 
 SIZE = "1024x1024"
 OUTPUT_SIZE = 1024
+VARIATION_PROMPT = "punk"
 # The engine's field names (RequestError.field, service/engine.py) as this API calls them.
 PARAMS = {"num_outputs": "n", "lora": "model", "output_size": "size"}
 ERROR_TYPES = {401: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "server_error"}
@@ -53,7 +61,9 @@ class ImageGenerationRequest(BaseModel):
     size: str | None = Field(None, max_length=50, description=f"'{SIZE}' (default; 'auto' is the same); no other.")
     response_format: str | None = Field(None, max_length=50, description="'b64_json' only (no files are hosted).")
     output_format: Literal["png"] | None = Field(None, description="'png' only.")
-    background: Literal["auto", "opaque"] | None = Field(None, description="No transparency.")
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
+        None, description="'transparent': alpha 0 on the punk's background (a PNG with transparency)."
+    )
     quality: str | None = Field(None, max_length=50, description="Accepted and ignored.")
     style: str | None = Field(None, max_length=50, description="Accepted and ignored.")
     moderation: str | None = Field(None, max_length=50, description="Accepted and ignored.")
@@ -148,12 +158,7 @@ async def model(model: str, engine: ReadyEngine) -> Model:
     responses=ERRORS,
 )
 async def generations(body: ImageGenerationRequest, http: Request, service: ServiceDep) -> Response:
-    if body.size not in (None, SIZE, "auto"):
-        message = f"Invalid value for 'size': only '{SIZE}' is supported ('auto' means it too)"
-        raise OpenAIError(400, message, "size", "invalid_value")
-    if body.response_format not in (None, "b64_json"):
-        message = "Invalid value for 'response_format': only 'b64_json' is supported (no image URLs are hosted)"
-        raise OpenAIError(400, message, "response_format", "invalid_value")
+    _check_size_and_format(body.size, body.response_format)
     engine = service.ready_engine()
     request = GenerationRequest(
         prompt=body.prompt,
@@ -163,7 +168,66 @@ async def generations(body: ImageGenerationRequest, http: Request, service: Serv
         output_size=OUTPUT_SIZE,
         integer_scale=False,  # exactly 1024x1024, whatever PUNKS_INTEGER_SCALE says
         output_format="png",
+        background="transparent" if body.background == "transparent" else "keep",
     )
+    return await _respond(service, request, http)
+
+
+@router.post(
+    "/v1/images/variations",
+    summary="OpenAI-compatible variations of an image (a form, as the client's images.create_variation sends it).",
+    response_model=ImagesResponse,
+    responses=ERRORS,
+)
+async def variations(
+    http: Request,
+    service: ServiceDep,
+    image: Annotated[UploadFile, File(description="The image to vary: a 24x24 sprite or any PNG, JPEG, WebP.")],
+    model: Annotated[str | None, Form(max_length=200)] = None,
+    n: Annotated[int | None, Form(ge=1, le=config.MAX_IMAGES)] = None,
+    size: Annotated[str | None, Form(max_length=50)] = None,
+    response_format: Annotated[str | None, Form(max_length=50)] = None,
+    user: Annotated[str | None, Form(max_length=500, description="Accepted and ignored.")] = None,
+    prompt: Annotated[
+        str | None,
+        Form(max_length=config.MAX_PROMPT_CHARS, description=f"Not OpenAI's. Default: '{VARIATION_PROMPT}'."),
+    ] = None,
+    strength: Annotated[
+        float | None,
+        Form(ge=config.MIN_STRENGTH, le=config.MAX_STRENGTH, allow_inf_nan=False, description="Not OpenAI's (0-1)."),
+    ] = None,
+    seed: Annotated[int | None, Form(ge=0, le=config.MAX_SEED, description="Not OpenAI's.")] = None,
+) -> Response:
+    _check_size_and_format(size, response_format)
+    engine = service.ready_engine()
+    data = await image.read()
+    request = await engine_request(
+        lambda: GenerationRequest(
+            prompt=prompt if prompt and prompt.strip() else VARIATION_PROMPT,
+            seed=seed,
+            num_outputs=n or 1,
+            lora=_lora(engine, model),
+            output_size=OUTPUT_SIZE,
+            integer_scale=False,
+            output_format="png",
+            image=decode_image(data),
+            strength=strength,
+        )
+    )
+    return await _respond(service, request, http)
+
+
+def _check_size_and_format(size: str | None, response_format: str | None) -> None:
+    if size not in (None, SIZE, "auto"):
+        message = f"Invalid value for 'size': only '{SIZE}' is supported ('auto' means it too)"
+        raise OpenAIError(400, message, "size", "invalid_value")
+    if response_format not in (None, "b64_json"):
+        message = "Invalid value for 'response_format': only 'b64_json' is supported (no image URLs are hosted)"
+        raise OpenAIError(400, message, "response_format", "invalid_value")
+
+
+async def _respond(service: Service, request: GenerationRequest, http: Request) -> Response:
+    """Queue the request and answer its images in OpenAI's shape."""
     done = await service.submit(request, http)
     if done is None:  # the client hung up
         return Response(status_code=CLIENT_CLOSED_REQUEST)

@@ -11,8 +11,9 @@ from importlib import resources
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from service.config import Settings
+from service.config import DEFAULT_STRENGTH, Settings
 from service.prompts import PROMPT_PREFIX, PROMPT_SUFFIX
+from service.sprite_controls import PRESETS
 
 STATIC = resources.files("service.http") / "static"
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
@@ -38,7 +39,9 @@ async def playground_config(request: Request) -> JSONResponse:
                 "steps": settings.steps,
                 "guidance": settings.guidance,
                 "integer_scale": settings.integer_scale,
+                "strength": DEFAULT_STRENGTH,
             },
+            "palette_presets": list(PRESETS),
             "upscaler_enabled": settings.upscaler == "realesrgan",
             "token_required": settings.api_token is not None,
         },

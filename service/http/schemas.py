@@ -9,7 +9,9 @@ from service import config
 from service.config import MAX_SEED, OutputFormat
 from service.delivery import EncodedImage, summary
 from service.engine import GenerationRequest, GenerationResult
+from service.images import decode_base64_image
 from service.samplers import SamplerName
+from service.sprite_controls import KEEP, PRESETS
 
 
 class GenerateRequest(BaseModel):
@@ -55,9 +57,42 @@ class GenerateRequest(BaseModel):
     upscaler: config.UpscalerName | None = Field(
         None, description="'realesrgan' also returns the raw generation upscaled smoothly (when the server enables it)."
     )
+    # pixel-art controls (service/sprite_controls.py)
+    palette: (
+        Annotated[str, StringConstraints(max_length=50)] | list[Annotated[str, StringConstraints(max_length=20)]] | None
+    ) = Field(
+        None,
+        description=f"Every cell takes one of these colours: a preset ({', '.join(PRESETS)}) or up to "
+        f"{config.MAX_PALETTE_COLORS} '#rrggbb' codes; distinct sprite colours stay distinct while it has room.",
+    )
+    background: str = Field(
+        KEEP,
+        max_length=20,
+        description="'keep', 'transparent' (RGBA output, alpha 0 on the border-connected background) or a '#rrggbb' "
+        "to recolour it. The images report background_cells (and background_mask with return_sprites).",
+    )
+    # variations of an existing image (img2img)
+    image: str | None = Field(
+        None,
+        max_length=config.MAX_IMAGE_BYTES * 4 // 3 + 100,
+        description="Base64 (or a data: URL) of a PNG, JPEG or WebP to make variations of: a 24x24 sprite, or any "
+        f"image up to {config.MAX_IMAGE_SIDE} px a side and {config.MAX_IMAGE_BYTES} bytes.",
+    )
+    strength: float | None = Field(
+        None,
+        ge=config.MIN_STRENGTH,
+        le=config.MAX_STRENGTH,
+        allow_inf_nan=False,
+        description=f"How far a variation may move from the image (0-1; default {config.DEFAULT_STRENGTH}): the share "
+        "of the steps run from it.",
+    )
 
     def to_engine(self) -> GenerationRequest:
-        return GenerationRequest(**self.model_dump())
+        """The engine's request; the image decoded and checked (RequestError naming `image`)."""
+        fields = self.model_dump()
+        fields["palette"] = tuple(self.palette) if isinstance(self.palette, list) else self.palette
+        fields["image"] = decode_base64_image(self.image) if self.image is not None else None
+        return GenerationRequest(**fields)
 
 
 class Quality(BaseModel):
@@ -72,8 +107,14 @@ class ImageOut(BaseModel):
     image: str = Field(description="Base64 of the upscaled image.")
     sprite: str | None = Field(None, description="Base64 of the grid x grid sprite, when return_sprites.")
     smooth: str | None = Field(None, description="Base64 of the Real-ESRGAN upscale, when upscaler='realesrgan'.")
-    palette: list[str] = Field(description="'#rrggbb', most frequent first.")
+    palette: list[str] = Field(description="'#rrggbb', most frequent first (of the opaque cells).")
     quality: Quality
+    background_cells: int | None = Field(
+        None, description="Cells taken as background (with background 'transparent' or a colour; else null)."
+    )
+    background_mask: list[str] | None = Field(
+        None, description="With return_sprites and a background control: one string of 0/1 per sprite row."
+    )
 
 
 class Timings(BaseModel):

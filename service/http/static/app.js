@@ -6,10 +6,14 @@
 const TOKEN_KEY = "punks.token";
 const GALLERY_KEY = "punks.gallery";
 const NUMBER_FIELDS = ["seed", "num_outputs", "steps", "guidance"];
-const FIELDS = ["prompt", ...NUMBER_FIELDS, "sampler", "lora", "upscaler", "integer_scale"];
+const FIELDS = [
+  ...["prompt", ...NUMBER_FIELDS, "sampler", "lora", "upscaler", "integer_scale"],
+  ...["palette", "background", "image", "strength"],
+];
 
 const $ = (id) => document.getElementById(id);
-const state = { loraDefault: null, busy: false, shown: null };
+// start: the data: URL of the image a variation starts from (an uploaded file, or a result's sprite), or null
+const state = { loraDefault: null, busy: false, shown: null, start: null };
 
 // --- the schema -------------------------------------------------------------------------------------------
 
@@ -41,6 +45,13 @@ function applySchema(schema, config) {
     document.querySelector(`label[for=${name}]`).dataset.range = range.trim();
   }
   $("integer_scale").checked = Boolean(config.defaults.integer_scale);
+  const strength = $("strength");
+  strength.min = bounds.strength.minimum;
+  strength.max = bounds.strength.maximum;
+  strength.step = "any";
+  strength.value = config.defaults.strength;
+  strength.title = bounds.strength.description;
+  $("palette-presets").replaceChildren(...config.palette_presets.map((name) => new Option(name, name)));
   const sampler = $("sampler");  // the samplers /v1/generate accepts: its OpenAPI enum
   sampler.replaceChildren(new Option("server default", ""));
   for (const name of bounds.sampler.enum || []) sampler.append(new Option(name, name));
@@ -130,6 +141,20 @@ function requestBody() {
   if ($("lora").value) body.lora = $("lora").value;
   if ($("sampler").value) body.sampler = $("sampler").value;
   if (!$("upscaler-field").hidden && $("upscaler").value) body.upscaler = $("upscaler").value;
+  const palette = $("palette").value.trim();  // a preset's name, or colours separated by commas or spaces
+  if (palette) body.palette = palette.includes("#") ? palette.split(/[\s,]+/).filter(Boolean) : palette;
+  const background = $("background").value;
+  body.background = background === "colour" ? $("background-colour").value : background;
+  if (state.start) {
+    body.image = state.start;
+    const strength = $("strength");
+    if (strength.validity.badInput || !Number.isFinite(Number(strength.value)) || strength.value.trim() === "") {
+      setError("strength", "Not a number.");
+      ok = false;
+    } else {
+      body.strength = Number(strength.value);
+    }
+  }
   return ok ? body : null;
 }
 
@@ -158,7 +183,8 @@ async function generate(event) {
   try {
     if (response.ok) {
       const result = await response.json();
-      const entry = { at: Date.now(), request: body, elapsed_s: elapsed, ...result };
+      const request = { ...body, image: undefined };  // the start image stays out of sessionStorage (its quota)
+      const entry = { at: Date.now(), request, elapsed_s: elapsed, ...result };
       addToGallery(entry);
       showResult(entry);
       if ($("lora").options.length === 0) loadLoras();  // the token was given only now
@@ -253,6 +279,8 @@ function showResult(entry) {
     card.querySelector(".grid_fit").textContent = fixed(q.grid_fit);
     card.querySelector(".edge_alignment").textContent = fixed(q.edge_alignment);
     card.querySelector(".palette_size").textContent = q.palette_size;
+    card.querySelector(".background_cells").textContent =
+      image.background_cells === null ? "kept" : `${image.background_cells} cells`;
     const palette = card.querySelector(".palette");
     for (const hex of image.palette) {
       const swatch = document.createElement("li");
@@ -266,9 +294,34 @@ function showResult(entry) {
       $("seed").value = image.seed;
       $("prompt").focus();
     });
+    const vary = card.querySelector(".vary");
+    vary.hidden = !image.sprite;
+    vary.addEventListener("click", () => {
+      setStart(dataUrl(entry.media_type, image.sprite));
+      $("prompt").focus();
+    });
     return card;
   });
   $("images").replaceChildren(...cards);
+}
+
+// --- the image a variation starts from ----------------------------------------------------------------------
+
+function setStart(url) {
+  state.start = url;
+  $("start").hidden = url === null;
+  $("start-image").src = url || "";
+  if (url === null) $("image").value = "";
+}
+
+function readStart() {
+  const file = $("image").files[0];
+  setError("image", "");
+  if (!file) return setStart(null);
+  const reader = new FileReader();  // the server checks the file and says what is wrong with it
+  reader.addEventListener("load", () => setStart(reader.result));
+  reader.addEventListener("error", () => setError("image", "This file cannot be read."));
+  reader.readAsDataURL(file);
 }
 
 // --- the gallery (this browser tab's session) --------------------------------------------------------------
@@ -392,6 +445,11 @@ async function start() {
   token.addEventListener("change", () => {
     saveToken();
     loadLoras();
+  });
+  $("image").addEventListener("change", readStart);
+  $("clear-start").addEventListener("click", () => setStart(null));
+  $("background").addEventListener("change", () => {
+    $("background-colour").hidden = $("background").value !== "colour";
   });
   $("clear-gallery").addEventListener("click", () => {
     sessionStorage.removeItem(GALLERY_KEY);
