@@ -217,7 +217,7 @@ def test_an_added_lora_is_checked_fused_and_removed(url_engine, tmp_path: Path):
     save_file(random_kohya_lora(build_smoke_pipeline(), seed=3), str(good), metadata=kohya_metadata(32, 16))
 
     def raw(lora: str | None = None) -> np.ndarray:
-        result = engine.generate(GenerationRequest("a punk", seed=5, steps=1, lora=lora))
+        result = engine.generate(GenerationRequest("a punk", seed=5, num_inference_steps=1, lora=lora))
         return np.asarray(result.images[0].raw, dtype=np.int16)
 
     default = raw()
@@ -227,7 +227,7 @@ def test_an_added_lora_is_checked_fused_and_removed(url_engine, tmp_path: Path):
         engine.check_request(GenerationRequest("a punk", lora="url-good-1"))
     assert np.abs(raw("url-good-1") - default).max() > 10
     assert np.array_equal(raw(), default)  # switching back: restored base weights, bit for bit
-    switched = engine.generate(GenerationRequest("a punk", seed=5, steps=1, lora="url-good-1"))
+    switched = engine.generate(GenerationRequest("a punk", seed=5, num_inference_steps=1, lora="url-good-1"))
     assert switched.timings["lora_switch_s"] > 0
     engine.remove_lora("url-good-1")  # while fused: the next switch restores the base first
     assert engine.lora_names == [] and good not in engine.loras.switcher.loras

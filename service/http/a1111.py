@@ -38,7 +38,13 @@ from service.errors import RequestError
 from service.http import deps
 
 # The engine's field names (RequestError.field, service/engine.py) as this API calls them.
-FIELDS = {"num_outputs": "batch_size", "guidance": "cfg_scale", "output_size": "width", "lora": "override_settings"}
+FIELDS = {
+    "num_outputs": "batch_size",
+    "num_inference_steps": "steps",
+    "guidance_scale": "cfg_scale",
+    "output_size": "width",
+    "lora": "override_settings",
+}
 
 
 class Txt2ImgRequest(BaseModel):
@@ -116,8 +122,8 @@ async def txt2img(body: Txt2ImgRequest, http: Request, service: deps.ServiceDep)
         prompt=body.prompt,
         seed=None if body.seed == -1 else body.seed,
         num_outputs=body.batch_size * body.n_iter,
-        steps=body.steps,
-        guidance=body.cfg_scale,
+        num_inference_steps=body.steps,
+        guidance_scale=body.cfg_scale,
         sampler=sampler,
         lora=lora,
         output_size=body.width,
