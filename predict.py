@@ -67,6 +67,7 @@ from service.errors import RequestError
 from service.lora.cache import CachedLora, LoraUrlCache
 from service.metrics import Metrics
 from service.weights.fetch import fetch_weights_from_env
+from service.weights.pinned import fetch_missing_weights
 from service.weights.policy import DownloadPolicy
 
 log = logging.getLogger("predict")
@@ -90,6 +91,8 @@ class Runner(BaseRunner):
         settings = Settings()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, fetch_weights_from_env, settings.weights_dir)  # no-op without the variable
+        if settings.fetch_at_setup:  # cog.yaml: what weights/ lacks, from the pinned SD1.5 source and PUNKS_LORA_URL
+            await loop.run_in_executor(None, fetch_missing_weights, settings)
         log.info("setup: weights ready in %.1fs", time.perf_counter() - started)
         self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="punks-gpu")
         self.engine = await loop.run_in_executor(self._gpu_thread, Engine.load, settings)  # WeightsError names files

@@ -242,6 +242,16 @@ class WeightsDownloadSettings(_Group):
         "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.1/RealESRGAN_x2plus.pth",
         description="Where `weights download --realesrgan` gets the upscaler (same forms as lora_url).",
     )
+    fetch_at_setup: bool = Field(
+        False,
+        description="Cog's setup: download what weights_dir lacks before loading: SD1.5 from its pinned source "
+        "(service/weights/pinned.py; sha256-checked, resumable) and the LoRA from PUNKS_LORA_URL. cog.yaml sets it.",
+    )
+    base_model_mirror: str | None = Field(
+        None,
+        description="With fetch_at_setup: an https:// folder holding SD1.5's pinned files in the diffusers layout "
+        "(model_index.json, unet/..., same sha256) to fetch instead of the Hugging Face Hub at the pinned revision.",
+    )
 
 
 class BatchingSettings(_Group):

@@ -11,10 +11,12 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -41,6 +43,7 @@ from tests.live_server import subprocess_server
 GRID = 24
 COG_MAX_CONCURRENCY = 8  # predict.py's @cog.concurrent(max=8); test_concurrency_is_declared checks it
 SERVER_START_S = 180
+HUB_TOKEN = "hf_caller_token"
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -226,7 +229,7 @@ class CogServer:
 
 
 @pytest.fixture(scope="module")
-def cog_servers(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+def cog_servers(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, http_files):
     """Three servers, started together (they load in parallel), each test waits for the one it uses:
     ready: the committed schema and the smoke model, as on Replicate but without weights (lora_weights on, as
     cog.yaml), in upload mode against a loopback file store,
@@ -244,6 +247,7 @@ def cog_servers(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
         "PUNKS_DOWNLOAD_ALLOWED_NETWORKS": ALLOWED_NETWORKS_ENV,
         "PUNKS_DOWNLOAD_STALL_TIMEOUT_S": "5",
         "PUNKS_DOWNLOAD_MIN_BYTES_PER_S": "0",  # a sender of one byte a second may go on until the deadline
+        "HF_ENDPOINT": http_files[0],  # the Hub's files (hf://, owner/repo/file) from the loopback server
     }
     snap_processes = {"PUNKS_SNAP_PROCESSES": "2"}
     handler = type("Store", (_FileStore,), {"files": {}, "lock": threading.Lock()})
@@ -769,6 +773,61 @@ def test_a_lora_with_nan_values_fails_the_prediction_naming_the_url(server: CogS
     assert f"lora_weights: {base}/nan.safetensors: tensor {first_alpha} holds NaN or infinite values" in body["error"]
 
 
+def test_lora_weights_in_the_forms_people_paste(server: CogServer, lora_urls):
+    """A Hub file as hf://, owner/repo/file (the Hub's files come from the loopback server here, HF_ENDPOINT) and a
+    Replicate training's .tar holding one .safetensors: the same LoRA, the same image as its plain URL."""
+    base, folder, _ = lora_urls
+    for revision in ("main", "v1"):
+        hub = folder / f"owner/punks/resolve/{revision}"
+        hub.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / "good.safetensors", hub / "good.safetensors")
+    with tarfile.open(folder / "trained_model.tar", "w") as tar:
+        tar.add(folder / "good.safetensors", arcname="output/lora.safetensors")
+        tar.add(folder / "b.bin", arcname="output/README.txt")
+    inputs = {"prompt": "a punk", "seed": 6, "num_inference_steps": 1}
+    reference = server.images(**inputs, lora_weights=f"{base}/good.safetensors")
+    assert reference != server.images(**inputs)
+    for pasted in ("owner/punks/good.safetensors", "hf://owner/punks@v1/good.safetensors", f"{base}/trained_model.tar"):
+        status, body = server.predict(**inputs, lora_weights=pasted)
+        assert status == 200, body
+        assert server.files(body) == reference, pasted
+        assert "SD1.5 LoRA" in body["logs"]
+    assert not list(server.log.parent.glob("lora-url-cache/*.tar*"))  # the .tar itself is not kept
+
+
+def test_a_tar_without_exactly_one_safetensors_fails_naming_it(server: CogServer, lora_urls):
+    base, folder, _ = lora_urls
+    with tarfile.open(folder / "two.tar", "w") as tar:
+        tar.add(folder / "good.safetensors", arcname="a.safetensors")
+        tar.add(folder / "good.safetensors", arcname="b.safetensors")
+    (folder / "not-a.tar").write_bytes(b"plain bytes")
+    for name, reason in (
+        ("two.tar", "exactly one .safetensors file (found: a.safetensors, b.safetensors)"),
+        ("not-a.tar", "not a readable .tar file"),
+    ):
+        status, body = server.predict(prompt="a punk", num_inference_steps=1, lora_weights=f"{base}/{name}")
+        assert status == 200 and body["status"] == "failed", body
+        assert f"lora_weights: {base}/{name}: " in body["error"] and reason in body["error"]
+
+
+def test_a_private_hub_lora_needs_the_callers_token_which_only_it_uses(server: CogServer, lora_urls):
+    base, folder, _ = lora_urls
+    private = folder / "owner/private/resolve/main"
+    private.mkdir(parents=True, exist_ok=True)
+    shutil.copy(folder / "good.safetensors", private / "good.safetensors")
+    inputs = {"prompt": "a punk", "seed": 8, "num_inference_steps": 1, "lora_weights": "owner/private/good.safetensors"}
+    status, refused = server.predict(**inputs)
+    assert status == 200 and refused["status"] == "failed" and "HTTP 401" in refused["error"]
+    with_token = server.images(**inputs, hf_api_token=HUB_TOKEN)
+    assert with_token == server.images(**inputs | {"lora_weights": f"{base}/good.safetensors"})
+    status, again = server.predict(**inputs)  # cached under the token: not for a request without it
+    assert status == 200 and again["status"] == "failed" and "HTTP 401" in again["error"]
+    assert HUB_TOKEN not in json.dumps(again) and HUB_TOKEN not in server.log_tail(1_000_000)
+    sent = {auth for path, auth in _Handler.tokens if auth}
+    assert sent == {f"Bearer {HUB_TOKEN}"}  # the server's own HF_TOKEN (unset here) never, the caller's own only
+    assert all("/private/" in path for path, auth in _Handler.tokens if auth)
+
+
 def torch_nan_like(tensor):
     import torch
 
@@ -779,10 +838,17 @@ def torch_nan_like(tensor):
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; a path under /private/ only with the token (as the Hub serves a private repo's files)."""
+
     requests: list[str] = []
+    tokens: list[tuple[str, str | None]] = []  # (path, Authorization header) of every request, of every server
 
     def do_GET(self):
         type(self).requests.append(self.path)
+        type(self).tokens.append((self.path, self.headers.get("Authorization")))
+        if "/private/" in self.path and self.headers.get("Authorization") != f"Bearer {HUB_TOKEN}":
+            self.send_error(401)
+            return
         super().do_GET()
 
     def log_message(self, *args):
@@ -971,3 +1037,28 @@ def test_setup_without_weights_names_them(tmp_path: Path, monkeypatch: pytest.Mo
     runner_env(monkeypatch, tmp_path / "weights", "")
     with pytest.raises(WeightsError, match=r"missing weights: .*stable-diffusion-v1-5.*bespoke_punks\.safetensors"):
         asyncio.run(Runner().setup())
+
+
+def test_setup_fetches_what_weights_lacks_from_the_pinned_source(
+    http_files, smoke_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """cog.yaml's PUNKS_FETCH_AT_SETUP: SD1.5 from its pinned source (here a loopback mirror of the smoke model, its
+    files pinned by their sha256 as the real ones are) and the LoRA from PUNKS_LORA_URL, before loading."""
+    import predict
+    from devtools.smoke import SMOKE_FOLDER, SMOKE_LORA
+    from service.weights import pinned
+
+    base, _, _ = http_files
+    folder = smoke_dir / SMOKE_FOLDER
+    monkeypatch.setattr(
+        pinned, "SD15_SHA256", {p.relative_to(folder).as_posix(): sha256(p) for p in folder.rglob("*") if p.is_file()}
+    )
+    runner_env(monkeypatch, tmp_path / "weights", "")
+    monkeypatch.setenv("PUNKS_FETCH_AT_SETUP", "true")
+    monkeypatch.setenv("PUNKS_BASE_MODEL_MIRROR", f"{base}/smoke/{SMOKE_FOLDER}")
+    monkeypatch.setenv("PUNKS_LORA_URL", f"{base}/smoke/{SMOKE_LORA}#sha256={sha256(smoke_dir / SMOKE_LORA)}")
+    runner = predict.Runner()
+    asyncio.run(runner.setup())
+    assert not runner.engine.is_smoke  # the fetched files, loaded as real weights
+    assert runner.engine.weights.base_model == tmp_path / "weights" / "stable-diffusion-v1-5"
+    assert (tmp_path / "weights" / "bespoke_punks.safetensors").read_bytes() == (smoke_dir / SMOKE_LORA).read_bytes()

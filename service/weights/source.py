@@ -88,7 +88,7 @@ class Source:
 _HUB_WEB = re.compile(
     r"(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/([^/?#]+)/([^/?#]+)/(?:blob|resolve)/([^/?#]+)/([^?#]+)(?:\?[^#]*)?"
 )
-_SHORTHAND = re.compile(r"([\w.-]+)/([\w.-]+)/([^:?#]+)")
+_SHORTHAND = re.compile(r"([\w-]+)/([\w.-]+)/([^:?#]+)")
 
 
 def _hub_location(location: str) -> str:
