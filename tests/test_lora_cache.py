@@ -76,7 +76,7 @@ def make_cache(folder: Path, capacity: int, engine: FakeEngine | None = None) ->
 
 def test_off_by_default_and_malformed_urls_name_the_field(tmp_path: Path):
     off, _ = make_cache(tmp_path, 0)
-    with pytest.raises(RequestError, match=r"^lora_url: not enabled on this deployment \(PUNKS_LORA_URL_CACHE_SIZE"):
+    with pytest.raises(RequestError, match=r"^lora_weights: not enabled on this deployment \(PUNKS_LORA_URL_CACHE_SIZE"):
         off.acquire("https://host/a.safetensors")
     cache, _ = make_cache(tmp_path, 2)
     for url, message in [
@@ -84,9 +84,9 @@ def test_off_by_default_and_malformed_urls_name_the_field(tmp_path: Path):
         ("https://h/a#sha256=12", "64 hex"),
         ("hf://owner/repo", "expected hf://owner/repo/path"),
     ]:
-        with pytest.raises(RequestError, match=f"^lora_url: .*{re.escape(message)}") as refused:
+        with pytest.raises(RequestError, match=f"^lora_weights: .*{re.escape(message)}") as refused:
             cache.acquire(url)
-        assert refused.value.field == "lora_url"
+        assert refused.value.field == "lora_weights"
     assert len(cache) == 0
 
 
@@ -130,7 +130,7 @@ def test_a_refused_file_fails_with_the_guards_message_and_is_not_kept(served, tm
     with pytest.raises(RequestError) as refused:
         cache.acquire(f"{base}/sdxl.safetensors?token=secret")
     message = str(refused.value)
-    assert message.startswith(f"lora_url: {base}/sdxl.safetensors is a SDXL LoRA")
+    assert message.startswith(f"lora_weights: {base}/sdxl.safetensors is a SDXL LoRA")
     assert str(tmp_path) not in message  # the URL, not the cache's file
     assert "is a SDXL LoRA" in message and "this service needs an SD1.5 kohya LoRA" in message
     assert "secret" not in message
@@ -138,7 +138,7 @@ def test_a_refused_file_fails_with_the_guards_message_and_is_not_kept(served, tm
     with pytest.raises(RequestError, match="SDXL"):
         cache.acquire(f"{base}/sdxl.safetensors")
     assert requests[-2:] == ["/sdxl.safetensors"] * 2  # a refusal is not cached: tried again
-    with pytest.raises(RequestError, match=r"^lora_url: 127\.0\.0\.2: answered HTTP 404$"):
+    with pytest.raises(RequestError, match=r"^lora_weights: 127\.0\.0\.2: answered HTTP 404$"):
         cache.acquire(f"{base}/missing?sig=secret")
 
 
@@ -202,7 +202,7 @@ def test_files_of_an_earlier_process_are_removed_at_start(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def url_engine(smoke_settings):
-    """The smoke engine as Cog loads it with lora_url on: no loras/ folder, the switcher all the same."""
+    """The smoke engine as Cog loads it with lora_weights on: no loras/ folder, the switcher all the same."""
     from service.engine import Engine
 
     return Engine.load(smoke_settings.model_copy(update={"lora_url_cache_size": 2, "warmup": False}))
