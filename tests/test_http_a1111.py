@@ -48,7 +48,9 @@ def test_batch_and_iterations_multiply(live: str):
 
 def test_width_1024_gives_the_same_png_bytes_as_v1_generate(live: str):
     result = client(live).txt2img(prompt=PROMPT, seed=3, steps=1, cfg_scale=7.0, width=1024, height=1024)
-    native = post(live, {"prompt": PROMPT, "seed": 3, "steps": 1, "guidance": 7.0, "output_size": 1024})
+    native = post(
+        live, {"prompt": PROMPT, "seed": 3, "num_inference_steps": 1, "guidance_scale": 7.0, "output_size": 1024}
+    )
     assert result.json["images"][0] == native.json()["images"][0]["image"]
 
 
@@ -107,8 +109,8 @@ def test_webuiapis_default_call_returns_images_with_its_default_sampler(live: st
         {
             "prompt": "punk with a beanie",
             "seed": 11,
-            "steps": 2,
-            "guidance": 7,
+            "num_inference_steps": 2,
+            "guidance_scale": 7,
             "sampler": "Euler a",
             "output_size": 512,
         },

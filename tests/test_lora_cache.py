@@ -76,7 +76,9 @@ def make_cache(folder: Path, capacity: int, engine: FakeEngine | None = None) ->
 
 def test_off_by_default_and_malformed_urls_name_the_field(tmp_path: Path):
     off, _ = make_cache(tmp_path, 0)
-    with pytest.raises(RequestError, match=r"^lora_weights: not enabled on this deployment \(PUNKS_LORA_URL_CACHE_SIZE"):
+    with pytest.raises(
+        RequestError, match=r"^lora_weights: not enabled on this deployment \(PUNKS_LORA_URL_CACHE_SIZE"
+    ):
         off.acquire("https://host/a.safetensors")
     cache, _ = make_cache(tmp_path, 2)
     for url, message in [
