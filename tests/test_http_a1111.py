@@ -73,7 +73,7 @@ def test_listings_clients_read_at_start(live: str):
         ({"sampler_name": "", "sampler_index": "DPM2 a"}, "sampler_index"),
         ({"sampler_name": "Euler a", "scheduler": "karras"}, "scheduler"),  # no Karras variant served
         ({"scheduler": "exponential"}, "scheduler"),
-        ({"negative_prompt": "blurry"}, "negative_prompt"),
+        ({"negative_prompt": "x" * 501}, "negative_prompt"),
         ({"batch_size": 3, "n_iter": 2}, "n_iter"),
         ({"batch_size": 5}, "batch_size"),
         ({"width": 512, "height": 768}, "height"),
@@ -209,3 +209,13 @@ def test_full_queue_is_429(smoke_settings: Settings, fast_engine: Engine):
 def test_png_images_decode(live: str):
     result = client(live).txt2img(prompt=PROMPT, seed=5)
     assert base64.b64decode(result.json["images"][0])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_negative_prompt_is_added_to_the_fixed_one(live: str):
+    from service.prompts import NEGATIVE_PROMPT
+
+    plain = client(live).txt2img(prompt=PROMPT, seed=5, steps=1, cfg_scale=20)
+    extra = client(live).txt2img(prompt=PROMPT, seed=5, steps=1, cfg_scale=20, negative_prompt="hat, glasses")
+    assert extra.info["negative_prompt"] == f"{NEGATIVE_PROMPT}, hat, glasses"
+    assert f"Negative prompt: {NEGATIVE_PROMPT}, hat, glasses" in extra.info["infotexts"][0]
+    assert plain.json["images"][0] != extra.json["images"][0]
