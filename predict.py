@@ -15,25 +15,32 @@ Served by `python -m cog.server.http` (coglet) with COG_PREDICT_TYPE_STUB=predic
 The numbers inside Input(...) are literals, not service.config constants, because `cog build`
 derives the schema by *statically* parsing this file: it silently drops a bound it cannot read as a
 literal (and an unreadable default makes the input required). tests/test_predict.py checks that every literal
-equals its service.config counterpart. Empty steps/guidance/output_size/integer_scale mean the deployment's
-PUNKS_* setting.
+equals its service.config counterpart, and every default the service's own default setting: the form on Replicate
+shows the real 25 steps, 7.5 guidance and 1024 px.
 
-The output is an object (images, sprites, smooth, seeds), not a flat list: in upload mode coglet uploads the
-files of a returned list concurrently and lists each URL when its upload ends, so a list's order would change
-from run to run. coglet 0.23 sends the files of an object inline as data URLs, in order.
+Inputs carry the names every SD model on Replicate uses (num_inference_steps, guidance_scale, negative_prompt,
+lora_weights, lora_scale, scheduler). coglet 0.23 drops an input the schema does not know (a warning in its own
+log) instead of answering 422, so an old or misspelt name silently changes nothing; the README says so.
 
-Not an input: the smooth Real-ESRGAN upscale. A deployment offers it by setting PUNKS_UPSCALER=realesrgan (and
-shipping its weights); every prediction then also returns `smooth`. An input would offer it where it fails.
+The output is a list of files, Replicate's convention (a gallery on the web, `for f in output` in the client):
+the portraits, each named with its index and seed (out-0-seed7.png), then with return_sprites each sprite named
+after its portrait (out-0-seed7-sprite.png), and on a deployment with PUNKS_UPSCALER=realesrgan each smooth
+upscale (out-0-seed7-smooth.png). In upload mode coglet uploads a list's files concurrently and lists each URL
+when its upload ends, so the order of the URLs varies: the names restore it. Seeds and the pixel-art verdicts
+are in the logs and metrics.
 
-`lora_url` takes a LoRA the way production Replicate models do (cog-flux, cog-sdxl): an SD1.5 kohya file at an
-https:// or hf:// URL, downloaded once into a bounded LRU cache (service/lora/cache.py, PUNKS_LORA_URL_CACHE_SIZE;
-cog.yaml enables it) under the download policy (service/weights/policy.py: public hosts only, deadlines, a size
-cap; its own threads, stopped on cancel), checked by the start-up LoRA guard (family, keys, shapes, finite values:
-a wrong file is a failed prediction with the guard's message), then fused for this prediction only (and later
-ones naming the same URL): it never becomes a name others can pick. Failure messages never name server paths.
+`lora_weights` takes a LoRA the way production Replicate models do (cog-flux, cog-sdxl): an SD1.5 kohya file at
+an https:// URL, a Hugging Face file (hf://owner/repo/file, owner/repo/file, or its huggingface.co blob/resolve
+URL; `hf_api_token` for a private one), or a Replicate training's .tar holding one .safetensors, downloaded once
+into a bounded LRU cache (service/lora/cache.py, PUNKS_LORA_URL_CACHE_SIZE; cog.yaml enables it) under the
+download policy (service/weights/policy.py: public hosts only, deadlines, a size cap; its own threads, stopped on
+cancel), checked by the start-up LoRA guard (family, keys, shapes, finite values: a wrong file is a failed
+prediction with the guard's message), then fused for this prediction only (and later ones naming the same
+URL): it never becomes a name others can pick. Failure messages never name server paths.
 
-Not an input either: the LoRA strength. The engine fuses the LoRA into the weights once at setup and drops
-the adapter, so a per-request scale would mean reloading the model; set PUNKS_LORA_SCALE instead.
+`lora_scale` re-fuses the LoRA at that strength from the kept base weights, as switching LoRAs does; predictions
+of one scale share a batch, other scales get their own pipeline call. A compiled or fp8 deployment cannot
+switch: it accepts only its PUNKS_LORA_SCALE and fails other scales naming lora_scale.
 """
 
 import asyncio
@@ -50,7 +57,7 @@ from pathlib import Path as FsPath
 from typing import TypeVar, overload
 
 import cog
-from cog import BaseModel, BaseRunner, Input, Path
+from cog import BaseRunner, Input, Path, Secret
 from PIL import Image
 
 from service.batcher import Batcher
@@ -63,6 +70,7 @@ from service.lora.cache import CachedLora, LoraUrlCache
 from service.metrics import Metrics
 from service.sprite_controls import palette_from_text
 from service.weights.fetch import fetch_weights_from_env
+from service.weights.pinned import fetch_missing_weights
 from service.weights.policy import DownloadPolicy
 
 log = logging.getLogger("predict")
@@ -71,11 +79,10 @@ KEPT_OUTPUT_FOLDERS = 32  # coglet reads a prediction's files after run() return
 T = TypeVar("T")
 
 
-class Output(BaseModel):
-    images: list[Path]  # the full-size portraits, in seed order
-    sprites: list[Path] | None  # with return_sprites: each grid x grid sprite, same order
-    smooth: list[Path] | None  # deployments with PUNKS_UPSCALER=realesrgan: each raw generation upscaled smoothly
-    seeds: list[int]  # image i's seed
+def output_stem(index: int, seed: int) -> str:
+    """A portrait's file name without extension: its place and seed, so that the order can be restored from the
+    names whatever order the uploads finish in (its sprite and smooth files add -sprite and -smooth)."""
+    return f"out-{index}-seed{seed}"
 
 
 class Runner(BaseRunner):
@@ -87,6 +94,8 @@ class Runner(BaseRunner):
         settings = Settings()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, fetch_weights_from_env, settings.weights_dir)  # no-op without the variable
+        if settings.fetch_at_setup:  # cog.yaml: what weights/ lacks, from the pinned SD1.5 source and PUNKS_LORA_URL
+            await loop.run_in_executor(None, fetch_missing_weights, settings)
         log.info("setup: weights ready in %.1fs", time.perf_counter() - started)
         self._gpu_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="punks-gpu")
         self.engine = await loop.run_in_executor(self._gpu_thread, Engine.load, settings)  # WeightsError names files
@@ -114,24 +123,22 @@ class Runner(BaseRunner):
             max_length=500,
             regex=r"^\s*\S",
         ),
+        negative_prompt: str = Input(
+            default="",
+            max_length=500,
+            description="Things to keep out of the image, e.g. 'hat, glasses'. Added to the built-in negative prompt against blur, gradients and photo looks, which always stays.",
+        ),
+        num_outputs: int = Input(default=1, ge=1, le=4, description="Number of portraits."),
         seed: int | None = Input(
             default=None,
             ge=0,
             le=4294967295,
-            description="Random seed; leave empty for a random one. Image i (0-based) uses seed + i, so a seed gives the same image whatever num_outputs is. The seeds are printed in the logs.",
+            description="Random seed; leave empty for a random one. Image i (0-based) uses seed + i, so a seed gives the same image whatever num_outputs is. Each file name carries its seed (out-0-seed7.png).",
         ),
-        num_outputs: int = Input(default=1, ge=1, le=4, description="Number of portraits."),
-        steps: int | None = Input(
-            default=None, ge=1, le=100, description="Denoising steps; empty: the deployment's PUNKS_STEPS (25)."
-        ),
-        guidance: float | None = Input(
-            default=None,
-            ge=0.0,
-            le=20.0,
-            description="Classifier-free guidance scale; empty: the deployment's PUNKS_GUIDANCE (7.5).",
-        ),
-        scheduler: str | None = Input(
-            default=None,
+        num_inference_steps: int = Input(default=25, ge=1, le=100, description="Number of denoising steps."),
+        guidance_scale: float = Input(default=7.5, ge=0.0, le=20.0, description="Classifier-free guidance scale."),
+        scheduler: str = Input(
+            default="DPM++ 2M",
             choices=[
                 "Euler",
                 "Euler a",
@@ -146,29 +153,36 @@ class Runner(BaseRunner):
                 "LMS Karras",
                 "PNDM",
             ],
-            description="Sampler, by its AUTOMATIC1111 name; empty: the deployment's PUNKS_SCHEDULER (dpm++, which is DPM++ 2M).",
+            description="Sampler, by its AUTOMATIC1111 name.",
         ),
-        output_size: int | None = Input(
+        lora: str = Input(default="", description="A LoRA name from weights/loras (empty: the served default LoRA)."),
+        lora_weights: str = Input(
+            default="",
+            description="Or an SD1.5 kohya LoRA (.safetensors) to use instead: a URL (https://..., including huggingface.co/<owner>/<repo>/blob|resolve/<revision>/<file>), hf://<owner>/<repo>/<file> or <owner>/<repo>/<file> on Hugging Face, or a Replicate training's output .tar holding one .safetensors; optionally ending in #sha256=<hex>. Downloaded once and cached; a LoRA for SDXL/SD2 or with layers the model lacks fails the prediction. Not together with lora.",
+        ),
+        lora_scale: float = Input(
+            default=1.0, ge=0.0, le=2.0, description="How strongly the LoRA is applied (0: the base model alone)."
+        ),
+        hf_api_token: Secret | None = Input(
             default=None,
+            description="Hugging Face token, for a lora_weights file in a private or gated repository. Sent only to huggingface.co.",
+        ),
+        output_size: int = Input(
+            default=1024,
             ge=24,
             le=4096,
-            description="Side of each delivered image in px; empty: the deployment's PUNKS_OUTPUT_SIZE (1024). At 1024 the 24 cells are 42 or 43 px wide, unless integer_scale is set.",
+            description="Side of each delivered image in px. At 1024 the 24 cells are 42 or 43 px wide, unless integer_scale is set.",
         ),
-        integer_scale: bool | None = Input(
-            default=None,
-            description="Make every cell exactly floor(output_size / 24) px; the image is then a little smaller than output_size (1008 px for 1024). Empty: the deployment's PUNKS_INTEGER_SCALE (false).",
+        integer_scale: bool = Input(
+            default=False,
+            description="Make every cell exactly floor(output_size / 24) px; the image is then a little smaller than output_size (1008 px for 1024).",
         ),
         return_sprites: bool = Input(
             default=False,
-            description="Also return each 24x24 sprite (one pixel per cell), in `sprites`, in the same order as `images`.",
+            description="Also return each 24x24 sprite (one pixel per cell), named after its portrait: out-0-seed7-sprite.png.",
         ),
         output_format: str = Input(
             default="png", choices=["png", "webp"], description="Lossless PNG or lossless WebP."
-        ),
-        lora: str = Input(default="", description="A LoRA name from weights/loras (empty: the served default LoRA)."),
-        lora_url: str = Input(
-            default="",
-            description="Or the URL of an SD1.5 kohya LoRA (.safetensors): https://... or hf://owner/repo/path, optionally ending in #sha256=<hex>. Downloaded once and cached; a LoRA for SDXL/SD2 or with layers the model lacks fails the prediction. Not together with lora.",
         ),
         # pixel-art controls and variations
         palette: str = Input(
@@ -189,80 +203,48 @@ class Runner(BaseRunner):
             le=1.0,
             description="How far a variation may move from the image: the share of the steps run from it. Used only with image.",
         ),
-    ) -> Output:
+    ) -> list[Path]:
         """Up to 8 concurrent predictions are rendered in shared batches (service/batcher.py). A RequestError
         fails the prediction with a message free of server paths."""
         try:
-            return await self._run(
-                prompt,
-                seed,
-                num_outputs,
-                steps,
-                guidance,
-                scheduler,
-                output_size,
-                integer_scale,
-                return_sprites,
-                output_format,
-                lora,
-                lora_url,
-                palette,
-                background,
-                image,
-                strength,
+            request = GenerationRequest(
+                prompt=prompt,
+                negative_prompt=negative_prompt or None,
+                seed=_whole(seed),
+                num_outputs=_whole(num_outputs),
+                num_inference_steps=_whole(num_inference_steps),
+                guidance_scale=guidance_scale,
+                sampler=scheduler or None,
+                lora=lora or None,
+                lora_scale=lora_scale,
+                output_size=_whole(output_size),
+                integer_scale=integer_scale,
+                output_format=output_format,  # type: ignore[arg-type]  # schema: choices
+                return_sprites=return_sprites,
+                palette=palette_from_text(palette) if palette.strip() else None,
+                background=background,
+                image=await asyncio.to_thread(_read_image, image) if image is not None else None,
+                strength=strength if image is not None else None,
             )
+            token = hf_api_token.get_secret_value() if hf_api_token is not None else None
+            return await self._run(request, lora_weights, token or None)
         except RequestError as error:
             raise RequestError(error.field, error.public_reason) from None
 
-    async def _run(
-        self,
-        prompt: str,
-        seed: int | None,
-        num_outputs: int,
-        steps: int | None,
-        guidance: float | None,
-        scheduler: str | None,
-        output_size: int | None,
-        integer_scale: bool | None,
-        return_sprites: bool,
-        output_format: str,
-        lora: str,
-        lora_url: str,
-        palette: str,
-        background: str,
-        image: Path | None,
-        strength: float,
-    ) -> Output:
+    async def _run(self, request: GenerationRequest, lora_weights: str, token: str | None) -> list[Path]:
         # The schema rejects out-of-bounds values with a 422 before they get here; without it (or for what it
         # cannot say) GenerationRequest.check raises RequestError naming the field: a failed prediction.
-        if lora and lora_url:
-            raise RequestError("lora_url", "give either lora (a served name) or lora_url, not both")
-        request = GenerationRequest(
-            prompt=prompt,
-            seed=_whole(seed),
-            num_outputs=_whole(num_outputs),
-            steps=_whole(steps),
-            guidance=guidance,
-            sampler=scheduler or None,
-            lora=lora or None,
-            output_size=_whole(output_size),
-            integer_scale=integer_scale,
-            output_format=output_format,  # type: ignore[arg-type]  # schema: choices
-            return_sprites=return_sprites,
-            palette=palette_from_text(palette) if palette.strip() else None,
-            background=background,
-            image=await asyncio.to_thread(_read_image, image) if image is not None else None,
-            strength=strength if image is not None else None,
-        )
+        if request.lora and lora_weights:
+            raise RequestError("lora_weights", "give either lora (a served name) or lora_weights, not both")
         self.engine.check_request(request)
         started = time.perf_counter()
         # Held from download to result: the cache evicts no LoRA a queued or rendering request uses.
         held: contextlib.AbstractAsyncContextManager[CachedLora | None] = (
-            self.lora_cache.use(lora_url) if lora_url else contextlib.nullcontext()
+            self.lora_cache.use(lora_weights, token) if lora_weights else contextlib.nullcontext()
         )
         async with held as cached:
             if cached is not None:
-                print(f"lora_url: {cached.shown}: {cached.info.describe()}")
+                print(f"lora_weights: {cached.shown}: {cached.info.describe()}")
                 for note in self.engine.lora_warnings(cached.info):
                     print(f"warning: {note}")
                 request = dataclasses.replace(request, lora=cached.name)
@@ -271,8 +253,8 @@ class Runner(BaseRunner):
         print(f"rendered in a batch of {done.batch_images} image(s) after {done.queue_wait_s:.2f}s in the queue")
         for note in warnings(result, self.engine.is_smoke):
             print(f"warning: {note}")
-        for index, image in enumerate(result.images, start=1):
-            print(f"image {index}: {describe(image)}")
+        for index, image in enumerate(result.images):
+            print(f"out-{index}: {describe(image)}")
         encoded = await asyncio.to_thread(encode_images, result.images, request.output_format, request.return_sprites)
         folder = self._new_output_folder()
 
@@ -281,19 +263,19 @@ class Runner(BaseRunner):
             path.write_bytes(data)
             return Path(path)
 
-        output = Output(
-            images=[save(f"punk-{i}", item.image) for i, item in enumerate(encoded, start=1)],
-            sprites=[save(f"punk-{i}.sprite", item.sprite) for i, item in enumerate(encoded, start=1) if item.sprite]
-            or None,
-            smooth=[save(f"punk-{i}.smooth", item.smooth) for i, item in enumerate(encoded, start=1) if item.smooth]
-            or None,
-            seeds=[image.seed for image in result.images],
-        )
-        self.record_metric("seeds", output.seeds)
+        stems = [output_stem(index, item.seed) for index, item in enumerate(encoded)]
+        outputs = [save(stem, item.image) for stem, item in zip(stems, encoded, strict=True)]
+        outputs += [
+            save(f"{stem}-sprite", item.sprite) for stem, item in zip(stems, encoded, strict=True) if item.sprite
+        ]
+        outputs += [
+            save(f"{stem}-smooth", item.smooth) for stem, item in zip(stems, encoded, strict=True) if item.smooth
+        ]
+        self.record_metric("seeds", [image.seed for image in result.images])
         self.record_metric("pixel_art", [image.art.quality.is_pixel_art for image in result.images])
         self.record_metric("batch_images", done.batch_images)
         print(f"generated {len(result.images)} image(s), {result.steps} steps, in {time.perf_counter() - started:.1f}s")
-        return output
+        return outputs
 
     def _on_gpu_thread(self, call: Callable[..., T]) -> Callable[..., T]:
         """`call` run on the engine's GPU thread, between batches (Engine.add_lora says why); blocks the calling

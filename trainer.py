@@ -1,5 +1,5 @@
 """Cog trainings for Replicate (cog.yaml `train: "trainer.py:train"`): a .zip of pixel-art portraits in, the best
-epoch's kohya LoRA out, which the inference model's `lora_url` takes as it is. The same training as `punks train`
+epoch's kohya LoRA out, which the inference model's `lora_weights` takes as it is. The same training as `punks train`
 (service/training/run.py): the data is checked before the base model loads, the recipe that worked is the default
 (rank 32 / alpha 16, 10 epochs at 512 px) and every epoch is ranked by `lora evaluate`; progress (epoch, step, loss,
 time left) goes to the training's logs.
@@ -27,7 +27,7 @@ from service.weights.resolve import resolve_weights
 
 
 class TrainingOutput(BaseModel):
-    weights: Path  # the best epoch's .safetensors: pass its URL as lora_url
+    weights: Path  # the best epoch's .safetensors: pass its URL as lora_weights
     contact_sheet: Path  # every epoch's sprites on the fixed prompts, ranked
     ranking: Path  # ranking.md: the snapper's verdict and scores per epoch
     captions: Path  # captions.zip: the captions trained on, written ones included

@@ -7,14 +7,20 @@ Both servers run the same engine on the same weights (the full-size random SD1.5
 bench/bench.py builds), compiled as in production (PUNKS_COMPILE=true, one inductor cache shared by both, so the
 second server's compile reuses the first's). `clients` threads each send `rounds` one-image requests at once;
 reported: images/s, per-request wall time (p50/p95, as the client sees it), cold start (process start -> ready),
-and for Cog the batch sizes its predictions were rendered in.
+and for Cog the batch sizes its predictions were rendered in. Cog runs in upload mode, as on Replicate: each
+prediction's file (out-0-seed<s>.png) goes to a loopback file store (FileStore), which answers with its URL, so
+the Cog numbers include the upload the HTTP service does not make (it returns base64 in its JSON). Both send
+the same input names (num_inference_steps: Cog's schema default is 25 whatever PUNKS_STEPS says).
 """
 
 import argparse
+import http.server
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -74,6 +80,46 @@ def load(send: Callable[[int], dict], clients: int, rounds: int) -> dict:
     }
 
 
+class FileStore(http.server.ThreadingHTTPServer):
+    """Replicate's file store on loopback: PUT <url><name> is counted and answered with a URL of its own."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Upload)
+        self.uploads: list[str] = []  # the file names, in the order their uploads ended
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/upload/"
+
+
+class _Upload(http.server.BaseHTTPRequestHandler):
+    server: FileStore
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with self.server.lock:
+            self.server.uploads.append(self.path.rsplit("/", 1)[-1])
+            location = f"http://127.0.0.1:{self.server.server_address[1]}/files/{len(self.server.uploads)}"
+        self.send_response(201)
+        self.send_header("Location", location)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def cog_input(seed: int, steps: int) -> dict:
+    """One prediction's input, under the Cog model's names (the same names the HTTP service takes)."""
+    return {"prompt": PROMPT, "seed": seed, "num_inference_steps": steps}
+
+
+def is_one_uploaded_file(body: dict) -> bool:
+    """A one-image prediction's output as Replicate stores it: one uploaded file's URL (no data URL)."""
+    return len(body["output"]) == 1 and body["output"][0].startswith("http://")
+
+
 def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -84,9 +130,10 @@ def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
 def bench_cog(args: argparse.Namespace, env: dict[str, str]) -> dict:
     port = free_port()
     log = args.logs / "cog.log"
+    store = FileStore()
     started = time.perf_counter()
     server = start(
-        [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+        [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", "--upload-url", store.url],
         env | {"PORT": str(port), "COG_PREDICT_TYPE_STUB": "predict.py:Runner"},
         log,
     )
@@ -100,7 +147,7 @@ def bench_cog(args: argparse.Namespace, env: dict[str, str]) -> dict:
             it answers, so a client that sends its next prediction at once can find all 8 slots still taken."""
             for retries in range(100):  # noqa: B007 - read after the loop: how many 409s it took
                 try:
-                    body = call(f"{url}/predictions", {"input": {"prompt": PROMPT, "seed": seed}})
+                    body = call(f"{url}/predictions", {"input": cog_input(seed, args.steps)})
                     break
                 except urllib.error.HTTPError as error:
                     if error.code != 409:
@@ -108,20 +155,23 @@ def bench_cog(args: argparse.Namespace, env: dict[str, str]) -> dict:
                     time.sleep(0.01)
             else:
                 raise RuntimeError("prediction: still 409 (all slots taken) after 100 tries")
-            if body["status"] != "succeeded":
-                raise RuntimeError(f"prediction {body['status']}: {body.get('error')}")
+            if body["status"] != "succeeded" or not is_one_uploaded_file(body):
+                raise RuntimeError(f"prediction {body['status']}: {body.get('error') or body.get('output')}")
             return {"batch_images": body["metrics"]["batch_images"], "retries": retries}
 
         result = load(send, args.clients, args.rounds)
     finally:
         server.terminate()
         server.wait(timeout=60)
+        store.shutdown()
     answers = result.pop("answers")
     batches = [answer["batch_images"] for answer in answers]
     return result | {
         "cold_start_s": round(cold_start, 1),
         "mean_batch_images": round(sum(batches) / len(batches), 2),
         "retried_409": sum(answer["retries"] for answer in answers),
+        "uploads": len(store.uploads),  # one file per image, the warm-up's included
+        "uploads_named_by_index_and_seed": all(re.fullmatch(r"out-0-seed\d+\.png", n) for n in store.uploads),
     }
 
 
@@ -136,9 +186,7 @@ def bench_http(args: argparse.Namespace, env: dict[str, str]) -> dict:
     try:
         wait_until(lambda: urllib.request.urlopen(f"{url}/readyz", timeout=5).status == 200, server, log)
         cold_start = time.perf_counter() - started
-        result = load(
-            lambda seed: call(f"{url}/v1/generate", {"prompt": PROMPT, "seed": seed}), args.clients, args.rounds
-        )
+        result = load(lambda seed: call(f"{url}/v1/generate", cog_input(seed, args.steps)), args.clients, args.rounds)
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -43,7 +43,9 @@ def drift(engine, seeds: int, steps: int) -> dict:
     def render_all(mode: str) -> list:
         started = time.perf_counter()
         images = [
-            engine.generate(GenerationRequest(PROMPTS[seed % len(PROMPTS)], seed=seed, steps=steps)).images[0]
+            engine.generate(
+                GenerationRequest(PROMPTS[seed % len(PROMPTS)], seed=seed, num_inference_steps=steps)
+            ).images[0]
             for seed in range(seeds)
         ]
         seconds[mode] = round((time.perf_counter() - started) / seeds, 4)

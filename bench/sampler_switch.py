@@ -25,7 +25,7 @@ PROMPT = "lad with a red beanie, green background"
 def timed(engine: Engine, sampler: str, steps: int) -> float:
     torch.cuda.synchronize()
     started = time.perf_counter()
-    engine.generate(GenerationRequest(PROMPT, seed=5, steps=steps, sampler=sampler))
+    engine.generate(GenerationRequest(PROMPT, seed=5, num_inference_steps=steps, sampler=sampler))
     torch.cuda.synchronize()
     return time.perf_counter() - started
 

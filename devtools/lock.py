@@ -1,8 +1,10 @@
 """The pinned requirement files, generated from pyproject.toml with uv: `make lock` (python -m devtools.lock).
 
-requirements/gpu.txt   the GPU images: cog.yaml's build.python_requirements and the Dockerfile. Python 3.12,
-                       x86_64 Linux, torch 2.13.0 from PyPI (the CUDA 13.0 build), torchvision 0.28.0 (spandrel's,
-                       torch 2.13.0's pair). Self-contained on purpose: cog rejects `-r` includes of local files.
+requirements/gpu.txt   the Docker image (the HTTP service, Ray Serve). Python 3.12, x86_64 Linux, torch 2.13.0 from
+                       PyPI (the CUDA 13.0 build), torchvision 0.28.0 (spandrel's, torch 2.13.0's pair).
+requirements/cog.txt   the Cog image (cog.yaml's build.python_requirements): the same, less what only the HTTP
+                       service and Ray import (FastAPI, uvicorn, Ray). Self-contained on purpose: cog rejects `-r`
+                       includes of local files.
 requirements/cpu.txt   CPU development and CI (the Makefile): Python 3.11, the local CPU torch wheel (the folder in
                        PIP_FIND_LINKS, or --find-links), everything in it pinned and installed with pip --no-deps.
 requirements-upscale.txt  the upscale extra's own pins, for `pip install --no-deps -r requirements-upscale.txt` beside
@@ -50,6 +52,7 @@ class Target:
     local_wheels: bool = False  # resolve torch against the local CPU wheel instead of PyPI's CUDA build
     direct_only: bool = False  # only pyproject's own pins of the extras (no resolution), for pip --no-deps
     install: str = ""
+    same_versions_as: Path | None = None  # a file resolved before this one, whose versions it keeps
 
 
 def load_pyproject(path: Path = PYPROJECT) -> dict[str, Any]:
@@ -62,10 +65,19 @@ def targets(pyproject: dict[str, Any], root: Path = ROOT) -> list[Target]:
         Target(
             name="gpu",
             path=root / "requirements" / "gpu.txt",
-            what="the GPU images (cog.yaml build.python_requirements, Dockerfile): PyPI's torch, the CUDA 13.0 build",
+            what="the Docker image (Dockerfile): PyPI's torch, the CUDA 13.0 build",
             python=lock["gpu-python"],
             extras=tuple(lock["gpu-extras"]),
             install="pip install -r requirements/gpu.txt",
+        ),
+        Target(
+            name="cog",
+            path=root / "requirements" / "cog.txt",
+            what="the Cog image (cog.yaml build.python_requirements): CUDA torch, no HTTP service or Ray",
+            python=lock["gpu-python"],
+            extras=tuple(lock["cog-extras"]),
+            install="pip install -r requirements/cog.txt",
+            same_versions_as=root / "requirements" / "gpu.txt",  # the two GPU images run the same versions
         ),
         Target(
             name="cpu",
@@ -191,8 +203,9 @@ def compile_target(target: Target, pyproject: dict[str, Any], find_links: str | 
     target.path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         output = Path(tmp) / target.path.name
-        if target.path.is_file():  # the current pins are uv's preferences: no churn without a reason
-            shutil.copyfile(target.path, output)
+        preferences = target.same_versions_as or target.path
+        if preferences.is_file():  # the current pins are uv's preferences: no churn without a reason
+            shutil.copyfile(preferences, output)
         command = uv_command(target, output, find_links, upgrade)
         subprocess.run([uv_executable(), *command[1:]], cwd=ROOT, check=True)
         body = output.read_text()
@@ -252,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("PIP_FIND_LINKS"),
         help="folder of the local CPU torch wheel (default: $PIP_FIND_LINKS)",
     )
-    parser.add_argument("--only", choices=["gpu", "cpu", "upscale"], help="regenerate one file")
+    parser.add_argument("--only", choices=["gpu", "cog", "cpu", "upscale"], help="regenerate one file")
     args = parser.parse_args(argv)
     if not args.check:
         pyproject = load_pyproject()

@@ -54,8 +54,10 @@ def generate(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         seed=args.seed,
         num_outputs=args.num_outputs,
-        steps=args.steps,
-        guidance=args.guidance,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        lora_scale=args.lora_scale,
         sampler=args.sampler,
         upscaler=args.upscaler,
         output_size=args.output_size,
@@ -123,9 +125,17 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", help='e.g. "lad with a red beanie, green background"')
     gen.add_argument("--seed", type=int, help="random when omitted; printed and saved in the JSON")
     gen.add_argument("--num-outputs", type=int, default=1, help=f"1-{config.MAX_IMAGES}")
-    gen.add_argument("--steps", type=int, help=f"{config.MIN_STEPS}-{config.MAX_STEPS} (default PUNKS_STEPS)")
     gen.add_argument(
-        "--guidance", type=float, help=f"{config.MIN_GUIDANCE}-{config.MAX_GUIDANCE} (default PUNKS_GUIDANCE)"
+        "--num-inference-steps", type=int, help=f"{config.MIN_STEPS}-{config.MAX_STEPS} (default PUNKS_STEPS)"
+    )
+    gen.add_argument(
+        "--guidance-scale", type=float, help=f"{config.MIN_GUIDANCE}-{config.MAX_GUIDANCE} (default PUNKS_GUIDANCE)"
+    )
+    gen.add_argument("--negative-prompt", help="words added to the fixed negative prompt (never replacing it)")
+    gen.add_argument(
+        "--lora-scale",
+        type=float,
+        help=f"{config.MIN_LORA_SCALE}-{config.MAX_LORA_SCALE}: strength of the LoRA (default PUNKS_LORA_SCALE)",
     )
     gen.add_argument(
         "--sampler",

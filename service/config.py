@@ -1,5 +1,5 @@
 """Settings, grouped by concern: one class per group below (model and weights, generation defaults, acceleration,
-batching, Cog's lora_url, the download policy, `weights download`, the HTTP service, Ray Serve), and `Settings`, all
+batching, Cog's lora_weights, the download policy, `weights download`, the HTTP service, Ray Serve), and `Settings`, all
 of them in one object for every surface. Each field is an environment variable prefixed PUNKS_ (for example
 PUNKS_WEIGHTS_DIR, PUNKS_LORA_SCALE), whichever group it is in; the defaults below are the documented ones
 (docs/configuration.md is generated from these classes: `python -m devtools.config_doc`)."""
@@ -179,45 +179,45 @@ class AccelerationSettings(_Group):
 
 
 class LoraUrlSettings(_Group):
-    """Cog's lora_url: LoRAs a caller names by URL, downloaded once into a bounded cache."""
+    """Cog's lora_weights: LoRAs a caller names by URL, downloaded once into a bounded cache."""
 
     lora_url_cache_size: int = Field(
         0,
         ge=0,
-        description="Cog's `lora_url` input: how many downloaded LoRA files are kept (least recently used go "
-        "first). 0: lora_url is refused. Above 0 the engine keeps a CPU copy of the base weights for switching "
+        description="Cog's `lora_weights` input: how many downloaded LoRA files are kept (least recently used go "
+        "first). 0: lora_weights is refused. Above 0 the engine keeps a CPU copy of the base weights for switching "
         "(service/lora/switch.py), which torch.compile does not support yet.",
     )
     lora_url_cache_dir: Path = Field(
-        Path(".cache/loras"), description="Where the `lora_url` downloads are kept (emptied of them at start)."
+        Path(".cache/loras"), description="Where the `lora_weights` downloads are kept (emptied of them at start)."
     )
 
 
 class DownloadSettings(_Group):
     """Download policy (service/weights/policy.py) of every URL the service fetches: these bound a caller's
-    `lora_url`; the operator's own URLs (PUNKS_WEIGHTS_URLS, `weights download`) keep the timeouts and the rate
+    `lora_weights`; the operator's own URLs (PUNKS_WEIGHTS_URLS, `weights download`) keep the timeouts and the rate
     floor but may use http, reach internal hosts and be up to 16 GiB."""
 
-    download_allow_http: bool = Field(False, description="Let `lora_url` use plain http:// (https only when off).")
+    download_allow_http: bool = Field(False, description="Let `lora_weights` use plain http:// (https only when off).")
     download_allowed_networks: tuple[str, ...] = Field(
         (),
-        description="Networks (CIDR, as a JSON list: '[\"10.8.0.0/16\"]') a `lora_url` may reach although they are "
+        description="Networks (CIDR, as a JSON list: '[\"10.8.0.0/16\"]') a `lora_weights` may reach although they are "
         "not public, e.g. an internal mirror. Loopback, private, link-local, CGNAT, multicast and reserved "
         "addresses are refused otherwise, on every redirect.",
     )
     download_max_bytes: int = Field(
-        256 * 1024 * 1024, ge=1, description="Largest `lora_url` file (an SD1.5 LoRA of rank 32 is ~40 MB)."
+        256 * 1024 * 1024, ge=1, description="Largest `lora_weights` file (an SD1.5 LoRA of rank 32 is ~40 MB)."
     )
     download_connect_timeout_s: float = Field(10.0, gt=0, description="Connecting to a download's host.")
     download_stall_timeout_s: float = Field(
         10.0, gt=0, description="Longest wait for a download's next bytes; also how soon a cancelled one stops."
     )
-    download_deadline_s: float = Field(120.0, gt=0, description="Whole `lora_url` download, redirects included.")
+    download_deadline_s: float = Field(120.0, gt=0, description="Whole `lora_weights` download, redirects included.")
     download_min_bytes_per_s: int = Field(
         64 * 1024, ge=0, description="Slowest average rate a download may keep once the stall timeout has passed."
     )
     download_workers: int = Field(
-        4, ge=1, le=64, description="`lora_url` downloads at once (their own threads); more wait for a free one."
+        4, ge=1, le=64, description="`lora_weights` downloads at once (their own threads); more wait for a free one."
     )
 
     @field_validator("download_allowed_networks")
@@ -246,6 +246,16 @@ class WeightsDownloadSettings(_Group):
     realesrgan_url: str = Field(
         "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.1/RealESRGAN_x2plus.pth",
         description="Where `weights download --realesrgan` gets the upscaler (same forms as lora_url).",
+    )
+    fetch_at_setup: bool = Field(
+        False,
+        description="Cog's setup: download what weights_dir lacks before loading: SD1.5 from its pinned source "
+        "(service/weights/pinned.py; sha256-checked, resumable) and the LoRA from PUNKS_LORA_URL. cog.yaml sets it.",
+    )
+    base_model_mirror: str | None = Field(
+        None,
+        description="With fetch_at_setup: an https:// folder holding SD1.5's pinned files in the diffusers layout "
+        "(model_index.json, unet/..., same sha256) to fetch instead of the Hugging Face Hub at the pinned revision.",
     )
 
 

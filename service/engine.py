@@ -31,7 +31,7 @@ from service.loading import OneDeviceImg2ImgPipeline, load_base_pipeline, set_sc
 from service.lora.inspect import LoraInfo
 from service.lora.registry import LoraRegistry
 from service.pixelart import PixelArt
-from service.prompts import NEGATIVE_PROMPT, PromptTokens, chunk_input_ids, tokenize_negative, tokenize_prompt
+from service.prompts import PromptTokens, chunk_input_ids, tokenize_negative, tokenize_prompt
 from service.requests import GenerationRequest, request_sizes
 from service.snap_processes import Snapper
 from service.sprite_controls import palette_colours
@@ -73,11 +73,13 @@ class _Job:
 
     request_index: int
     tokens: PromptTokens
+    negative: PromptTokens  # the fixed negative prompt, plus the request's own words
     seeds: tuple[int, ...]
     steps: int
     guidance: float
     sampler: str  # a name of samplers.SAMPLERS
     lora: str | None
+    lora_scale: float
     upscaler: str
     output_size: int
     integer_scale: bool
@@ -89,9 +91,14 @@ class _Job:
     strength: float | None = None
 
     @property
+    def chunks(self) -> int:
+        """CLIP chunks of this job's prompt and negative prompt, which are encoded side by side."""
+        return max(self.tokens.chunk_count, self.negative.chunk_count)
+
+    @property
     def batch_key(self) -> tuple:
         variation = (self.strength is not None, self.strength or 0.0)  # sortable: None is no number
-        return (self.steps, self.guidance, self.sampler, self.tokens.chunk_count, variation)
+        return (self.steps, self.guidance, self.sampler, self.chunks, variation)
 
     @property
     def denoising_steps(self) -> int:
@@ -100,8 +107,8 @@ class _Job:
 
     @property
     def group_key(self) -> tuple:
-        """Jobs sharing it share a pipeline call: same LoRA fused, same settings."""
-        return (self.lora or "", *self.batch_key)
+        """Jobs sharing it share a pipeline call: same LoRA fused at the same scale, same settings."""
+        return (self.lora or "", self.lora_scale, *self.batch_key)
 
 
 @dataclass
@@ -134,6 +141,7 @@ class Engine:
         self.device = torch.device(settings.torch_device)
         self._text_encoder = text_encoder or (lambda ids: pipe.text_encoder(ids)[0])
         self._negative_embeddings: dict[tuple, torch.Tensor] = {}
+        self._fixed_negative = tokenize_negative(pipe.tokenizer)
         self.snapper = Snapper(settings.grid, settings.max_colors, settings.snap_process_count)
 
     @classmethod
@@ -199,7 +207,7 @@ class Engine:
         return self.loras.warnings(info)
 
     def add_lora(self, name: str, path: Path) -> LoraInfo:
-        """Make the LoRA file at `path` renderable as `name` at run time (Cog's lora_url), after the guard start-up
+        """Make the LoRA file at `path` renderable as `name` at run time (Cog's lora_weights), after the guard start-up
         runs on every LoRA (family, rank, keys, shapes, finite values): LoraError with the guard's message when it
         does not fit. The name stays private: not in lora_names, and check_request refuses it, so only the
         request the surface rewrote after its own check (predict.py) renders with it.
@@ -221,7 +229,9 @@ class Engine:
         started = time.perf_counter()
         sizes = self.settings.batch_buckets if self.settings.compile else (1,)
         for size in sizes:
-            warm_ups = [GenerationRequest("warm-up", seed=0, num_outputs=n, steps=2) for n in request_sizes(size)]
+            warm_ups = [
+                GenerationRequest("warm-up", seed=0, num_outputs=n, num_inference_steps=2) for n in request_sizes(size)
+            ]
             jobs = [self._resolve(i, request, self.check_request(request)) for i, request in enumerate(warm_ups)]
             self._run_pipeline(jobs, None, 0, 2)
         if self.upscaler is not None:
@@ -241,13 +251,15 @@ class Engine:
     def _check(self, request: GenerationRequest, private_loras: bool) -> PromptTokens:
         request.check()
         self.loras.file(request.lora, private_loras)
+        if request.lora_scale is not None:
+            self.loras.check_scale(request.lora_scale)
         if request.upscaler == "realesrgan" and self.upscaler is None:
             raise RequestError("upscaler", "realesrgan is not enabled on this server (PUNKS_UPSCALER=realesrgan)")
         tokens = tokenize_prompt(self.pipe.tokenizer, request.prompt)
         if tokens.dropped_words == " ".join(request.prompt.split()):  # nothing of the user's words would be drawn
             raise RequestError("prompt", "none of its words fits CLIP's 225-token budget; use fewer or shorter words")
         if request.image is not None:
-            steps = request.steps if request.steps is not None else self.settings.steps
+            steps = request.num_inference_steps if request.num_inference_steps is not None else self.settings.steps
             strength = request.strength if request.strength is not None else config.DEFAULT_STRENGTH
             if int(steps * strength) < 1:
                 raise RequestError(
@@ -289,10 +301,10 @@ class Engine:
         timings = {"pipeline_s": 0.0}  # shared by the batch's requests: they waited for the same calls
         total_steps = sum(job.denoising_steps for job in {job.group_key: job for job in jobs}.values())
         done_steps = 0
-        active_first = lambda j: (self.loras.file(j.lora, private=True) != self.loras.active, j.group_key)  # noqa: E731
+        active_first = lambda j: (not self.loras.is_active(j.lora, j.lora_scale), j.group_key)  # noqa: E731
         for _, grouped in groupby(sorted(jobs, key=active_first), key=lambda j: j.group_key):
             group = list(grouped)
-            if switched := self.loras.use(group[0].lora):
+            if switched := self.loras.use(group[0].lora, group[0].lora_scale):
                 timings["lora_switch_s"] = timings.get("lora_switch_s", 0.0) + switched
             started = time.perf_counter()
             raws = iter(self._run_pipeline(group, progress, done_steps, total_steps))
@@ -329,7 +341,7 @@ class Engine:
         timings = rendered.timings | {"postprocess_s": time.perf_counter() - started}
         return GenerationResult(
             prompt=job.tokens.text,
-            negative_prompt=NEGATIVE_PROMPT,
+            negative_prompt=job.negative.text,
             dropped_words=job.tokens.dropped_words,
             steps=job.steps,
             guidance=job.guidance,
@@ -345,11 +357,13 @@ class Engine:
         return _Job(
             request_index=index,
             tokens=tokens,
+            negative=tokenize_negative(self.pipe.tokenizer, request.negative_prompt),
             seeds=tuple((first_seed + offset) % (config.MAX_SEED + 1) for offset in range(request.num_outputs)),
-            steps=request.steps if request.steps is not None else self.settings.steps,
-            guidance=request.guidance if request.guidance is not None else self.settings.guidance,
+            steps=request.num_inference_steps if request.num_inference_steps is not None else self.settings.steps,
+            guidance=request.guidance_scale if request.guidance_scale is not None else self.settings.guidance,
             sampler=self.sampler_of(request),
             lora=request.lora,
+            lora_scale=request.lora_scale if request.lora_scale is not None else self.settings.lora_scale,
             upscaler=request.upscaler or self.settings.upscaler,
             output_size=request.output_size if request.output_size is not None else self.settings.output_size,
             integer_scale=request.integer_scale if request.integer_scale is not None else self.settings.integer_scale,
@@ -370,27 +384,32 @@ class Engine:
         hidden = self._text_encoder(torch.tensor(ids, device=self.device))
         return hidden.reshape(len(token_rows), -1, hidden.shape[-1])
 
-    def _negative(self, chunks: int) -> torch.Tensor:
-        """The fixed negative prompt never changes: encode it once per chunk count."""
-        key = (self.loras.active, chunks)  # the text encoder changes with the fused LoRA
+    def _negative(self, rows: list[PromptTokens], chunks: int) -> torch.Tensor:
+        """The negative prompt of each row. The fixed one alone never changes: it is encoded once per chunk count
+        (and fused LoRA); a request's own negative words are encoded with its batch."""
+        if any(row.token_ids != self._fixed_negative.token_ids for row in rows):
+            return self._encode([row.token_ids for row in rows], chunks)
+        key = (self.loras.active, self.loras.active_scale, chunks)  # the text encoder changes with the fused LoRA
         if key not in self._negative_embeddings:
-            self._negative_embeddings[key] = self._encode([tokenize_negative(self.pipe.tokenizer).token_ids], chunks)
-        return self._negative_embeddings[key]
+            self._negative_embeddings[key] = self._encode([self._fixed_negative.token_ids], chunks)
+        return self._negative_embeddings[key].expand(len(rows), -1, -1)
 
     def _run_pipeline(self, group: list[_Job], progress: Progress | None, done: int, total: int) -> list[Image.Image]:
         steps, guidance, sampler, chunks, _ = group[0].batch_key
         strength = group[0].strength
         token_rows = [job.tokens.token_ids for job in group for _ in job.seeds]
+        negative_rows = [job.negative for job in group for _ in job.seeds]
         seeds = [seed for job in group for seed in job.seeds]
         starts = [job.image for job in group for _ in job.seeds]  # variations: the pictures they start from
         wanted = len(seeds)
         if self.settings.compile:  # pad to a compiled batch size; the extra rows are dropped below
             padding = bucket_size(wanted, self.settings.batch_buckets) - wanted
             token_rows += token_rows[-1:] * padding
+            negative_rows += negative_rows[-1:] * padding
             seeds += [0] * padding
             starts += starts[-1:] * padding
         prompt_embeds = self._encode(token_rows, chunks)
-        negative_embeds = self._negative(chunks).expand(len(seeds), -1, -1)
+        negative_embeds = self._negative(negative_rows, chunks)
 
         def on_step_end(pipe, step: int, timestep, tensors: dict) -> dict:
             if progress is not None:

@@ -58,9 +58,16 @@ def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, description: str) -> Pro
     return PromptTokens(text=text, token_ids=tuple(_ids(tokenizer, text)), dropped_words=" ".join(words[kept:]))
 
 
-def tokenize_negative(tokenizer: PreTrainedTokenizerBase) -> PromptTokens:
-    ids = _ids(tokenizer, NEGATIVE_PROMPT)[:CHUNK_TOKENS]
-    return PromptTokens(text=NEGATIVE_PROMPT, token_ids=tuple(ids), dropped_words="")
+def tokenize_negative(tokenizer: PreTrainedTokenizerBase, extra: str | None = None) -> PromptTokens:
+    """The fixed negative prompt (against the known failures), followed by the caller's own words if any: they add
+    to it, never replace it. Words beyond MAX_CHUNKS chunks are cut from the caller's end."""
+    fixed = _ids(tokenizer, NEGATIVE_PROMPT)[:CHUNK_TOKENS]
+    words = " ".join((extra or "").split())
+    if not words:
+        return PromptTokens(text=NEGATIVE_PROMPT, token_ids=tuple(fixed), dropped_words="")
+    text = f"{NEGATIVE_PROMPT}, {words}"
+    ids = _ids(tokenizer, text)[: MAX_CHUNKS * CHUNK_TOKENS]
+    return PromptTokens(text=text, token_ids=tuple(ids), dropped_words="")
 
 
 def chunk_input_ids(tokenizer: PreTrainedTokenizerBase, token_ids: tuple[int, ...], chunks: int) -> list[list[int]]:

@@ -22,10 +22,12 @@ class GenerationRequest:
     prompt: str
     seed: int | None = None  # None: random; image i uses seed + i
     num_outputs: int = 1
-    steps: int | None = None
-    guidance: float | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None  # added to the fixed negative prompt (service/prompts.py), never replacing it
     sampler: str | None = None  # an A1111 name or alias (service/samplers.py); None: PUNKS_SCHEDULER's
     lora: str | None = None  # a name from Engine.lora_names (a LoRA in loras_dir); None: the default LoRA
+    lora_scale: float | None = None  # strength the LoRA is fused at; None: PUNKS_LORA_SCALE
     upscaler: config.UpscalerName | None = None  # "realesrgan": also GeneratedImage.smooth
     output_size: int | None = None  # side of the delivered image
     integer_scale: bool | None = None  # cells of exactly floor(output_size / grid) px
@@ -48,10 +50,14 @@ class GenerationRequest:
         if self.seed is not None:
             _check_number("seed", self.seed, 0, config.MAX_SEED, whole=True)
         _check_number("num_outputs", self.num_outputs, 1, config.MAX_IMAGES, whole=True)
-        if self.steps is not None:
-            _check_number("steps", self.steps, config.MIN_STEPS, config.MAX_STEPS, whole=True)
-        if self.guidance is not None:
-            _check_number("guidance", self.guidance, config.MIN_GUIDANCE, config.MAX_GUIDANCE)
+        if self.num_inference_steps is not None:
+            _check_number(
+                "num_inference_steps", self.num_inference_steps, config.MIN_STEPS, config.MAX_STEPS, whole=True
+            )
+        if self.guidance_scale is not None:
+            _check_number("guidance_scale", self.guidance_scale, config.MIN_GUIDANCE, config.MAX_GUIDANCE)
+        if self.negative_prompt is not None:
+            _check_text("negative_prompt", self.negative_prompt, config.MAX_PROMPT_CHARS)
         if self.sampler is not None:
             samplers.lookup(self.sampler)
         if self.output_size is not None:
@@ -60,6 +66,8 @@ class GenerationRequest:
             _check_text("lora", self.lora, 200)
             if not self.lora.strip():
                 raise RequestError("lora", "must be a LoRA name (a file stem in the LoRA folder)")
+        if self.lora_scale is not None:
+            _check_number("lora_scale", self.lora_scale, config.MIN_LORA_SCALE, config.MAX_LORA_SCALE)
         _check_choice("upscaler", self.upscaler, config.UPSCALERS, optional=True)
         _check_choice("output_format", self.output_format, config.OUTPUT_FORMATS)
         if self.integer_scale is not None:

@@ -135,7 +135,7 @@ class SpyEngine:
             if any("boom" in request.prompt for request in requests):
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
             if self.cap:
-                requests = [dataclasses.replace(r, num_outputs=1, steps=1) for r in requests]
+                requests = [dataclasses.replace(r, num_outputs=1, num_inference_steps=1) for r in requests]
             return self.engine.render(requests, progress)
         finally:
             self.finished += 1

@@ -156,23 +156,26 @@ BAD_BODIES = [
     ({"prompt": "lad", "num_outputs": 0}, "num_outputs"),
     ({"prompt": "lad", "num_outputs": config.MAX_IMAGES + 1}, "num_outputs"),
     ({"prompt": "lad", "num_outputs": "2"}, "num_outputs"),
-    ({"prompt": "lad", "steps": config.MIN_STEPS - 1}, "steps"),
-    ({"prompt": "lad", "steps": config.MAX_STEPS + 1}, "steps"),
-    ({"prompt": "lad", "steps": 2.5}, "steps"),
-    ({"prompt": "lad", "guidance": config.MIN_GUIDANCE - 0.1}, "guidance"),
-    ({"prompt": "lad", "guidance": config.MAX_GUIDANCE + 0.1}, "guidance"),
-    ({"prompt": "lad", "guidance": "7.5"}, "guidance"),
+    ({"prompt": "lad", "num_inference_steps": config.MIN_STEPS - 1}, "num_inference_steps"),
+    ({"prompt": "lad", "num_inference_steps": config.MAX_STEPS + 1}, "num_inference_steps"),
+    ({"prompt": "lad", "num_inference_steps": 2.5}, "num_inference_steps"),
+    ({"prompt": "lad", "guidance_scale": config.MIN_GUIDANCE - 0.1}, "guidance_scale"),
+    ({"prompt": "lad", "guidance_scale": config.MAX_GUIDANCE + 0.1}, "guidance_scale"),
+    ({"prompt": "lad", "guidance_scale": "7.5"}, "guidance_scale"),
     ({"prompt": "lad", "output_format": "gif"}, "output_format"),
     ({"prompt": "lad", "output_format": 1}, "output_format"),
     ({"prompt": "lad", "return_sprites": "yes"}, "return_sprites"),
     ({"prompt": "lad", "return_sprites": 1}, "return_sprites"),
-    ({"prompt": "lad", "lora_scale": 0.8}, "lora_scale"),
+    ({"prompt": "lad", "lora_scale": 0.8}, "lora_scale"),  # this server fuses its LoRA once, at 1.0
+    ({"prompt": "lad", "lora_scale": 2.5}, "lora_scale"),
     ({"prompt": "lad", "lora": "no-such-lora"}, "lora"),  # checked against the engine's allow-list
     ({"prompt": "lad", "lora": "../bespoke_punks"}, "lora"),
     ({"prompt": "lad", "lora": 3}, "lora"),
     ({"prompt": "lad", "upscaler": "bicubic"}, "upscaler"),
     ({"prompt": "lad", "upscaler": "realesrgan"}, "upscaler"),  # not enabled on this server
-    ({"prompt": "lad", "negative_prompt": "blur"}, "negative_prompt"),
+    ({"prompt": "lad", "negative_prompt": "x" * (config.MAX_PROMPT_CHARS + 1)}, "negative_prompt"),
+    ({"prompt": "lad", "negative_prompt": 3}, "negative_prompt"),
+    ({"prompt": "lad", "steps": 2}, "steps"),  # renamed num_inference_steps: no alias
 ]
 
 
@@ -225,7 +228,9 @@ def test_health_and_docs(deployed: str):
     assert httpx.get(f"{deployed}/readyz").json() == {"status": "ready", "smoke_model": True}
     schema = httpx.get(f"{deployed}/openapi.json").json()
     assert {"/v1/generate", "/healthz", "/readyz", "/metrics"} <= set(schema["paths"])
-    assert "lora_scale" not in schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    fields = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert {"num_inference_steps", "guidance_scale", "negative_prompt", "lora_scale"} <= set(fields)
+    assert not {"steps", "guidance"} & set(fields)
     assert httpx.get(f"{deployed}/docs").status_code == 200
 
 

@@ -59,8 +59,8 @@ def test_bad_input_gives_a_message_and_nonzero_exit(smoke_env, tmp_path):
     env = smoke_env | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     empty = run_cli(["generate", "  "], env, tmp_path)
     assert empty.returncode == 2 and "prompt: must not be empty" in empty.stderr
-    steps = run_cli(["generate", "lad", "--steps", "500"], env, tmp_path)
-    assert steps.returncode == 2 and "steps: must be between" in steps.stderr
+    steps = run_cli(["generate", "lad", "--num-inference-steps", "500"], env, tmp_path)
+    assert steps.returncode == 2 and "num_inference_steps: must be between" in steps.stderr
     sampler = run_cli(["generate", "lad", "--sampler", "DPM fast"], env, tmp_path)
     assert sampler.returncode == 2 and "sampler: unknown sampler 'DPM fast'; accepted: Euler, Euler a" in sampler.stderr
     not_a_number = run_cli(["generate", "lad", "--seed", "abc"], env, tmp_path)

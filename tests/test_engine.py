@@ -86,7 +86,7 @@ def test_raw_images_are_the_bytes_of_diffusers_own_pil_output(engine, monkeypatc
         return output
 
     monkeypatch.setattr(pipeline_class, "__call__", also_pil)
-    (rendered,) = engine.render([GenerationRequest(PROMPT, seed=31, num_outputs=2, steps=2)])
+    (rendered,) = engine.render([GenerationRequest(PROMPT, seed=31, num_outputs=2, num_inference_steps=2)])
     assert len(pil_images) == len(rendered.raws) == 2
     for ours, diffusers_own in zip(rendered.raws, pil_images, strict=True):
         assert ours.mode == diffusers_own.mode == "RGB"
@@ -117,7 +117,7 @@ def finish_during_a_render(engine, rendered):
         if not finished:
             finished.append(engine.finish(rendered))
 
-    engine.render([GenerationRequest(PROMPT, seed=1, steps=2)], progress)
+    engine.render([GenerationRequest(PROMPT, seed=1, num_inference_steps=2)], progress)
     return finished[0]
 
 
@@ -226,3 +226,34 @@ def test_output_size_and_integer_scale_are_request_fields(engine):
     assert default.art.image.size == (1024, 1024) and small.art.image.size == (100, 100)
     assert whole_cells.art.image.size == (96, 96)  # 4 px cells
     assert np.array_equal(pixels(small.art.sprite), pixels(default.art.sprite))  # only the delivery differs
+
+
+def test_negative_prompt_adds_to_the_fixed_one_and_changes_the_image(engine):
+    from service.prompts import NEGATIVE_PROMPT
+
+    plain, extra = engine.generate_batch(
+        [
+            GenerationRequest(PROMPT, seed=3, guidance_scale=20),  # strong guidance: the smoke model's text matters
+            GenerationRequest(PROMPT, seed=3, guidance_scale=20, negative_prompt="  hat,   glasses "),
+        ]
+    )
+    assert plain.negative_prompt == NEGATIVE_PROMPT
+    assert extra.negative_prompt == f"{NEGATIVE_PROMPT}, hat, glasses"  # added, never replacing it
+    assert np.abs(pixels(plain.images[0].raw) - pixels(extra.images[0].raw)).max() > 10
+    (alone,) = engine.generate_batch(
+        [GenerationRequest(PROMPT, seed=3, guidance_scale=20, negative_prompt="hat, glasses")]
+    )
+    assert np.abs(pixels(alone.images[0].raw) - pixels(extra.images[0].raw)).max() <= 2  # batched GEMMs
+
+
+def test_num_inference_steps_and_guidance_scale_change_the_image(engine):
+    base, fewer, weaker = engine.generate_batch(
+        [
+            GenerationRequest(PROMPT, seed=4, num_inference_steps=2, guidance_scale=7.5),
+            GenerationRequest(PROMPT, seed=4, num_inference_steps=1, guidance_scale=7.5),
+            GenerationRequest(PROMPT, seed=4, num_inference_steps=2, guidance_scale=1.0),
+        ]
+    )
+    assert (fewer.steps, weaker.guidance) == (1, 1.0)
+    for other in (fewer, weaker):
+        assert np.abs(pixels(base.images[0].raw) - pixels(other.images[0].raw)).max() > 10

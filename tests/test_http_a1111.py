@@ -48,7 +48,9 @@ def test_batch_and_iterations_multiply(live: str):
 
 def test_width_1024_gives_the_same_png_bytes_as_v1_generate(live: str):
     result = client(live).txt2img(prompt=PROMPT, seed=3, steps=1, cfg_scale=7.0, width=1024, height=1024)
-    native = post(live, {"prompt": PROMPT, "seed": 3, "steps": 1, "guidance": 7.0, "output_size": 1024})
+    native = post(
+        live, {"prompt": PROMPT, "seed": 3, "num_inference_steps": 1, "guidance_scale": 7.0, "output_size": 1024}
+    )
     assert result.json["images"][0] == native.json()["images"][0]["image"]
 
 
@@ -71,7 +73,7 @@ def test_listings_clients_read_at_start(live: str):
         ({"sampler_name": "", "sampler_index": "DPM2 a"}, "sampler_index"),
         ({"sampler_name": "Euler a", "scheduler": "karras"}, "scheduler"),  # no Karras variant served
         ({"scheduler": "exponential"}, "scheduler"),
-        ({"negative_prompt": "blurry"}, "negative_prompt"),
+        ({"negative_prompt": "x" * 501}, "negative_prompt"),
         ({"batch_size": 3, "n_iter": 2}, "n_iter"),
         ({"batch_size": 5}, "batch_size"),
         ({"width": 512, "height": 768}, "height"),
@@ -107,8 +109,8 @@ def test_webuiapis_default_call_returns_images_with_its_default_sampler(live: st
         {
             "prompt": "punk with a beanie",
             "seed": 11,
-            "steps": 2,
-            "guidance": 7,
+            "num_inference_steps": 2,
+            "guidance_scale": 7,
             "sampler": "Euler a",
             "output_size": 512,
         },
@@ -207,3 +209,13 @@ def test_full_queue_is_429(smoke_settings: Settings, fast_engine: Engine):
 def test_png_images_decode(live: str):
     result = client(live).txt2img(prompt=PROMPT, seed=5)
     assert base64.b64decode(result.json["images"][0])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_negative_prompt_is_added_to_the_fixed_one(live: str):
+    from service.prompts import NEGATIVE_PROMPT
+
+    plain = client(live).txt2img(prompt=PROMPT, seed=5, steps=1, cfg_scale=20)
+    extra = client(live).txt2img(prompt=PROMPT, seed=5, steps=1, cfg_scale=20, negative_prompt="hat, glasses")
+    assert extra.info["negative_prompt"] == f"{NEGATIVE_PROMPT}, hat, glasses"
+    assert f"Negative prompt: {NEGATIVE_PROMPT}, hat, glasses" in extra.info["infotexts"][0]
+    assert plain.json["images"][0] != extra.json["images"][0]

@@ -144,6 +144,6 @@ def test_an_image_body_may_be_larger_than_a_text_body(server: str):
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8))
     data = png_bytes(noise)
     assert len(data) > Settings().max_body_bytes
-    answer = post(server, {"prompt": PROMPT, "image": b64(data), "strength": 0.5, "steps": STEPS})
+    answer = post(server, {"prompt": PROMPT, "image": b64(data), "strength": 0.5, "num_inference_steps": STEPS})
     assert answer.status_code == 200, answer.text
     assert json.loads(answer.text)["images"][0]["background_cells"] is None

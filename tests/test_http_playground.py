@@ -85,7 +85,7 @@ def test_page_and_assets_are_served_without_a_token(guarded: str):
     config = httpx.get(f"{guarded}/playground/config.json").json()
     assert config["prompt_prefix"] == PROMPT_PREFIX and config["prompt_suffix"] == PROMPT_SUFFIX
     assert config["token_required"] is True and config["upscaler_enabled"] is False
-    assert config["defaults"]["steps"] == 1  # the server's own setting (tests/live_server.py FAST)
+    assert config["defaults"]["num_inference_steps"] == 1  # the server's own setting (tests/live_server.py FAST)
     assert "/" not in httpx.get(f"{guarded}/openapi.json").json()["paths"]  # not part of the API
     assert httpx.get(f"{guarded}/v1/loras").status_code == 401  # the API itself stays guarded
 
@@ -95,8 +95,8 @@ def test_generate_from_the_page(live: str, browser, tmp_path: Path):
     # The trigger words are shown around the field, not typed; bounds and defaults are the schema's and server's.
     assert page.inner_text("#prompt-prefix") == PROMPT_PREFIX.strip()
     assert page.inner_text("#prompt-suffix") in PROMPT_SUFFIX
-    assert page.get_attribute("#steps", "max") == str(MAX_STEPS)
-    assert page.input_value("#steps") == "1" and page.input_value("#num_outputs") == "1"
+    assert page.get_attribute("#num_inference_steps", "max") == str(MAX_STEPS)
+    assert page.input_value("#num_inference_steps") == "1" and page.input_value("#num_outputs") == "1"
     assert page.input_value("#seed") == ""  # random
     page.wait_for_function("document.querySelectorAll('#lora option').length > 0")
     options = page.eval_on_selector_all("#sampler option", "options => options.map(o => o.value)")
@@ -148,20 +148,22 @@ def test_generate_from_the_page(live: str, browser, tmp_path: Path):
 def test_field_errors_are_shown_next_to_the_field(live: str, browser):
     page, errors = open_page(browser, live)
     page.fill("#prompt", "punk with a cap")
-    page.fill("#steps", str(MAX_STEPS + 1))  # the page leaves the bounds to the server (its 422 names steps)
-    page.press("#steps", "Enter")
-    message = page.locator("[data-field=steps] .error")
+    page.fill(
+        "#num_inference_steps", str(MAX_STEPS + 1)
+    )  # the page leaves the bounds to the server (its 422 names steps)
+    page.press("#num_inference_steps", "Enter")
+    message = page.locator("[data-field=num_inference_steps] .error")
     message.wait_for(timeout=RESULT_TIMEOUT_MS)
     assert "less than or equal to 100" in message.inner_text()
-    assert page.get_attribute("#steps", "aria-invalid") == "true"
-    assert page.evaluate("document.activeElement.id") == "steps"
+    assert page.get_attribute("#num_inference_steps", "aria-invalid") == "true"
+    assert page.evaluate("document.activeElement.id") == "num_inference_steps"
     assert page.locator("#result").is_hidden() and page.locator("[data-field=prompt] .error").is_hidden()
 
-    page.fill("#steps", "1")
+    page.fill("#num_inference_steps", "1")
     page.fill("#prompt", "   ")  # empty after stripping: the server's message lands next to the prompt
     page.press("#prompt", "Enter")
     page.locator("[data-field=prompt] .error").wait_for(timeout=RESULT_TIMEOUT_MS)
-    assert page.locator("[data-field=steps] .error").is_hidden()
+    assert page.locator("[data-field=num_inference_steps] .error").is_hidden()
     assert errors == []
 
 
@@ -226,7 +228,7 @@ def test_palette_background_and_a_variation_of_an_uploaded_image_from_the_page(l
     Image.fromarray(sprites.render(sprites.random_punk(np.random.default_rng(8)))).save(start)
     page.fill("#prompt", "lad with a red beanie")
     page.fill("#seed", "5")
-    page.fill("#steps", "4")  # a variation at strength 0.5 runs 2 of them
+    page.fill("#num_inference_steps", "4")  # a variation at strength 0.5 runs 2 of them
     page.fill("#palette", "game-boy")
     page.select_option("#background", "transparent")
     page.set_input_files("#image", str(start))

@@ -100,7 +100,7 @@ def test_readyz_through_serve(ray_url: str) -> None:
 
 
 def test_png_matches_the_engine(ray_url: str, engine: Engine) -> None:
-    body = {"prompt": PROMPT, "seed": 7, "steps": 2}
+    body = {"prompt": PROMPT, "seed": 7, "num_inference_steps": 2}
     response = _generate(ray_url, body, Accept="image/png")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
@@ -111,7 +111,7 @@ def test_png_matches_the_engine(ray_url: str, engine: Engine) -> None:
 
 
 def test_both_replicas_serve_and_a_seed_reproduces_on_either(ray_url: str) -> None:
-    body = {"prompt": PROMPT, "seed": 3, "steps": 1}
+    body = {"prompt": PROMPT, "seed": 3, "num_inference_steps": 1}
 
     def until_answered(_: int) -> httpx.Response:
         """As a client told Retry-After would: the proxy queue holds 1 here, and the router may pick the busy one."""
@@ -132,7 +132,7 @@ def test_both_replicas_serve_and_a_seed_reproduces_on_either(ray_url: str) -> No
 
 
 def test_bad_body_same_422_as_single_process(ray_url: str, smoke_settings: Settings) -> None:
-    bad = {"prompt": PROMPT, "steps": 0, "num_outputs": 9}
+    bad = {"prompt": PROMPT, "num_inference_steps": 0, "num_outputs": 9}
     single = TestClient(create_app(smoke_settings)).post("/v1/generate", json=bad)  # no lifespan: validation only
     through_serve = _generate(ray_url, bad)
     assert through_serve.status_code == single.status_code == 422
@@ -141,7 +141,7 @@ def test_bad_body_same_422_as_single_process(ray_url: str, smoke_settings: Setti
 
 def test_backpressure_429(ray_url: str) -> None:
     """1 request on the replica, 1 waiting at the proxy; the rest get Serve's 429 with Retry-After, at once."""
-    body = {"prompt": PROMPT, "seed": 1, "steps": 8}
+    body = {"prompt": PROMPT, "seed": 1, "num_inference_steps": 8}
     with ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(lambda _: _generate(ray_url, body, Accept="image/png"), range(6)))
     codes = sorted(response.status_code for response in responses)

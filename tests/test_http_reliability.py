@@ -66,13 +66,13 @@ def read_until_closed(sock: socket.socket) -> bytes:
 # --- 1. no 500 on any body -------------------------------------------------------------------------
 
 NON_JSON_VALUES = [
-    (b'{"prompt": "lad", "guidance": NaN}', "guidance"),
-    (b'{"prompt": "lad", "guidance": Infinity}', "guidance"),
-    (b'{"prompt": "lad", "guidance": -Infinity}', "guidance"),
-    (b'{"prompt": "lad", "guidance": 1e999}', "guidance"),
+    (b'{"prompt": "lad", "guidance_scale": NaN}', "guidance_scale"),
+    (b'{"prompt": "lad", "guidance_scale": Infinity}', "guidance_scale"),
+    (b'{"prompt": "lad", "guidance_scale": -Infinity}', "guidance_scale"),
+    (b'{"prompt": "lad", "guidance_scale": 1e999}', "guidance_scale"),
     (b'{"prompt": "lad", "seed": 1e400}', "seed"),
     (b'{"prompt": "lad", "seed": NaN}', "seed"),
-    (b'{"prompt": "lad", "steps": Infinity}', "steps"),
+    (b'{"prompt": "lad", "num_inference_steps": Infinity}', "num_inference_steps"),
     (b'{"prompt": "\\ud800"}', "prompt"),
     (b'{"prompt": "lad \\udfff here"}', "prompt"),
     (b'{"prompt": "lad", "foo": NaN}', "foo"),
@@ -248,7 +248,7 @@ def test_sigterm_with_a_full_queue_refuses_the_rest_and_exits_within_the_bound(s
         "PUNKS_GENERATION_SIZE": "256",
     }
     with served_process(env) as (url, process), ThreadPoolExecutor(queued + 1) as pool:
-        body = {"prompt": "slow", "steps": 12}  # the queue takes far longer than the bound
+        body = {"prompt": "slow", "num_inference_steps": 12}  # the queue takes far longer than the bound
         futures = [pool.submit(post, url, body) for _ in range(queued + 1)]
         deadline = time.monotonic() + 60
         while received(metric_samples(url)) < queued + 1:  # all inside: none still in the listen backlog (a reset)

@@ -76,7 +76,9 @@ def make_cache(folder: Path, capacity: int, engine: FakeEngine | None = None) ->
 
 def test_off_by_default_and_malformed_urls_name_the_field(tmp_path: Path):
     off, _ = make_cache(tmp_path, 0)
-    with pytest.raises(RequestError, match=r"^lora_url: not enabled on this deployment \(PUNKS_LORA_URL_CACHE_SIZE"):
+    with pytest.raises(
+        RequestError, match=r"^lora_weights: not enabled on this deployment \(PUNKS_LORA_URL_CACHE_SIZE"
+    ):
         off.acquire("https://host/a.safetensors")
     cache, _ = make_cache(tmp_path, 2)
     for url, message in [
@@ -84,9 +86,9 @@ def test_off_by_default_and_malformed_urls_name_the_field(tmp_path: Path):
         ("https://h/a#sha256=12", "64 hex"),
         ("hf://owner/repo", "expected hf://owner/repo/path"),
     ]:
-        with pytest.raises(RequestError, match=f"^lora_url: .*{re.escape(message)}") as refused:
+        with pytest.raises(RequestError, match=f"^lora_weights: .*{re.escape(message)}") as refused:
             cache.acquire(url)
-        assert refused.value.field == "lora_url"
+        assert refused.value.field == "lora_weights"
     assert len(cache) == 0
 
 
@@ -130,7 +132,7 @@ def test_a_refused_file_fails_with_the_guards_message_and_is_not_kept(served, tm
     with pytest.raises(RequestError) as refused:
         cache.acquire(f"{base}/sdxl.safetensors?token=secret")
     message = str(refused.value)
-    assert message.startswith(f"lora_url: {base}/sdxl.safetensors is a SDXL LoRA")
+    assert message.startswith(f"lora_weights: {base}/sdxl.safetensors is a SDXL LoRA")
     assert str(tmp_path) not in message  # the URL, not the cache's file
     assert "is a SDXL LoRA" in message and "this service needs an SD1.5 kohya LoRA" in message
     assert "secret" not in message
@@ -138,7 +140,7 @@ def test_a_refused_file_fails_with_the_guards_message_and_is_not_kept(served, tm
     with pytest.raises(RequestError, match="SDXL"):
         cache.acquire(f"{base}/sdxl.safetensors")
     assert requests[-2:] == ["/sdxl.safetensors"] * 2  # a refusal is not cached: tried again
-    with pytest.raises(RequestError, match=r"^lora_url: 127\.0\.0\.2: answered HTTP 404$"):
+    with pytest.raises(RequestError, match=r"^lora_weights: 127\.0\.0\.2: answered HTTP 404$"):
         cache.acquire(f"{base}/missing?sig=secret")
 
 
@@ -202,7 +204,7 @@ def test_files_of_an_earlier_process_are_removed_at_start(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def url_engine(smoke_settings):
-    """The smoke engine as Cog loads it with lora_url on: no loras/ folder, the switcher all the same."""
+    """The smoke engine as Cog loads it with lora_weights on: no loras/ folder, the switcher all the same."""
     from service.engine import Engine
 
     return Engine.load(smoke_settings.model_copy(update={"lora_url_cache_size": 2, "warmup": False}))
@@ -217,7 +219,7 @@ def test_an_added_lora_is_checked_fused_and_removed(url_engine, tmp_path: Path):
     save_file(random_kohya_lora(build_smoke_pipeline(), seed=3), str(good), metadata=kohya_metadata(32, 16))
 
     def raw(lora: str | None = None) -> np.ndarray:
-        result = engine.generate(GenerationRequest("a punk", seed=5, steps=1, lora=lora))
+        result = engine.generate(GenerationRequest("a punk", seed=5, num_inference_steps=1, lora=lora))
         return np.asarray(result.images[0].raw, dtype=np.int16)
 
     default = raw()
@@ -227,7 +229,7 @@ def test_an_added_lora_is_checked_fused_and_removed(url_engine, tmp_path: Path):
         engine.check_request(GenerationRequest("a punk", lora="url-good-1"))
     assert np.abs(raw("url-good-1") - default).max() > 10
     assert np.array_equal(raw(), default)  # switching back: restored base weights, bit for bit
-    switched = engine.generate(GenerationRequest("a punk", seed=5, steps=1, lora="url-good-1"))
+    switched = engine.generate(GenerationRequest("a punk", seed=5, num_inference_steps=1, lora="url-good-1"))
     assert switched.timings["lora_switch_s"] > 0
     engine.remove_lora("url-good-1")  # while fused: the next switch restores the base first
     assert engine.lora_names == [] and good not in engine.loras.switcher.loras

@@ -387,7 +387,7 @@ _images: dict = {}  # (lora, how) -> raw image, shared by the switching tests (e
 def raw(engine, lora: str | None = None) -> np.ndarray:
     from service.engine import GenerationRequest
 
-    result = engine.generate(GenerationRequest(PROMPT, seed=5, steps=1, lora=lora))
+    result = engine.generate(GenerationRequest(PROMPT, seed=5, num_inference_steps=1, lora=lora))
     return np.asarray(result.images[0].raw, dtype=np.int16)
 
 
@@ -395,7 +395,9 @@ def switch_seconds(engine, lora: str | None) -> float:
     """Generate once with `lora`: the seconds its switch took (0 when it was the active one already)."""
     from service.engine import GenerationRequest
 
-    return engine.generate(GenerationRequest(PROMPT, seed=5, steps=1, lora=lora)).timings.get("lora_switch_s", 0.0)
+    return engine.generate(GenerationRequest(PROMPT, seed=5, num_inference_steps=1, lora=lora)).timings.get(
+        "lora_switch_s", 0.0
+    )
 
 
 def test_switching_lora_changes_the_image_and_back_restores_it(switching_engine):
@@ -423,13 +425,50 @@ def test_mixed_batch_is_grouped_by_lora(switching_engine, monkeypatch):
         return original(self, **kwargs)
 
     monkeypatch.setattr(pipeline_class, "__call__", counting)
-    requests = [GenerationRequest(PROMPT, seed=5, steps=1, lora=lora) for lora in (None, "other", None)]
+    requests = [GenerationRequest(PROMPT, seed=5, num_inference_steps=1, lora=lora) for lora in (None, "other", None)]
     results = engine.generate_batch(requests)
     # one pipeline call per LoRA, the active one first: one switch
     assert calls == [("other", 1), (engine.weights.lora.stem, 2)]
     assert "lora_switch_s" in results[0].timings
     for result, lora in zip(results, [None, "other", None], strict=True):
         assert np.abs(np.asarray(result.images[0].raw, dtype=np.int16) - _images[lora]).max() <= 2  # batched GEMMs
+
+
+def test_lora_scale_is_per_request_grouped_and_exact_when_switched_back(switching_engine, monkeypatch):
+    """A request's lora_scale re-fuses the LoRA at that scale (from the kept base weights); a batch of mixed scales
+    is one pipeline call per scale, and the start-up scale again gives the same bytes as before."""
+    from service.engine import GenerationRequest
+
+    engine = switching_engine
+    default = raw(engine)
+    calls: list[float] = []  # the scale fused at each pipeline call
+    pipeline_class = type(engine.pipe)
+    original = pipeline_class.__call__
+
+    def counting(self, **kwargs):
+        calls.append(engine.loras.active_scale)
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(pipeline_class, "__call__", counting)
+    scales = (0.0, None, 0.0)
+    requests = [GenerationRequest(PROMPT, seed=5, num_inference_steps=1, lora_scale=scale) for scale in scales]
+    weak, plain, weak_again = engine.generate_batch(requests)
+    assert sorted(calls) == [0.0, 1.0]  # two calls: scale 0 (two requests) and the default scale
+    weak_pixels = np.asarray(weak.images[0].raw, dtype=np.int16)
+    assert np.abs(weak_pixels - default).max() > 10  # the LoRA at scale 0 draws something else
+    assert np.abs(np.asarray(plain.images[0].raw, dtype=np.int16) - default).max() <= 2  # batched GEMMs
+    assert np.array_equal(weak_pixels, np.asarray(weak_again.images[0].raw, dtype=np.int16))
+    assert np.array_equal(raw(engine), default)
+
+
+def test_lora_scale_is_refused_where_the_lora_is_fused_once(engine):
+    from service.engine import GenerationRequest
+    from service.errors import RequestError
+
+    engine.check_request(GenerationRequest(PROMPT, lora_scale=engine.settings.lora_scale))  # the fused one: fine
+    with pytest.raises(RequestError, match="^lora_scale: this deployment fuses its LoRA once, at 1 ") as raised:
+        engine.check_request(GenerationRequest(PROMPT, lora_scale=0.5))
+    assert raised.value.field == "lora_scale"
 
 
 @pytest.mark.parametrize("name", ["nope", "../loras/other", "other.safetensors", str(Path("/etc/passwd")), " "])

@@ -79,6 +79,35 @@ def test_gpu_requirements_are_one_self_contained_pinned_file():
     assert not set(gpu) & {"pytest", "cog", "ruff", "mypy"}, "development tools in the GPU image"
 
 
+def test_cog_requirements_hold_what_the_runner_imports_and_no_http_or_ray():
+    """The Cog image installs requirements/cog.txt: the runner (predict.py, setup's weight fetch, the engine, the
+    optional upscaler) imports with FastAPI, uvicorn and Ray blocked, and every distribution of the Docker image it
+    imports is pinned there, at the same version."""
+    cog_pins = pins(ROOT / "requirements" / "cog.txt")
+    gpu = pins(ROOT / "requirements" / "gpu.txt")
+    http_and_ray = {"fastapi", "uvicorn", "starlette", "ray", "fastapi-offline"}
+    assert not set(cog_pins) & http_and_ray
+    assert all(gpu[name] == version for name, version in cog_pins.items()), "the two images' versions differ"
+    script = (
+        "import importlib.abc, importlib.metadata as m, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('fastapi', 'uvicorn', 'starlette', 'ray', 'fastapi_offline'):\n"
+        "            raise ImportError(f'{name} is not in the Cog image')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import predict, service.weights.pinned, service.loading, service.upscale\n"
+        "d = m.packages_distributions()\n"
+        "loaded = [name for name, mod in list(sys.modules.items()) if getattr(mod, '__file__', None)]\n"
+        "print(' '.join(sorted({n for name in loaded for n in d.get(name.split('.')[0], [])})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    imported = {lock.normalize(name) for name in done.stdout.split()}  # namespace packages (google) aside
+    assert {"torch", "diffusers", "prometheus-client", "httpx"} <= imported
+    missing = (imported & set(gpu)) - set(cog_pins)
+    assert not missing, sorted(missing)
+
+
 def test_cpu_requirements_use_the_local_cpu_torch_and_no_cuda():
     cpu = pins(ROOT / "requirements" / "cpu.txt")
     assert cpu["torch"] == "2.13.0+cpu"
@@ -186,11 +215,18 @@ def test_cog_yaml():
     build = cog_yaml["build"]
     assert build["gpu"] is True and build["cuda"] == "13.0"
     assert build["python_version"] == lock.targets(PYPROJECT, ROOT)[0].python == "3.12"
-    assert build["python_requirements"] == "requirements/gpu.txt"
+    assert build["python_requirements"] == "requirements/cog.txt"
     assert build["sdk_version"] == cog.__version__ == pyproject_pin("cog", "dev")
     assert cog_yaml["run"] == "predict.py:Runner" and "predict" not in cog_yaml
     assert cog_yaml["train"] == "trainer.py:train"  # not train.py: the train/ package (dev only) would shadow it
     assert "PUNKS_ALLOW_SMOKE_MODEL=false" in cog_yaml["environment"]
+    assert "PUNKS_FETCH_AT_SETUP=true" in cog_yaml["environment"]  # a pushed model finds its weights
+    # cog 0.23's configuration keys (its config schema, docs/yaml.md); `predict:` is the deprecated name of run
+    assert set(cog_yaml) <= {"build", "image", "run", "train", "concurrency", "environment"}
+    assert set(build) <= {
+        *("cuda", "cudnn", "gpu", "python_version", "python_packages", "pre_install"),
+        *("python_requirements", "system_packages", "sdk_version", "run"),
+    }
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert set(DEV_FOLDERS) <= set(ignored) and "weights" not in ignored, "cog bakes weights/ in, not dev folders"
 

@@ -11,14 +11,17 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +32,7 @@ import pytest
 from PIL import Image
 
 from devtools.cog_schema import ROOT, SCHEMA_PATH, build_schema, is_current
-from service import config
+from service import config, samplers
 from service.config import MAX_SEED, Settings
 from service.errors import WeightsError
 from service.samplers import SAMPLER_NAMES
@@ -41,6 +44,7 @@ from train import sprites
 GRID = 24
 COG_MAX_CONCURRENCY = 8  # predict.py's @cog.concurrent(max=8); test_concurrency_is_declared checks it
 SERVER_START_S = 180
+HUB_TOKEN = "hf_caller_token"
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -78,8 +82,30 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
     return match[1], base64.b64decode(match[2])
 
 
+class _FileStore(http.server.BaseHTTPRequestHandler):
+    """An upload endpoint like Replicate's file store: PUT <upload url><name>, answered after a random delay
+    (uploads end in any order), Location = a URL of its own under which GET serves the bytes."""
+
+    files: dict[str, bytes] = {}
+    lock = threading.Lock()
+
+    def do_PUT(self) -> None:
+        data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with self.lock:
+            location = f"/files/{len(self.files)}/{self.path.rsplit('/', 1)[-1]}"
+            self.files[location] = data
+        time.sleep(random.random() * 0.2)
+        self.send_response(201)
+        self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}{location}")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
 class CogServer:
-    """`python -m cog.server.http` (coglet), as `cog build` images start it, on a loopback port."""
+    """`python -m cog.server.http` (coglet), as `cog build` images start it, on a loopback port; with `store`, in
+    upload mode (--upload-url, as Replicate starts it) against that loopback file store."""
 
     def __init__(
         self,
@@ -88,10 +114,14 @@ class CogServer:
         cwd: Path,
         log_dir: Path,
         runner_ref: str = "predict.py:Runner",
+        store: http.server.ThreadingHTTPServer | None = None,
         args: tuple[str, ...] = (),
         concurrency: int = COG_MAX_CONCURRENCY,  # 1 for a sync runner (trainer.py's train)
     ):
         self.port = free_port()
+        self.store = store
+        if store:
+            args += ("--upload-url", f"http://127.0.0.1:{store.server_address[1]}/upload/")
         self.log = log_dir / f"cog-{name}.log"
         tmp = log_dir / f"tmp-{name}"
         tmp.mkdir()
@@ -175,6 +205,23 @@ class CogServer:
                 return status, body
             time.sleep(0.2)
 
+    def files(self, body: dict) -> dict[str, bytes]:
+        """A succeeded prediction's output (a list of uploaded file URLs, in any order): file name -> bytes."""
+        assert body["status"] == "succeeded", body.get("error") or body
+        assert self.store is not None and all(url.startswith("http://127.0.0.1:") for url in body["output"])
+        files = {}
+        for url in body["output"]:
+            location = urllib.parse.urlsplit(url).path
+            files[location.rsplit("/", 1)[-1]] = self.store.RequestHandlerClass.files[location]  # type: ignore[attr-defined]
+        assert len(files) == len(body["output"]), body["output"]  # one name per file
+        return files
+
+    def images(self, **inputs) -> dict[str, bytes]:
+        """Predict (it must succeed): its files by name."""
+        status, body = self.predict(**inputs)
+        assert status == 200, body
+        return self.files(body)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -186,9 +233,10 @@ class CogServer:
 
 
 @pytest.fixture(scope="module")
-def cog_servers(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+def cog_servers(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, http_files):
     """Three servers, started together (they load in parallel), each test waits for the one it uses:
-    ready: the committed schema and the smoke model, as on Replicate but without weights (lora_url on, as cog.yaml),
+    ready: the committed schema and the smoke model, as on Replicate but without weights (lora_weights on, as
+    cog.yaml), in upload mode against a loopback file store,
     snapping in worker processes as on a GPU (where PUNKS_SNAP_PROCESSES defaults to 4; on a CPU to none);
     no_schema: same runner without .cog/openapi_schema.json, so bad input reaches run();
     no_weights: smoke fallback disallowed (as cog.yaml sets it) and no weights: setup fails."""
@@ -203,10 +251,14 @@ def cog_servers(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
         "PUNKS_DOWNLOAD_ALLOWED_NETWORKS": ALLOWED_NETWORKS_ENV,
         "PUNKS_DOWNLOAD_STALL_TIMEOUT_S": "5",
         "PUNKS_DOWNLOAD_MIN_BYTES_PER_S": "0",  # a sender of one byte a second may go on until the deadline
+        "HF_ENDPOINT": http_files[0],  # the Hub's files (hf://, owner/repo/file) from the loopback server
     }
     snap_processes = {"PUNKS_SNAP_PROCESSES": "2"}
+    handler = type("Store", (_FileStore,), {"files": {}, "lock": threading.Lock()})
+    store = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=store.serve_forever, daemon=True).start()
     servers = {
-        "ready": CogServer("ready", smoke_env | lora_url_cache | snap_processes, ROOT, logs),
+        "ready": CogServer("ready", smoke_env | lora_url_cache | snap_processes, ROOT, logs, store=store),
         "no_schema": CogServer(
             "no-schema", smoke_env | {"PYTHONPATH": str(ROOT)}, bare, logs, runner_ref=f"{ROOT / 'predict.py'}:Runner"
         ),
@@ -221,6 +273,7 @@ def cog_servers(smoke_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
     yield servers
     for server in servers.values():
         server.stop()
+    store.shutdown()
 
 
 @pytest.fixture
@@ -262,29 +315,34 @@ def test_input_bounds_are_the_shared_ones(schema: dict):
     assert (props["prompt"]["minLength"], props["prompt"]["maxLength"]) == (1, config.MAX_PROMPT_CHARS)
     assert bounds("seed") == (0, MAX_SEED) and props["seed"]["nullable"] is True
     assert bounds("num_outputs") == (1, config.MAX_IMAGES)
-    assert bounds("steps") == (config.MIN_STEPS, config.MAX_STEPS)
-    assert bounds("guidance") == (config.MIN_GUIDANCE, config.MAX_GUIDANCE)
+    assert bounds("num_inference_steps") == (config.MIN_STEPS, config.MAX_STEPS)
+    assert bounds("guidance_scale") == (config.MIN_GUIDANCE, config.MAX_GUIDANCE)
+    assert bounds("lora_scale") == (config.MIN_LORA_SCALE, config.MAX_LORA_SCALE)
     assert bounds("output_size") == field_bounds("output_size")
-    for name in ("steps", "guidance", "output_size", "integer_scale"):  # empty: the deployment's PUNKS_* setting
-        assert props[name].get("default") is None and props[name]["nullable"] is True, name
-        assert f"PUNKS_{name.upper()} ({str(fields[name].default).lower()})" in props[name]["description"], name
+    assert props["negative_prompt"]["maxLength"] == config.MAX_PROMPT_CHARS
+    # real defaults in the form, each the service's own default setting
+    defaults = {name: prop.get("default") for name, prop in props.items()}
+    assert defaults["num_inference_steps"] == fields["steps"].default
+    assert defaults["guidance_scale"] == fields["guidance"].default
+    assert defaults["lora_scale"] == fields["lora_scale"].default
+    assert defaults["output_size"] == fields["output_size"].default
+    assert defaults["integer_scale"] is fields["integer_scale"].default
+    assert defaults["scheduler"] == samplers.DEFAULTS[fields["scheduler"].default]
+    assert defaults["negative_prompt"] == defaults["lora_weights"] == defaults["lora"] == ""
     assert schema["components"]["schemas"]["output_format"]["enum"] == ["png", "webp"]
     assert schema["components"]["schemas"]["scheduler"]["enum"] == list(SAMPLER_NAMES)  # service/samplers.py's
-    assert props["scheduler"].get("default") is None and props["scheduler"]["nullable"] is True
-    assert "lora_scale" not in props  # fused once at setup: PUNKS_LORA_SCALE, not an input
     assert bounds("strength") == (config.MIN_STRENGTH, config.MAX_STRENGTH)
     assert props["strength"]["default"] == config.DEFAULT_STRENGTH and props["image"]["format"] == "uri"
     assert f"up to {config.MAX_PALETTE_COLORS} '#rrggbb'" in props["palette"]["description"]
     assert f"at most {config.MAX_IMAGE_SIDE} px" in props["image"]["description"]
+    assert props["hf_api_token"]["x-cog-secret"] is True and props["hf_api_token"]["format"] == "password"
+    assert "steps" not in props and "guidance" not in props and "lora_url" not in props  # renamed, no aliases
     assert all(prop.get("description") for prop in props.values())
-    output = schema["components"]["schemas"]["Output"]
-    files = {"type": "array", "items": {"type": "string", "format": "uri"}}
-    assert output["type"] == "object" and output["required"] == ["images", "seeds"]
-    assert {name: {k: v for k, v in prop.items() if k in files} for name, prop in output["properties"].items()} == {
-        "images": files,
-        "sprites": files,
-        "smooth": files,
-        "seeds": {"type": "array", "items": {"type": "integer"}},
+    # Replicate's convention: a list of files (a gallery on the web, `for f in output` in the client)
+    assert schema["components"]["schemas"]["Output"] == {
+        "title": "Output",
+        "type": "array",
+        "items": {"type": "string", "format": "uri"},
     }
 
 
@@ -300,41 +358,57 @@ def test_serves_the_committed_schema(server: CogServer):
     )
 
 
-def test_prediction_returns_1024_images_of_flat_cells_then_sprites(server: CogServer):
+def test_prediction_uploads_one_file_per_image_named_by_index_and_seed(server: CogServer):
+    """Upload mode, as on Replicate: N images are N uploads, the JSON lists their URLs (no data), and each name
+    carries its index and seed, so the order is restored by sorting whatever order the uploads ended in."""
+    uploads_before = len(server.store.RequestHandlerClass.files)  # type: ignore[union-attr, attr-defined]
     status, body = server.predict(
-        prompt="lad with a red beanie, green background", seed=7, num_outputs=2, steps=2, return_sprites=True
+        prompt="lad with a red beanie, green background", seed=7, num_outputs=2, num_inference_steps=2
     )
-    assert status == 200 and body["status"] == "succeeded", body.get("error") or body
-    output = body["output"]
-    assert len(output["images"]) == len(output["sprites"]) == 2 and output["seeds"] == [7, 8]
-    assert output["smooth"] is None
-    decoded = [decode_data_url(url) for url in output["images"] + output["sprites"]]
-    assert [mime for mime, _ in decoded] == ["image/png"] * 4
-    images = [Image.open(io.BytesIO(data)) for _, data in decoded]
-    assert [im.size for im in images] == [(1024, 1024)] * 2 + [(GRID, GRID)] * 2
-    for image, sprite in zip(images[:2], images[2:], strict=True):
-        cells = assert_flat_cells(image, cell_edges(1024))
-        assert (cells == np.asarray(sprite.convert("RGB"))).all(), "the sprite is not the image's cells"
-    # one log line per image, with its seed and quality signals; the seeds are metrics too
-    lines = [line for line in body["logs"].splitlines() if line.startswith("image ")]
+    assert status == 200
+    files = server.files(body)
+    assert sorted(files) == ["out-0-seed7.png", "out-1-seed8.png"]
+    assert len(server.store.RequestHandlerClass.files) == uploads_before + 2  # type: ignore[union-attr, attr-defined]
+    assert "data:" not in json.dumps(body["output"])
+    for data in files.values():
+        image = Image.open(io.BytesIO(data))
+        assert image.format == "PNG" and image.size == (1024, 1024)
+        assert_flat_cells(image, cell_edges(1024))
+    # one log line per image, with its file name, seed and quality signals; the seeds are metrics too
+    lines = [line for line in body["logs"].splitlines() if line.startswith("out-")]
     assert len(lines) == 2
-    assert lines[0].startswith("image 1: seed 7: ") and lines[1].startswith("image 2: seed 8: ")
+    assert lines[0].startswith("out-0: seed 7: ") and lines[1].startswith("out-1: seed 8: ")
     assert all("grid fit" in line and "colours" in line for line in lines)
     assert body["metrics"]["seeds"] == [7, 8] and len(body["metrics"]["pixel_art"]) == 2
     assert "SMOKE model" in body["logs"]
 
 
+def test_sprites_are_further_files_named_after_their_portrait(server: CogServer):
+    files = server.images(prompt="a punk", seed=40, num_inference_steps=1, num_outputs=3, return_sprites=True)
+    portraits = [f"out-{i}-seed{40 + i}" for i in range(3)]
+    assert sorted(files) == sorted([f"{p}.png" for p in portraits] + [f"{p}-sprite.png" for p in portraits])
+    for portrait in portraits:
+        image, sprite = (Image.open(io.BytesIO(files[name])) for name in (f"{portrait}.png", f"{portrait}-sprite.png"))
+        assert sprite.size == (GRID, GRID)
+        cells = assert_flat_cells(image, cell_edges(1024))
+        assert (cells == np.asarray(sprite.convert("RGB"))).all(), "the sprite is not its portrait's cells"
+    again = server.images(prompt="a punk", seed=40, num_inference_steps=1, num_outputs=3, return_sprites=True)
+    assert again == files  # the same bytes under the same names, whatever order the uploads ended in
+
+
 def test_webp_and_integer_scale(server: CogServer):
-    status, body = server.predict(
-        prompt="a punk", seed=3, steps=1, output_format="webp", output_size=512, integer_scale=True, return_sprites=True
+    files = server.images(
+        prompt="a punk",
+        seed=3,
+        num_inference_steps=1,
+        output_format="webp",
+        output_size=512,
+        integer_scale=True,
+        return_sprites=True,
     )
-    assert status == 200 and body["status"] == "succeeded", body.get("error") or body
-    (mime, image_data), (sprite_mime, sprite_data) = [
-        decode_data_url(body["output"][key][0]) for key in ("images", "sprites")
-    ]
-    assert mime == sprite_mime == "image/webp"
-    image, sprite = Image.open(io.BytesIO(image_data)), Image.open(io.BytesIO(sprite_data))
-    assert image.format == "WEBP" and image.size == (504, 504)  # 21 px cells: floor(512 / 24)
+    assert sorted(files) == ["out-0-seed3-sprite.webp", "out-0-seed3.webp"]
+    image, sprite = (Image.open(io.BytesIO(files[name])) for name in ("out-0-seed3.webp", "out-0-seed3-sprite.webp"))
+    assert image.format == sprite.format == "WEBP" and image.size == (504, 504)  # 21 px cells: floor(512 / 24)
     cells = assert_flat_cells(image, cell_edges(504, cell=21))
     assert (cells == np.asarray(sprite.convert("RGB"))).all(), "WebP output must be lossless"
 
@@ -343,10 +417,15 @@ def test_same_request_gives_the_same_bytes_from_the_cli_the_http_api_and_cog(
     server: CogServer, smoke_env: dict[str, str], tmp_path: Path
 ):
     """One delivery path (service/delivery.py): the same input is the same PNG and sprite on every surface."""
-    inputs = {"prompt": "lad with a red beanie", "seed": 9, "steps": 2, "output_size": 480, "return_sprites": True}
-    status, body = server.predict(**inputs)
-    assert status == 200 and body["status"] == "succeeded", body
-    cog_image, cog_sprite = (decode_data_url(body["output"][key][0])[1] for key in ("images", "sprites"))
+    inputs = {
+        "prompt": "lad with a red beanie",
+        "seed": 9,
+        "num_inference_steps": 2,
+        "output_size": 480,
+        "return_sprites": True,
+    }
+    files = server.images(**inputs)
+    cog_image, cog_sprite = files["out-0-seed9.png"], files["out-0-seed9-sprite.png"]
 
     with subprocess_server(smoke_env) as url:
         response = httpx.post(f"{url}/v1/generate", json=inputs, timeout=120)
@@ -362,7 +441,7 @@ def test_same_request_gives_the_same_bytes_from_the_cli_the_http_api_and_cog(
             inputs["prompt"],
             "--seed",
             "9",
-            "--steps",
+            "--num-inference-steps",
             "2",
             "--output-size",
             "480",
@@ -389,18 +468,17 @@ def test_a_variation_with_controls_gives_the_same_bytes_from_the_cli_the_http_ap
     start = tmp_path / "start.png"
     Image.fromarray(sprites.render(sprites.random_punk(np.random.default_rng(3)))).save(start)
     encoded = base64.b64encode(start.read_bytes()).decode("ascii")
-    inputs = {"prompt": "lad", "seed": 4, "steps": 2, "return_sprites": True, "strength": 0.5}
+    inputs = {"prompt": "lad", "seed": 4, "num_inference_steps": 2, "return_sprites": True, "strength": 0.5}
     controls = {"palette": "pico-8", "background": "transparent"}
-    status, body = server.predict(**inputs, **controls, image=f"data:image/png;base64,{encoded}")
-    assert status == 200 and body["status"] == "succeeded", body
-    cog_image, cog_sprite = (decode_data_url(body["output"][key][0])[1] for key in ("images", "sprites"))
+    files = server.images(**inputs, **controls, image=f"data:image/png;base64,{encoded}")
+    cog_image, cog_sprite = files["out-0-seed4.png"], files["out-0-seed4-sprite.png"]
 
     with subprocess_server(smoke_env) as url:
         response = httpx.post(f"{url}/v1/generate", json=inputs | controls | {"image": encoded}, timeout=120)
     assert response.status_code == 200, response.text
     (http_image,) = response.json()["images"]
 
-    arguments = ["--seed", "4", "--steps", "2", "--strength", "0.5", "--image", str(start)]
+    arguments = ["--seed", "4", "--num-inference-steps", "2", "--strength", "0.5", "--image", str(start)]
     arguments += ["--palette", "pico-8", "--background", "transparent", "-o", str(tmp_path / "punk.png")]
     cli = subprocess.run(
         [sys.executable, "-m", "service", "generate", "lad", *arguments],
@@ -428,21 +506,38 @@ def test_a_variation_with_controls_gives_the_same_bytes_from_the_cli_the_http_ap
     ],
 )
 def test_bad_controls_fail_the_prediction_naming_the_field(server: CogServer, inputs: dict, message: str):
-    status, body = server.predict(prompt="a punk", steps=2, **inputs)
+    status, body = server.predict(prompt="a punk", num_inference_steps=2, **inputs)
     assert status == 200 and body["status"] == "failed" and message in body["error"], body
     assert "not an image" not in body["error"]
 
 
-def test_same_seed_same_image_and_unknown_inputs_are_dropped(server: CogServer):
-    """coglet strips input fields the schema does not know (with a warning in its log) instead of
-    answering 422: a stray lora_scale is ignored, and the result is byte-identical."""
-    inputs = {"prompt": "lass with a pink mohawk", "seed": 123, "steps": 1}
-    first = server.predict(**inputs)
-    second = server.predict(**inputs, lora_scale=0.3)
-    assert first[0] == second[0] == 200
-    assert first[1]["status"] == second[1]["status"] == "succeeded"
-    assert first[1]["output"] == second[1]["output"]
+def test_unknown_inputs_are_dropped_by_coglet(server: CogServer):
+    """coglet 0.23 strips input fields the schema does not know (a warning in its own log, none in the prediction's)
+    instead of answering 422, and the runner never sees them: an old name such as `steps` changes nothing. The
+    README says so; the same seed gives the same bytes."""
+    inputs = {"prompt": "lass with a pink mohawk", "seed": 123, "num_inference_steps": 1}
+    first = server.images(**inputs)
+    second = server.images(**inputs, steps=3, guidance=1.0)
+    assert first == second
     assert "Stripped unknown input fields" in server.log_tail(100_000)
+
+
+def test_inputs_change_the_output(server: CogServer, lora_urls):
+    """num_inference_steps, guidance_scale, negative_prompt and lora_scale each reach the engine."""
+    base = {"prompt": "lad with a red beanie", "seed": 21, "num_inference_steps": 1}
+    (reference,) = server.images(**base).values()
+    changed = {
+        "num_inference_steps": {"num_inference_steps": 2},
+        "guidance_scale": {"guidance_scale": 20.0},
+        "negative_prompt": {"negative_prompt": "hat, glasses", "guidance_scale": 20.0},
+        "lora_scale": {"lora_scale": 0.0},
+    }
+    for name, inputs in changed.items():
+        (image,) = server.images(**base | inputs).values()
+        assert image != reference, name
+    (strong,) = server.images(**base, guidance_scale=20.0).values()
+    (negative,) = server.images(**base, guidance_scale=20.0, negative_prompt="hat, glasses").values()
+    assert negative != strong  # the negative prompt, not the guidance alone
 
 
 def test_concurrency_is_declared():
@@ -468,11 +563,13 @@ def post_together(server: CogServer, bodies: list[tuple[str, dict]]) -> list[tup
 
 def test_concurrent_predictions_all_succeed_in_shared_batches(server: CogServer):
     answers = post_together(
-        server, [(f"together-{seed}", {"prompt": "a punk", "seed": seed, "steps": 2}) for seed in range(6)]
+        server,
+        [(f"together-{seed}", {"prompt": "a punk", "seed": seed, "num_inference_steps": 2}) for seed in range(6)],
     )
     assert [status for status, _ in answers] == [200] * 6, answers  # no 409: six slots, one GPU batcher
     assert all(body["status"] == "succeeded" for _, body in answers), [body.get("error") for _, body in answers]
-    assert [body["output"]["seeds"] for _, body in answers] == [[seed] for seed in range(6)]
+    assert [body["metrics"]["seeds"] for _, body in answers] == [[seed] for seed in range(6)]
+    assert [list(server.files(body)) for _, body in answers] == [[f"out-0-seed{seed}.png"] for seed in range(6)]
     batch_sizes = [body["metrics"]["batch_images"] for _, body in answers]
     assert max(batch_sizes) >= 2, batch_sizes  # fewer engine calls than predictions
 
@@ -483,10 +580,15 @@ def test_a_cancelled_queued_prediction_is_never_rendered(server: CogServer):
             server.request,
             "PUT",
             "/predictions/busy",
-            {"input": {"prompt": "a punk", "seed": 1, "steps": 20, "num_outputs": 4}},
+            {"input": {"prompt": "a punk", "seed": 1, "num_inference_steps": 20, "num_outputs": 4}},
         )
         time.sleep(2)  # the busy batch is on the GPU thread now
-        queued = pool.submit(server.request, "PUT", "/predictions/queued", {"input": {"prompt": "a punk", "seed": 2}})
+        queued = pool.submit(
+            server.request,
+            "PUT",
+            "/predictions/queued",
+            {"input": {"prompt": "a punk", "seed": 2, "num_inference_steps": 2}},
+        )
         time.sleep(1)
         assert server.request("POST", "/predictions/queued/cancel")[0] == 200
         (busy_status, busy_body), (_, queued_body) = busy.result(), queued.result()
@@ -498,46 +600,9 @@ def test_a_cancelled_queued_prediction_is_never_rendered(server: CogServer):
 
 def test_whole_number_floats_are_taken_as_integers(server: CogServer):
     """coglet's schema check lets 5.0 through for an integer (5.5 fails inside run(): see the no-schema test)."""
-    status, body = server.predict(prompt="a punk", seed=5.0, num_outputs=2.0, steps=1.0)
+    status, body = server.predict(prompt="a punk", seed=5.0, num_outputs=2.0, num_inference_steps=1.0)
     assert status == 200 and body["status"] == "succeeded", body
-    assert body["output"]["seeds"] == [5, 6]
-
-
-class _SlowUploads(http.server.BaseHTTPRequestHandler):
-    """An upload endpoint like Replicate's: PUT <url><name>, answered after a random delay, Location = the file."""
-
-    received: list[str] = []
-
-    def do_PUT(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.received.append(self.path)
-        time.sleep(random.random() * 0.3)
-        self.send_response(201)
-        self.send_header("Location", f"http://127.0.0.1/files{self.path}")
-        self.end_headers()
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-def test_output_order_holds_in_upload_mode(server: CogServer, smoke_env: dict[str, str], tmp_path: Path):
-    """Replicate starts coglet with --upload-url; the named output keeps each file in its place on every run."""
-    uploads = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowUploads)
-    threading.Thread(target=uploads.serve_forever, daemon=True).start()
-    upload_url = f"http://127.0.0.1:{uploads.server_address[1]}/upload/"
-    uploading = CogServer("upload", smoke_env, ROOT, tmp_path, args=("--upload-url", upload_url))
-    try:
-        assert uploading.wait_until_settled()["status"] == "READY", uploading.log_tail()
-        inputs = {"prompt": "a punk", "seed": 40, "steps": 1, "num_outputs": 3, "return_sprites": True}
-        status, reference = server.predict(**inputs)
-        assert status == 200, reference
-        for _ in range(5):
-            status, body = uploading.predict(**inputs)
-            assert status == 200 and body["status"] == "succeeded", body
-            assert body["output"] == reference["output"]  # images and sprites each in seed order
-    finally:
-        uploading.stop()
-        uploads.shutdown()
+    assert body["metrics"]["seeds"] == [5, 6] and sorted(server.files(body)) == ["out-0-seed5.png", "out-1-seed6.png"]
 
 
 @pytest.mark.parametrize(
@@ -546,14 +611,16 @@ def test_output_order_holds_in_upload_mode(server: CogServer, smoke_env: dict[st
         ({"prompt": ""}, "prompt"),
         ({"prompt": " \n\t "}, "prompt"),
         ({"prompt": "x" * (config.MAX_PROMPT_CHARS + 1)}, "prompt"),
-        ({"steps": 2}, "prompt"),  # missing
-        ({"prompt": "a punk", "steps": 0}, "steps"),
-        ({"prompt": "a punk", "steps": config.MAX_STEPS + 1}, "steps"),
-        ({"prompt": "a punk", "steps": "many"}, "steps"),
-        ({"prompt": "a punk", "steps": 2.5}, "steps"),
+        ({"num_inference_steps": 2}, "prompt"),  # missing
+        ({"prompt": "a punk", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "a punk", "num_inference_steps": config.MAX_STEPS + 1}, "num_inference_steps"),
+        ({"prompt": "a punk", "num_inference_steps": "many"}, "num_inference_steps"),
+        ({"prompt": "a punk", "num_inference_steps": 2.5}, "num_inference_steps"),
         ({"prompt": "a punk", "num_outputs": 5}, "num_outputs"),
         ({"prompt": "a punk", "num_outputs": 0}, "num_outputs"),
-        ({"prompt": "a punk", "guidance": 20.5}, "guidance"),
+        ({"prompt": "a punk", "guidance_scale": 20.5}, "guidance_scale"),
+        ({"prompt": "a punk", "lora_scale": 2.5}, "lora_scale"),
+        ({"prompt": "a punk", "negative_prompt": "x" * (config.MAX_PROMPT_CHARS + 1)}, "negative_prompt"),
         ({"prompt": "a punk", "seed": -1}, "seed"),
         ({"prompt": "a punk", "seed": MAX_SEED + 1}, "seed"),
         ({"prompt": "a punk", "output_size": 10}, "output_size"),
@@ -574,9 +641,9 @@ def test_invalid_input_is_a_422_naming_the_field(server: CogServer, inputs: dict
     [
         ({"prompt": "   "}, "prompt: must not be empty"),
         ({"prompt": "a punk", "num_outputs": 5}, "num_outputs: must be between 1 and 4"),
-        ({"prompt": "a punk", "steps": 1, "output_size": 10}, "output_size: must be between 24 and 4096"),
-        ({"prompt": "a punk", "steps": 1, "lora": "../bespoke_punks"}, "lora: unknown LoRA"),
-        ({"prompt": "a punk", "steps": 1, "seed": 2.5}, "seed: must be a whole number"),
+        ({"prompt": "a punk", "num_inference_steps": 1, "output_size": 10}, "output_size: must be between 24 and 4096"),
+        ({"prompt": "a punk", "num_inference_steps": 1, "lora": "../bespoke_punks"}, "lora: unknown LoRA"),
+        ({"prompt": "a punk", "num_inference_steps": 1, "seed": 2.5}, "seed: must be a whole number"),
     ],
 )
 def test_without_schema_bad_input_is_a_failed_prediction(cog_servers, inputs: dict, message: str):
@@ -640,10 +707,10 @@ def guard_message(path: Path) -> str:
 )
 def test_lora_url_to_a_wrong_file_fails_with_the_guards_message(server: CogServer, lora_urls, name: str, what: str):
     base, folder, _ = lora_urls
-    status, body = server.predict(prompt="a punk", steps=1, lora_url=f"{base}/{name}?sig=secret")
+    status, body = server.predict(prompt="a punk", num_inference_steps=1, lora_weights=f"{base}/{name}?sig=secret")
     assert status == 200 and body["status"] == "failed", body
     error = body["error"]
-    assert f"lora_url: {base}/{name}" in error and what in error  # coglet puts "Prediction failed: ..." first
+    assert f"lora_weights: {base}/{name}" in error and what in error  # coglet puts "Prediction failed: ..." first
     assert guard_message(folder / name) in error and "secret" not in error
     assert "lora-url-cache" not in error and "<path>" not in error  # the URL named, never the server's file
     assert "rendered in a batch" not in body["logs"]
@@ -651,35 +718,34 @@ def test_lora_url_to_a_wrong_file_fails_with_the_guards_message(server: CogServe
 
 def test_lora_url_to_a_good_file_is_fused_and_cached(server: CogServer, lora_urls):
     base, _, requests = lora_urls
-    inputs = {"prompt": "lad with a red beanie", "seed": 5, "steps": 1}
-    status, default = server.predict(**inputs)
-    assert status == 200 and default["status"] == "succeeded", default
+    inputs = {"prompt": "lad with a red beanie", "seed": 5, "num_inference_steps": 1}
+    default = server.images(**inputs)
     downloads = lambda: [r for r in requests if r.startswith("/good.safetensors")]  # noqa: E731
     before = len(downloads())
-    first = server.predict(**inputs, lora_url=f"{base}/good.safetensors")
-    second = server.predict(**inputs, lora_url=f"{base}/good.safetensors")
+    first = server.predict(**inputs, lora_weights=f"{base}/good.safetensors")
+    second = server.predict(**inputs, lora_weights=f"{base}/good.safetensors")
     for status, body in (first, second):
         assert status == 200 and body["status"] == "succeeded", body.get("error") or body
-        assert f"lora_url: {base}/good.safetensors: SD1.5 LoRA" in body["logs"]
+        assert f"lora_weights: {base}/good.safetensors: SD1.5 LoRA" in body["logs"]
     assert len(downloads()) == before + 1  # the second prediction used the cached file
-    assert first[1]["output"] == second[1]["output"]
-    assert first[1]["output"]["images"] != default["output"]["images"]  # the URL's LoRA was fused
-    assert server.predict(**inputs)[1]["output"] == default["output"]  # and the default one is back
+    assert server.files(first[1]) == server.files(second[1])
+    assert server.files(first[1]) != default  # the URL's LoRA was fused
+    assert server.images(**inputs) == default  # and the default one is back
 
 
 def test_lora_and_lora_url_together_fail_naming_both(server: CogServer, lora_urls):
     base, _, _ = lora_urls
-    status, body = server.predict(prompt="a punk", lora="other", lora_url=f"{base}/good.safetensors")
+    status, body = server.predict(prompt="a punk", lora="other", lora_weights=f"{base}/good.safetensors")
     assert status == 200 and body["status"] == "failed"
-    assert "lora_url: give either lora (a served name) or lora_url, not both" in body["error"]
+    assert "lora_weights: give either lora (a served name) or lora_weights, not both" in body["error"]
 
 
 def test_lora_url_is_refused_where_the_cache_is_off(cog_servers, lora_urls):
     server = cog_servers["no_schema"]  # PUNKS_LORA_URL_CACHE_SIZE unset: 0
     assert server.wait_until_settled()["status"] == "READY"
-    status, body = server.predict(prompt="a punk", lora_url=f"{lora_urls[0]}/good.safetensors")
+    status, body = server.predict(prompt="a punk", lora_weights=f"{lora_urls[0]}/good.safetensors")
     assert status == 200 and body["status"] == "failed"
-    assert "lora_url: not enabled on this deployment (PUNKS_LORA_URL_CACHE_SIZE is 0)" in body["error"]
+    assert "lora_weights: not enabled on this deployment (PUNKS_LORA_URL_CACHE_SIZE is 0)" in body["error"]
 
 
 def test_lora_url_never_reaches_internal_hosts(server: CogServer):
@@ -692,7 +758,7 @@ def test_lora_url_never_reaches_internal_hosts(server: CogServer):
             (f"{base}/redirect?to=ftp://{INTERNAL_HOST}:{ftp.port}/x.safetensors", "redirect to a non-http(s) URL"),
         ]
         for url, rule in cases:
-            status, body = server.predict(prompt="a punk", steps=1, lora_url=url)
+            status, body = server.predict(prompt="a punk", num_inference_steps=1, lora_weights=url)
             assert status == 200 and body["status"] == "failed", body
             assert rule in body["error"] and str(internal.port) not in body["error"].replace(url, "")
         assert internal.hits == 0 and ftp.hits == 0
@@ -707,7 +773,7 @@ def test_slow_lora_urls_hold_up_no_other_prediction_and_stop_when_cancelled(serv
                 server.request,
                 "PUT",
                 f"/predictions/slow-{i}",
-                {"input": {"prompt": "a punk", "steps": 1, "lora_url": f"{base}/slow?{i}"}},
+                {"input": {"prompt": "a punk", "num_inference_steps": 1, "lora_weights": f"{base}/slow?{i}"}},
             )
             for i in range(6)
         ]
@@ -716,7 +782,7 @@ def test_slow_lora_urls_hold_up_no_other_prediction_and_stop_when_cancelled(serv
             assert time.monotonic() < deadline, "the slow downloads never started"
             time.sleep(0.1)
         started = time.monotonic()
-        status, plain = server.predict(prompt="a punk", seed=3, steps=1)
+        status, plain = server.predict(prompt="a punk", seed=3, num_inference_steps=1)
         assert status == 200 and plain["status"] == "succeeded", plain
         assert time.monotonic() - started < 30
         for i in range(6):
@@ -726,25 +792,26 @@ def test_slow_lora_urls_hold_up_no_other_prediction_and_stop_when_cancelled(serv
         while stats.dribbling:
             assert time.monotonic() < deadline, f"{stats.dribbling} downloads still running after cancel"
             time.sleep(0.2)
-    status, after = server.predict(prompt="a punk", seed=3, steps=1)
-    assert status == 200 and after["output"] == plain["output"]
+    assert server.images(prompt="a punk", seed=3, num_inference_steps=1) == server.files(plain)
 
 
 def test_a_lora_url_serves_only_the_requests_naming_it(server: CogServer, lora_urls):
     """Its cache name is no LoRA another caller can pick, nor listed in the unknown-LoRA error."""
     base, _, _ = lora_urls
-    status, body = server.predict(prompt="a punk", seed=4, steps=1, lora_url=f"{base}/good.safetensors")
+    status, body = server.predict(
+        prompt="a punk", seed=4, num_inference_steps=1, lora_weights=f"{base}/good.safetensors"
+    )
     assert status == 200 and body["status"] == "succeeded", body
     cache_names = {path.stem for path in server.log.parent.glob("lora-url-cache/url-*.safetensors")}
     assert cache_names  # the file is cached under a name
     for name in cache_names:
-        status, body = server.predict(prompt="a punk", seed=4, steps=1, lora=name)
+        status, body = server.predict(prompt="a punk", seed=4, num_inference_steps=1, lora=name)
         assert status == 200 and body["status"] == "failed"
         assert "unknown LoRA" in body["error"] and "url-" not in body["error"].replace(name, "")
 
 
 def test_cog_errors_name_no_server_path(server: CogServer):
-    status, body = server.predict(prompt="a punk", steps=1, lora="nope")
+    status, body = server.predict(prompt="a punk", num_inference_steps=1, lora="nope")
     assert status == 200 and body["status"] == "failed"
     assert "lora: unknown LoRA 'nope'; allowed: bespoke_punks" in body["error"]
     assert not re.search(r"/tmp|/\w+/\w+/", body["error"]), body["error"]
@@ -760,9 +827,64 @@ def test_a_lora_with_nan_values_fails_the_prediction_naming_the_url(server: CogS
     first_alpha = next(key for key in tensors if key.endswith(".alpha"))
     tensors[first_alpha] = torch_nan_like(tensors[first_alpha])
     save_file(tensors, str(folder / "nan.safetensors"), metadata=kohya_metadata(32, 16))
-    status, body = server.predict(prompt="a punk", steps=1, lora_url=f"{base}/nan.safetensors")
+    status, body = server.predict(prompt="a punk", num_inference_steps=1, lora_weights=f"{base}/nan.safetensors")
     assert status == 200 and body["status"] == "failed"
-    assert f"lora_url: {base}/nan.safetensors: tensor {first_alpha} holds NaN or infinite values" in body["error"]
+    assert f"lora_weights: {base}/nan.safetensors: tensor {first_alpha} holds NaN or infinite values" in body["error"]
+
+
+def test_lora_weights_in_the_forms_people_paste(server: CogServer, lora_urls):
+    """A Hub file as hf://, owner/repo/file (the Hub's files come from the loopback server here, HF_ENDPOINT) and a
+    Replicate training's .tar holding one .safetensors: the same LoRA, the same image as its plain URL."""
+    base, folder, _ = lora_urls
+    for revision in ("main", "v1"):
+        hub = folder / f"owner/punks/resolve/{revision}"
+        hub.mkdir(parents=True, exist_ok=True)
+        shutil.copy(folder / "good.safetensors", hub / "good.safetensors")
+    with tarfile.open(folder / "trained_model.tar", "w") as tar:
+        tar.add(folder / "good.safetensors", arcname="output/lora.safetensors")
+        tar.add(folder / "b.bin", arcname="output/README.txt")
+    inputs = {"prompt": "a punk", "seed": 6, "num_inference_steps": 1}
+    reference = server.images(**inputs, lora_weights=f"{base}/good.safetensors")
+    assert reference != server.images(**inputs)
+    for pasted in ("owner/punks/good.safetensors", "hf://owner/punks@v1/good.safetensors", f"{base}/trained_model.tar"):
+        status, body = server.predict(**inputs, lora_weights=pasted)
+        assert status == 200, body
+        assert server.files(body) == reference, pasted
+        assert "SD1.5 LoRA" in body["logs"]
+    assert not list(server.log.parent.glob("lora-url-cache/*.tar*"))  # the .tar itself is not kept
+
+
+def test_a_tar_without_exactly_one_safetensors_fails_naming_it(server: CogServer, lora_urls):
+    base, folder, _ = lora_urls
+    with tarfile.open(folder / "two.tar", "w") as tar:
+        tar.add(folder / "good.safetensors", arcname="a.safetensors")
+        tar.add(folder / "good.safetensors", arcname="b.safetensors")
+    (folder / "not-a.tar").write_bytes(b"plain bytes")
+    for name, reason in (
+        ("two.tar", "exactly one .safetensors file (found: a.safetensors, b.safetensors)"),
+        ("not-a.tar", "not a readable .tar file"),
+    ):
+        status, body = server.predict(prompt="a punk", num_inference_steps=1, lora_weights=f"{base}/{name}")
+        assert status == 200 and body["status"] == "failed", body
+        assert f"lora_weights: {base}/{name}: " in body["error"] and reason in body["error"]
+
+
+def test_a_private_hub_lora_needs_the_callers_token_which_only_it_uses(server: CogServer, lora_urls):
+    base, folder, _ = lora_urls
+    private = folder / "owner/private/resolve/main"
+    private.mkdir(parents=True, exist_ok=True)
+    shutil.copy(folder / "good.safetensors", private / "good.safetensors")
+    inputs = {"prompt": "a punk", "seed": 8, "num_inference_steps": 1, "lora_weights": "owner/private/good.safetensors"}
+    status, refused = server.predict(**inputs)
+    assert status == 200 and refused["status"] == "failed" and "HTTP 401" in refused["error"]
+    with_token = server.images(**inputs, hf_api_token=HUB_TOKEN)
+    assert with_token == server.images(**inputs | {"lora_weights": f"{base}/good.safetensors"})
+    status, again = server.predict(**inputs)  # cached under the token: not for a request without it
+    assert status == 200 and again["status"] == "failed" and "HTTP 401" in again["error"]
+    assert HUB_TOKEN not in json.dumps(again) and HUB_TOKEN not in server.log_tail(1_000_000)
+    sent = {auth for path, auth in _Handler.tokens if auth}
+    assert sent == {f"Bearer {HUB_TOKEN}"}  # the server's own HF_TOKEN (unset here) never, the caller's own only
+    assert all("/private/" in path for path, auth in _Handler.tokens if auth)
 
 
 def torch_nan_like(tensor):
@@ -775,10 +897,17 @@ def torch_nan_like(tensor):
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; a path under /private/ only with the token (as the Hub serves a private repo's files)."""
+
     requests: list[str] = []
+    tokens: list[tuple[str, str | None]] = []  # (path, Authorization header) of every request, of every server
 
     def do_GET(self):
         type(self).requests.append(self.path)
+        type(self).tokens.append((self.path, self.headers.get("Authorization")))
+        if "/private/" in self.path and self.headers.get("Authorization") != f"Bearer {HUB_TOKEN}":
+            self.send_error(401)
+            return
         super().do_GET()
 
     def log_message(self, *args):
@@ -916,15 +1045,18 @@ def test_setup_downloads_the_weights_then_run_writes_images_then_sprites(
         "prompt": "a punk",
         "seed": 5,
         "num_outputs": 2,
-        "steps": 1,
-        "guidance": 7.5,
+        "negative_prompt": "",
+        "num_inference_steps": 1,
+        "guidance_scale": 7.5,
+        "scheduler": "DPM++ 2M",
+        "lora": "",
+        "lora_weights": "",
+        "lora_scale": 1.0,
+        "hf_api_token": None,
         "output_size": 1024,
         "integer_scale": False,
         "return_sprites": True,
         "output_format": "png",
-        "lora": "",
-        "lora_url": "",
-        "scheduler": None,
         "palette": "",
         "background": "keep",
         "image": None,
@@ -934,22 +1066,22 @@ def test_setup_downloads_the_weights_then_run_writes_images_then_sprites(
     async def setup_then_run_twice():  # as coglet does: setup and every run on one event loop
         await runner.setup()
         first = await runner.run(**inputs)
-        sizes = [Image.open(p).size for p in first.images + first.sprites]
+        sizes = [Image.open(p).size for p in first]
         return first, sizes, await runner.run(**inputs | {"num_outputs": 1, "output_size": 48, "return_sprites": False})
 
     output, sizes, again = asyncio.run(setup_then_run_twice())
     assert not runner.engine.is_smoke  # loaded the downloaded files as real weights
     assert runner.engine.weights.base_model == tmp_path / "weights" / "stable-diffusion-v1-5"
-    assert [Path(p).name for p in output.images + output.sprites] == [
-        "punk-1.png",
-        "punk-2.png",
-        "punk-1.sprite.png",
-        "punk-2.sprite.png",
+    assert [Path(p).name for p in output] == [
+        "out-0-seed5.png",
+        "out-1-seed6.png",
+        "out-0-seed5-sprite.png",
+        "out-1-seed6-sprite.png",
     ]
     assert sizes == [(1024, 1024)] * 2 + [(GRID, GRID)] * 2
-    assert output.seeds == [5, 6] and output.smooth is None and again.sprites is None
+    assert [Path(p).name for p in again] == ["out-0-seed5.png"]
     # with KEPT_OUTPUT_FOLDERS 1, the next prediction removed this one's files (sent by then)
-    assert not any(Path(p).exists() for p in output.images) and Image.open(again.images[0]).size == (48, 48)
+    assert not any(Path(p).exists() for p in output) and Image.open(again[0]).size == (48, 48)
 
 
 def test_setup_fails_on_a_bad_checksum_before_loading(http_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -968,3 +1100,28 @@ def test_setup_without_weights_names_them(tmp_path: Path, monkeypatch: pytest.Mo
     runner_env(monkeypatch, tmp_path / "weights", "")
     with pytest.raises(WeightsError, match=r"missing weights: .*stable-diffusion-v1-5.*bespoke_punks\.safetensors"):
         asyncio.run(Runner().setup())
+
+
+def test_setup_fetches_what_weights_lacks_from_the_pinned_source(
+    http_files, smoke_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """cog.yaml's PUNKS_FETCH_AT_SETUP: SD1.5 from its pinned source (here a loopback mirror of the smoke model, its
+    files pinned by their sha256 as the real ones are) and the LoRA from PUNKS_LORA_URL, before loading."""
+    import predict
+    from devtools.smoke import SMOKE_FOLDER, SMOKE_LORA
+    from service.weights import pinned
+
+    base, _, _ = http_files
+    folder = smoke_dir / SMOKE_FOLDER
+    monkeypatch.setattr(
+        pinned, "SD15_SHA256", {p.relative_to(folder).as_posix(): sha256(p) for p in folder.rglob("*") if p.is_file()}
+    )
+    runner_env(monkeypatch, tmp_path / "weights", "")
+    monkeypatch.setenv("PUNKS_FETCH_AT_SETUP", "true")
+    monkeypatch.setenv("PUNKS_BASE_MODEL_MIRROR", f"{base}/smoke/{SMOKE_FOLDER}")
+    monkeypatch.setenv("PUNKS_LORA_URL", f"{base}/smoke/{SMOKE_LORA}#sha256={sha256(smoke_dir / SMOKE_LORA)}")
+    runner = predict.Runner()
+    asyncio.run(runner.setup())
+    assert not runner.engine.is_smoke  # the fetched files, loaded as real weights
+    assert runner.engine.weights.base_model == tmp_path / "weights" / "stable-diffusion-v1-5"
+    assert (tmp_path / "weights" / "bespoke_punks.safetensors").read_bytes() == (smoke_dir / SMOKE_LORA).read_bytes()

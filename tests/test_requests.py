@@ -19,12 +19,12 @@ PROMPT = "lad with a red beanie, green background"
         (GenerationRequest(PROMPT, seed=2**32), "seed"),
         (GenerationRequest(PROMPT, num_outputs=5), "num_outputs"),
         (GenerationRequest(PROMPT, num_outputs=0), "num_outputs"),
-        (GenerationRequest(PROMPT, steps=0), "steps"),
-        (GenerationRequest(PROMPT, steps=101), "steps"),
-        (GenerationRequest(PROMPT, guidance=-1), "guidance"),
-        (GenerationRequest(PROMPT, guidance=21), "guidance"),
-        (GenerationRequest(PROMPT, guidance=float("nan")), "guidance"),
-        (GenerationRequest(PROMPT, guidance=float("inf")), "guidance"),
+        (GenerationRequest(PROMPT, num_inference_steps=0), "num_inference_steps"),
+        (GenerationRequest(PROMPT, num_inference_steps=101), "num_inference_steps"),
+        (GenerationRequest(PROMPT, guidance_scale=-1), "guidance_scale"),
+        (GenerationRequest(PROMPT, guidance_scale=21), "guidance_scale"),
+        (GenerationRequest(PROMPT, guidance_scale=float("nan")), "guidance_scale"),
+        (GenerationRequest(PROMPT, guidance_scale=float("inf")), "guidance_scale"),
         (GenerationRequest("lad \ud800"), "prompt"),
         (GenerationRequest("\u200b\u200b \u2060\t"), "prompt"),  # only zero-width and space characters
         (GenerationRequest(PROMPT, seed=5.0), "seed"),  # type: ignore[arg-type]
@@ -35,6 +35,10 @@ PROMPT = "lad with a red beanie, green background"
         (GenerationRequest(PROMPT, upscaler="bicubic"), "upscaler"),  # type: ignore[arg-type]
         (GenerationRequest(PROMPT, integer_scale="yes"), "integer_scale"),  # type: ignore[arg-type]
         (GenerationRequest(PROMPT, lora="   "), "lora"),
+        (GenerationRequest(PROMPT, lora_scale=2.5), "lora_scale"),
+        (GenerationRequest(PROMPT, lora_scale=float("nan")), "lora_scale"),
+        (GenerationRequest(PROMPT, negative_prompt="x" * 501), "negative_prompt"),
+        (GenerationRequest(PROMPT, negative_prompt=3), "negative_prompt"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_requests_name_the_field(request_, field):
@@ -45,7 +49,17 @@ def test_bad_requests_name_the_field(request_, field):
 
 
 def test_a_request_in_bounds_passes():
-    GenerationRequest(PROMPT, seed=0, num_outputs=MAX_IMAGES, steps=1, guidance=0, lora="other", output_size=24).check()
+    GenerationRequest(
+        PROMPT,
+        seed=0,
+        num_outputs=MAX_IMAGES,
+        num_inference_steps=1,
+        guidance_scale=0,
+        negative_prompt="blurry",
+        lora="other",
+        lora_scale=0.5,
+        output_size=24,
+    ).check()
 
 
 def test_request_sizes_fill_a_batch_with_the_fewest_requests():

@@ -48,15 +48,15 @@ def test_a_seed_gives_the_same_image_per_sampler_in_any_batch_of_the_same_size(f
     """Ancestral and SDE samplers draw their noise from each image's own generator: the batch mates change
     nothing (same batch size: bitwise), and alone the image is close (other GEMM rounding, as
     tests/test_http_determinism.py says of the default sampler)."""
-    request = GenerationRequest(PROMPT, seed=42, steps=2, sampler=sampler)
+    request = GenerationRequest(PROMPT, seed=42, num_inference_steps=2, sampler=sampler)
     mates = [
-        GenerationRequest("zombie", seed=5, steps=2, sampler=sampler),
-        GenerationRequest("alien", seed=9, num_outputs=2, steps=2, sampler=sampler),
+        GenerationRequest("zombie", seed=5, num_inference_steps=2, sampler=sampler),
+        GenerationRequest("alien", seed=9, num_outputs=2, num_inference_steps=2, sampler=sampler),
     ]
     first = fast_engine.render([request, *mates])[0].raws[0]
     others = [
-        GenerationRequest("girl", seed=1, num_outputs=2, steps=2, sampler=sampler),
-        GenerationRequest("boy", steps=2, sampler=sampler),
+        GenerationRequest("girl", seed=1, num_outputs=2, num_inference_steps=2, sampler=sampler),
+        GenerationRequest("boy", num_inference_steps=2, sampler=sampler),
     ]
     second = fast_engine.render([others[0], request, others[1]])[1].raws[0]
     assert first.tobytes() == second.tobytes()
@@ -68,15 +68,19 @@ def test_a_seed_gives_the_same_image_per_sampler_in_any_batch_of_the_same_size(f
 def test_each_sampler_through_the_server_different_samplers_differ_and_a_sampler_repeats(live: str):
     images = {}
     for sampler in samplers.SAMPLER_NAMES:
-        response = post(live, {"prompt": PROMPT, "seed": 11, "steps": 3, "sampler": sampler, "return_sprites": True})
+        response = post(
+            live, {"prompt": PROMPT, "seed": 11, "num_inference_steps": 3, "sampler": sampler, "return_sprites": True}
+        )
         assert response.status_code == 200, response.text
         assert response.json()["sampler"] == sampler
         images[sampler] = response.json()["images"][0]["image"]
     assert len(set(images.values())) == len(images)  # every sampler draws another picture from the same seed
     for sampler in ("Euler a", "DPM++ SDE", "DDIM"):  # stochastic ones and a deterministic one
-        again = post(live, {"prompt": PROMPT, "seed": 11, "steps": 3, "sampler": sampler, "return_sprites": True})
+        again = post(
+            live, {"prompt": PROMPT, "seed": 11, "num_inference_steps": 3, "sampler": sampler, "return_sprites": True}
+        )
         assert again.json()["images"][0]["image"] == images[sampler]
-    default = post(live, {"prompt": PROMPT, "seed": 11, "steps": 3})
+    default = post(live, {"prompt": PROMPT, "seed": 11, "num_inference_steps": 3})
     assert default.json()["sampler"] == "DPM++ 2M" and default.json()["images"][0]["image"] == images["DPM++ 2M"]
 
 

@@ -103,12 +103,14 @@ def test_engine_delivers_the_smooth_image_when_configured(smoke_settings, small_
     )
     engine = Engine.load(settings)
     assert engine.upscaler is not None and engine.upscaler.scale == 2
-    result = engine.generate(GenerationRequest("lad with a red beanie", seed=1, num_outputs=2, steps=TEST_STEPS))
+    result = engine.generate(
+        GenerationRequest("lad with a red beanie", seed=1, num_outputs=2, num_inference_steps=TEST_STEPS)
+    )
     for image in result.images:
         assert image.smooth is not None and image.smooth.size == (1024, 1024)
         assert image.art.image.size == (1024, 1024)  # the snapped sprite is still delivered
     assert result.timings["upscale_s"] > 0
-    plain = engine.generate(GenerationRequest("lad", seed=1, steps=TEST_STEPS, upscaler="nearest"))
+    plain = engine.generate(GenerationRequest("lad", seed=1, num_inference_steps=TEST_STEPS, upscaler="nearest"))
     assert plain.images[0].smooth is None and "upscale_s" not in plain.timings
 
 

@@ -97,7 +97,7 @@ def test_bad_strengths_name_the_field(changes, field, why):
 
 def test_a_strength_that_runs_no_step_is_refused(engine):
     with pytest.raises(RequestError, match="leaves no step to run") as error:
-        engine.check_request(GenerationRequest("punk", image=sprite(), strength=0.2, steps=4))
+        engine.check_request(GenerationRequest("punk", image=sprite(), strength=0.2, num_inference_steps=4))
     assert error.value.field == "strength"
 
 
@@ -112,13 +112,15 @@ def test_variations_share_one_img2img_call_over_the_loaded_modules_and_match_alo
 
     monkeypatch.setattr(OneDeviceImg2ImgPipeline, "__call__", counting)
     start = sprite()
-    alone = engine.generate(GenerationRequest("punk", seed=4, image=start, strength=0.5, steps=4))
+    alone = engine.generate(GenerationRequest("punk", seed=4, image=start, strength=0.5, num_inference_steps=4))
     built.clear()
     text, first, second = engine.generate_batch(
         [
-            GenerationRequest("punk", seed=9, steps=4),
-            GenerationRequest("punk", seed=4, image=start, strength=0.5, steps=4),
-            GenerationRequest("punk", 6, 2, steps=4, image=Image.new("RGB", (64, 48), "red"), strength=0.5),
+            GenerationRequest("punk", seed=9, num_inference_steps=4),
+            GenerationRequest("punk", seed=4, image=start, strength=0.5, num_inference_steps=4),
+            GenerationRequest(
+                "punk", 6, 2, num_inference_steps=4, image=Image.new("RGB", (64, 48), "red"), strength=0.5
+            ),
         ]
     )
     assert len(built) == 1 and len(text_calls) == 1  # the two variation requests in one call

@@ -19,11 +19,13 @@ from devtools.smoke import SMOKE_FOLDER, SMOKE_LORA, SMOKE_SINGLE_FILE, build_sm
 from service.cli import main
 from service.config import MANIFEST_FILE as MANIFEST
 from service.config import SD15_FOLDER, Settings
+from service.errors import WeightsError
 from service.loading import load_base_pipeline
 from service.weights.check import SINGLE_FILE_PREFIXES, check, check_base_model
 from service.weights.download import SD15_PATTERNS, download
 from service.weights.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec
 from service.weights.manifest import read_manifest
+from service.weights.pinned import SD15_REVISION, SD15_SHA256, fetch_missing_weights, sd15_files
 from service.weights.resolve import folder_variant
 from service.weights.source import HubFile, Source
 
@@ -454,3 +456,107 @@ def test_check_compares_with_the_manifest(fake_hub, tmp_path: Path, smoke_parame
     findings = check(settings, expected=smoke_parameters)
     assert any(f.what == "base model" and "the manifest says" in f.detail for f in findings)
     assert any(f.what == "unet" and f.status == "bad" and "truncated" in f.detail for f in findings)
+
+
+# --- the pinned SD1.5 source a pushed Cog model fetches at setup (service/weights/pinned.py) -----------------------
+
+
+def test_the_pinned_files_are_what_weights_download_takes_each_with_its_sha256():
+    chosen = set(filter_repo_objects(HUB_FILES, allow_patterns=list(SD15_PATTERNS)))
+    assert set(SD15_SHA256) == chosen
+    assert all(len(digest) == 64 and int(digest, 16) >= 0 for digest in SD15_SHA256.values())
+    assert len(SD15_REVISION) == 40  # a commit, not a branch: the files cannot change under the checksums
+    unet = next(f for f in sd15_files() if f.dest.endswith("unet/diffusion_pytorch_model.fp16.safetensors"))
+    assert unet.source.url == (
+        f"https://huggingface.co/{REPO}/resolve/{SD15_REVISION}/unet/diffusion_pytorch_model.fp16.safetensors"
+    )
+    assert unet.dest == f"{SD15_FOLDER}/unet/diffusion_pytorch_model.fp16.safetensors"
+
+
+@pytest.fixture
+def mirror(hub_repo: Path, served) -> tuple[str, dict[str, str]]:
+    """The smoke model's fp16 diffusers files (what the patterns take) on the loopback server: URL, path -> sha256."""
+    base, folder, _ = served
+    files = {}
+    for name in filter_repo_objects(
+        [str(f.relative_to(hub_repo)) for f in hub_repo.rglob("*") if f.is_file()], allow_patterns=list(SD15_PATTERNS)
+    ):
+        (folder / "mirror" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(hub_repo / name, folder / "mirror" / name)
+        files[name] = sha256((hub_repo / name).read_bytes())
+    return f"{base}/mirror", files
+
+
+def test_setup_fetch_resumes_a_cut_download_then_loads_the_fp16_folder(mirror, served, tmp_path: Path):
+    url, files = mirror
+    _, folder, handler = served
+    (folder / "lora.safetensors").write_bytes(b"the default LoRA")
+    unet = "/mirror/unet/diffusion_pytorch_model.fp16.safetensors"
+    handler.cut_after[unet] = 100_000
+    settings = Settings(
+        weights_dir=tmp_path,
+        fetch_at_setup=True,
+        base_model_mirror=url,
+        lora_url=f"{served[0]}/lora.safetensors",
+        allow_smoke_model=False,
+    )
+    with pytest.raises(WeightsError) as failed:
+        fetch_missing_weights(settings, files)
+    message = str(failed.value)  # the file, the setting it came from, and what to do instead
+    assert f"{SD15_FOLDER}/unet/diffusion_pytorch_model.fp16.safetensors" in message
+    assert "PUNKS_BASE_MODEL_MIRROR" in message and "weights download" in message and "cog push" in message
+    part = tmp_path / SD15_FOLDER / "unet/diffusion_pytorch_model.fp16.safetensors.part"
+    assert part.stat().st_size == 100_000
+    fetch_missing_weights(settings, files)  # resumed, not started over
+    assert (unet, "bytes=100000-") in handler.seen
+    assert (tmp_path / "bespoke_punks.safetensors").read_bytes() == b"the default LoRA"
+    assert folder_variant(tmp_path / SD15_FOLDER) == "fp16"
+    load_base_pipeline(tmp_path / SD15_FOLDER, tmp_path / SD15_FOLDER, torch.float32)
+    seen = len(handler.seen)
+    assert fetch_missing_weights(settings, files) == []  # all there: nothing fetched, nothing hashed again
+    assert len(handler.seen) == seen
+
+
+def test_a_file_that_is_not_the_pinned_one_fails_setup_and_is_removed(served, tmp_path: Path):
+    """The real pinned checksums, against a mirror serving other bytes: refused, named, never kept."""
+    base, folder, _ = served
+    for path in SD15_SHA256:
+        (folder / "wrong" / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "wrong" / path).write_bytes(b"not SD1.5")
+    settings = Settings(weights_dir=tmp_path, fetch_at_setup=True, base_model_mirror=f"{base}/wrong")
+    with pytest.raises(WeightsError, match=r"12 of 12 weight files failed") as failed:
+        fetch_missing_weights(settings)
+    assert f"{SD15_FOLDER}/model_index.json: checksum mismatch" in str(failed.value)
+    assert SD15_SHA256["vae/diffusion_pytorch_model.fp16.safetensors"] in str(failed.value)
+    assert not list(tmp_path.rglob("*.json*"))
+
+
+def test_nothing_is_fetched_when_weights_dir_holds_sd15(weights_dir: Path):
+    settings = Settings(weights_dir=weights_dir, fetch_at_setup=True, base_model_mirror="https://unreachable.invalid")
+    assert fetch_missing_weights(settings) == []
+
+
+@pytest.mark.parametrize(
+    ("pasted", "location"),
+    [
+        ("https://huggingface.co/o/r/blob/main/sub/x.safetensors", "hf://o/r@main/sub/x.safetensors"),
+        ("huggingface.co/o/r/resolve/0a1b/x.safetensors?download=true", "hf://o/r@0a1b/x.safetensors"),
+        ("https://hf.co/o/r/resolve/v1.0/x.safetensors", "hf://o/r@v1.0/x.safetensors"),
+        ("o/r/x.safetensors", "hf://o/r/x.safetensors"),
+        ("hf://o/r@v2/x.safetensors", "hf://o/r@v2/x.safetensors"),
+        (
+            "https://replicate.delivery/pbxt/abc/trained_model.tar",
+            "https://replicate.delivery/pbxt/abc/trained_model.tar",
+        ),
+    ],
+)
+def test_lora_sources_in_the_forms_people_paste(pasted: str, location: str):
+    digest = "ab" * 32
+    assert Source.parse_pasted(pasted) == Source(location)
+    assert Source.parse_pasted(f"{pasted}#sha256={digest}") == Source(location, digest)
+
+
+@pytest.mark.parametrize("pasted", ["o/r", "huggingface.co/o/r", "ftp://h/x.safetensors", "o/r/x#sha256=12"])
+def test_incomplete_pasted_sources_are_refused(pasted: str):
+    with pytest.raises(ValueError, match="lora_weights: "):
+        Source.parse_pasted(pasted, context="lora_weights")

@@ -8,10 +8,10 @@ img2img takes one image in `init_images` (base64, with or without a data: URL pr
 
 As in A1111, unknown fields are ignored (clients send dozens: hires fix, ControlNet, ...), bad values are a
 422 `{"detail": [{"type", "loc", "msg"}]}` and other failures `{"error", "detail", "body", "errors"}` with the
-status. What would change the picture and this server cannot do is refused naming the field, never ignored:
-a negative prompt (the engine encodes one fixed negative prompt, cached once; appending to it per request
-would need a per-request negative in the engine), a sampler or scheduler not in service/samplers.py, hires fix,
-face restoration, tiling, styles, scripts, variation seeds, width != height.
+status. A negative prompt is added to the engine's fixed one (against the known failures), never replacing it.
+What would change the picture and this server cannot do is refused naming the field, never ignored: a sampler or
+scheduler not in service/samplers.py, hires fix, face restoration, tiling, styles, scripts, variation seeds,
+width != height.
 
 `width` (= `height`) is the delivered size of the snapped 24x24 sprite (default 512, like A1111's; 1024 gives
 /v1/generate's default); the diffusion itself always runs at 512. `batch_size * n_iter` images, at most 4,
@@ -44,7 +44,8 @@ from service.images import decode_base64_image
 # The engine's field names (RequestError.field, service/engine.py) as this API calls them.
 FIELDS = {
     "num_outputs": "batch_size",
-    "guidance": "cfg_scale",
+    "num_inference_steps": "steps",
+    "guidance_scale": "cfg_scale",
     "output_size": "width",
     "lora": "override_settings",
     "image": "init_images",
@@ -58,7 +59,9 @@ class Txt2ImgRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # A1111's: clients send every field they know
 
     prompt: Annotated[str, StringConstraints(max_length=config.MAX_PROMPT_CHARS)] = ""
-    negative_prompt: str | None = Field("", max_length=10_000, description="Refused unless empty (fixed one).")
+    negative_prompt: str | None = Field(
+        "", max_length=config.MAX_PROMPT_CHARS, description="Added to the fixed negative prompt (which stays)."
+    )
     styles: list[str] | None = Field(None, max_length=100, description="Refused unless empty.")
     seed: int = Field(-1, ge=-1, le=config.MAX_SEED, description="-1: random. Image i has seed + i.")
     subseed_strength: float = Field(0.0, allow_inf_nan=False, description="Variation seeds: refused unless 0.")
@@ -162,8 +165,9 @@ async def _generate(
             prompt=body.prompt,
             seed=None if body.seed == -1 else body.seed,
             num_outputs=body.batch_size * body.n_iter,
-            steps=body.steps,
-            guidance=body.cfg_scale,
+            num_inference_steps=body.steps,
+            guidance_scale=body.cfg_scale,
+            negative_prompt=body.negative_prompt or None,  # added to the fixed negative prompt, never replacing it
             sampler=sampler,
             lora=lora,
             output_size=body.width,
@@ -289,11 +293,6 @@ def _check_unsupported(body: Txt2ImgRequest, default: str) -> str:
     except RequestError as error:
         sampler_error = error
     refusals = [
-        (
-            "negative_prompt",
-            bool(body.negative_prompt and body.negative_prompt.strip()),
-            "not supported: every image uses the fixed negative prompt against the known failures (leave it empty)",
-        ),
         (
             sampler_error.field if sampler_error else sampler_field,
             sampler_error is not None,

@@ -36,8 +36,8 @@ async def playground_config(request: Request) -> JSONResponse:
             "prompt_prefix": PROMPT_PREFIX,
             "prompt_suffix": PROMPT_SUFFIX,
             "defaults": {
-                "steps": settings.steps,
-                "guidance": settings.guidance,
+                "num_inference_steps": settings.steps,
+                "guidance_scale": settings.guidance,
                 "integer_scale": settings.integer_scale,
                 "strength": DEFAULT_STRENGTH,
             },

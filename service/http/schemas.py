@@ -23,15 +23,20 @@ class GenerateRequest(BaseModel):
     ] = Field(description="Short description, e.g. 'lad with a red beanie, green background'.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when omitted; image i uses seed + i.")
     num_outputs: int = Field(1, ge=1, le=config.MAX_IMAGES, description="Images to generate.")
-    steps: int | None = Field(
+    num_inference_steps: int | None = Field(
         None, ge=config.MIN_STEPS, le=config.MAX_STEPS, description="Denoising steps (default: PUNKS_STEPS)."
     )
-    guidance: float | None = Field(
+    guidance_scale: float | None = Field(
         None,
         ge=config.MIN_GUIDANCE,
         le=config.MAX_GUIDANCE,
         allow_inf_nan=False,
         description="Classifier-free guidance (default: PUNKS_GUIDANCE).",
+    )
+    negative_prompt: str | None = Field(
+        None,
+        max_length=config.MAX_PROMPT_CHARS,
+        description="Words added to the fixed negative prompt (which stays), e.g. 'hat, glasses'.",
     )
     sampler: SamplerName | None = Field(
         None, description="Sampler, by its A1111 name (default: PUNKS_SCHEDULER's, 'DPM++ 2M')."
@@ -53,6 +58,14 @@ class GenerateRequest(BaseModel):
         None,
         max_length=200,
         description="A LoRA name from GET /v1/loras (files in PUNKS_LORAS_DIR); default: the served one.",
+    )
+    lora_scale: float | None = Field(
+        None,
+        ge=config.MIN_LORA_SCALE,
+        le=config.MAX_LORA_SCALE,
+        allow_inf_nan=False,
+        description="Strength of the LoRA (default: PUNKS_LORA_SCALE); other scales need a server that can switch "
+        "LoRAs (PUNKS_LORA_URL_CACHE_SIZE > 0 or a LoRA folder).",
     )
     upscaler: config.UpscalerName | None = Field(
         None, description="'realesrgan' also returns the raw generation upscaled smoothly (when the server enables it)."
@@ -130,8 +143,8 @@ class GenerateResponse(BaseModel):
     negative_prompt: str
     truncated: bool = Field(description="Whether the prompt was too long for CLIP.")
     dropped_words: str = Field(description="The end of the prompt that did not fit ('' if none).")
-    steps: int
-    guidance: float
+    num_inference_steps: int
+    guidance_scale: float
     sampler: str = Field(description="The sampler used, by its A1111 name.")
     media_type: str = Field(description="Of the images (and sprites), e.g. 'image/png'.")
     images: list[ImageOut]

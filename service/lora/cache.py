@@ -1,6 +1,8 @@
-"""LoRA files from URLs (Cog's `lora_url` input), downloaded once and kept in a bounded LRU cache.
+"""LoRA files from URLs (Cog's `lora_weights` input), downloaded once and kept in a bounded LRU cache.
 
-A URL is downloaded (service/weights/fetch.py: https or hf://, optional #sha256 pin) under the strict download
+A URL is downloaded (service/weights/fetch.py: https or hf://, the Hub's web URLs and owner/repo/file shorthand
+(Source.parse_pasted), optional #sha256 pin; a .tar, as a Replicate training outputs, must hold one .safetensors,
+which is taken out of it) with the caller's own Hub token if given (never the server's) under the strict download
 policy (service/weights/policy.py: public hosts only, deadlines, a size cap) on the cache's own bounded pool of
 threads, never the event loop's default one, and a download stops when the prediction that asked for it is
 cancelled. The file is registered with the engine under a fresh private name (Engine.add_lora, which runs the
@@ -12,6 +14,9 @@ request is queued until its result is back (`use`), so a queued or rendering req
 every entry held the cache briefly holds more than `capacity` files; the next download evicts back down to it.
 Eviction runs in the downloading thread, never on the event loop (unregistering waits for the GPU thread).
 
+A file fetched with a token is cached under the URL and a hash of that token: only a request with the same token
+gets it from the cache, never one without.
+
 Names and file names are built from a counter and a hash of the URL, and the logs show the URL without its
 query string (Source.shown): signed URLs carry secrets there. A name is never reused, so a file evicted while a
 newer download of the same URL arrives cannot be mistaken for it. Messages name the URL, never the cache folder.
@@ -20,6 +25,7 @@ newer download of the same URL arrives cannot be mistaken for it. Messages name 
 import asyncio
 import hashlib
 import logging
+import tarfile
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -38,9 +44,12 @@ from service.weights.source import Source
 
 log = logging.getLogger(__name__)
 
-FIELD = "lora_url"
+FIELD = "lora_weights"
 NAME_PREFIX = "url-"  # of the cache's files: only those are removed from the folder at start
 WAIT_POLL_S = 0.5  # how often a request waiting for another's download of its URL checks its own cancel
+
+TAR_SUFFIX = ".tar"
+_Key = tuple[str, str | None, str | None]  # location, pinned sha256, hash of the caller's token
 
 Register = Callable[[str, Path], LoraInfo]  # Engine.add_lora, run on the GPU thread
 Unregister = Callable[[str], None]  # Engine.remove_lora, likewise
@@ -73,9 +82,9 @@ class LoraUrlCache:
         self._register = register
         self._unregister = unregister
         self._threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-url")
-        self._entries: OrderedDict[tuple[str, str | None], CachedLora] = OrderedDict()  # least recently used first
+        self._entries: OrderedDict[_Key, CachedLora] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()  # guards _entries, _loading and every entry's users
-        self._loading: dict[tuple[str, str | None], threading.Lock] = {}  # one download per URL at a time
+        self._loading: dict[_Key, threading.Lock] = {}  # one download per URL (and token) at a time
         self._names = count(1)
         if folder.is_dir():  # files of an earlier process are in no index: they would never be evicted
             for stale in folder.glob(f"{NAME_PREFIX}*"):
@@ -84,17 +93,18 @@ class LoraUrlCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def acquire(self, url: str, cancel: threading.Event | None = None) -> CachedLora:
+    def acquire(self, url: str, cancel: threading.Event | None = None, token: str | None = None) -> CachedLora:
         """The checked, registered LoRA at `url`, held until `release` (blocking: call it off the event loop).
-        RequestError("lora_url", ...) when the cache is off, the URL is malformed or refused, the download fails or
-        is cancelled (`cancel` set), or the guard refuses the file."""
+        `token`: the caller's own Hub token, sent for a hub file only. RequestError("lora_weights", ...) when the
+        cache is off, the URL is malformed or refused, the download fails or is cancelled (`cancel` set), or the
+        guard refuses the file."""
         if self.capacity <= 0:
             raise RequestError(FIELD, "not enabled on this deployment (PUNKS_LORA_URL_CACHE_SIZE is 0)")
         try:
-            source = Source.parse(url, context=FIELD)
+            source = Source.parse_pasted(url, context=FIELD)
         except ValueError as error:
             raise RequestError(FIELD, str(error).removeprefix(f"{FIELD}: ")) from None
-        key = (source.location, source.sha256)
+        key = (source.location, source.sha256, hashlib.sha256(token.encode()).hexdigest() if token else None)
         with self._lock:
             if cached := self._hold(key):
                 return cached
@@ -107,7 +117,7 @@ class LoraUrlCache:
                 if cached := self._hold(key):
                     return cached
             try:
-                entry = self._download(source, cancel)
+                entry = self._download(source, cancel, token)
             finally:
                 with self._lock:
                     self._loading.pop(key, None)
@@ -127,12 +137,12 @@ class LoraUrlCache:
             entry.users -= 1
 
     @asynccontextmanager
-    async def use(self, url: str) -> AsyncIterator[CachedLora]:
+    async def use(self, url: str, token: str | None = None) -> AsyncIterator[CachedLora]:
         """Hold the LoRA at `url` for the body (download and registration on the cache's threads). A prediction
         cancelled while its download runs stops that download (within the stall timeout); one cancelled while its
         file is being registered releases the entry once that is done."""
         cancel = threading.Event()
-        acquiring = asyncio.wrap_future(self._threads.submit(self.acquire, url, cancel))
+        acquiring = asyncio.wrap_future(self._threads.submit(self.acquire, url, cancel, token))
         try:
             entry = await asyncio.shield(acquiring)
         except asyncio.CancelledError:
@@ -148,7 +158,7 @@ class LoraUrlCache:
         if not acquiring.cancelled() and acquiring.exception() is None:
             self.release(acquiring.result())
 
-    def _hold(self, key: tuple[str, str | None]) -> CachedLora | None:
+    def _hold(self, key: "_Key") -> CachedLora | None:
         """The cached entry, held and made the most recent; None when absent. Under self._lock."""
         entry = self._entries.get(key)
         if entry is not None:
@@ -156,13 +166,17 @@ class LoraUrlCache:
             self._entries.move_to_end(key)
         return entry
 
-    def _download(self, source: Source, cancel: threading.Event | None) -> CachedLora:
+    def _download(self, source: Source, cancel: threading.Event | None, token: str | None) -> CachedLora:
         digest = hashlib.sha256(source.location.encode()).hexdigest()[:12]
         name = f"{NAME_PREFIX}{digest}-{next(self._names)}"
+        is_tar = source.url.partition("?")[0].endswith(TAR_SUFFIX)
+        fetched = name + (TAR_SUFFIX if is_tar else LORA_SUFFIX)
         try:
-            path = fetch_one(WeightFile.of(name + LORA_SUFFIX, source), self.folder, self.policy, cancel)
+            path = fetch_one(WeightFile.of(fetched, source), self.folder, self.policy, cancel, token)
         except FetchError as error:  # "<file name>: <host>: <rule>": the cache's file name means nothing to a caller
-            raise RequestError(FIELD, str(error).removeprefix(f"{name}{LORA_SUFFIX}: ")) from None
+            raise RequestError(FIELD, str(error).removeprefix(f"{fetched}: ")) from None
+        if is_tar:
+            path = _take_safetensors_out(path, self.folder / (name + LORA_SUFFIX), source.shown)
         try:
             info = self._register(name, path)
         except BaseException as error:  # a refused file is not kept
@@ -170,7 +184,7 @@ class LoraUrlCache:
             if isinstance(error, LoraError):  # the guard's message (family, keys, shapes), naming the URL
                 raise RequestError(FIELD, str(error).replace(str(path), source.shown)) from None
             raise
-        log.info("lora_url: %s downloaded, checked and cached as %s", source.shown, name)
+        log.info("lora_weights: %s downloaded, checked and cached as %s", source.shown, name)
         return CachedLora(name, path, info, source.shown)
 
     def _overflow(self) -> list[CachedLora]:
@@ -186,4 +200,26 @@ class LoraUrlCache:
     def _evict(self, entry: CachedLora) -> None:
         self._unregister(entry.name)  # returns once no batch uses it: the file may go
         entry.path.unlink(missing_ok=True)
-        log.info("lora_url: evicted %s (%s), least recently used", entry.name, entry.shown)
+        log.info("lora_weights: evicted %s (%s), least recently used", entry.name, entry.shown)
+
+
+def _take_safetensors_out(tar_path: Path, target: Path, shown: str) -> Path:
+    """The one .safetensors member of a .tar (a Replicate training's output), written to `target`; the .tar is
+    deleted either way. RequestError naming the URL when it holds none, several, or is no tar file. Only the
+    member's bytes are read (never extracted by its own name), so no path in the archive is ever written."""
+    try:
+        with tarfile.open(tar_path) as archive:
+            members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(LORA_SUFFIX)]
+            if len(members) != 1:
+                found = ", ".join(m.name for m in members[:5]) or "none"
+                raise RequestError(FIELD, f"{shown}: the .tar must hold exactly one .safetensors file (found: {found})")
+            source = archive.extractfile(members[0])
+            assert source is not None  # a regular file
+            with source, target.open("wb") as out:
+                while chunk := source.read(1 << 20):
+                    out.write(chunk)
+    except tarfile.TarError:
+        raise RequestError(FIELD, f"{shown}: not a readable .tar file") from None
+    finally:
+        tar_path.unlink(missing_ok=True)
+    return target

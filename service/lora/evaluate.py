@@ -190,7 +190,9 @@ def evaluate(
     results = []
     with tqdm(total=len(checkpoints) * per_checkpoint, unit="img", desc="evaluating", disable=not show_progress) as bar:
         for index, (name, path) in enumerate(checkpoints.items()):
-            requests = [GenerationRequest(p, seed=s, steps=steps, lora=name) for p in prompts for s in seeds]
+            requests = [
+                GenerationRequest(p, seed=s, num_inference_steps=steps, lora=name) for p in prompts for s in seeds
+            ]
 
             def progress(done: int, total: int, base: int = index * per_checkpoint) -> None:
                 bar.n = base + int(per_checkpoint * done / total)

@@ -1,5 +1,5 @@
 """The LoRAs one engine serves, behind one object: the default LoRA (fused at load), the selectable ones by name
-(the allow-list: requests name a LoRA, never a path), the private ones added at run time (Cog's lora_url: only
+(the allow-list: requests name a LoRA, never a path), the private ones added at run time (Cog's lora_weights: only
 the request that asked for one renders with it) and, when more than one can be served, the switcher that fuses
 the one a batch needs.
 
@@ -28,7 +28,7 @@ def check_switching_allowed(settings: Settings) -> None:
     if settings.compile or settings.fp8:
         mode = "compile" if settings.compile else "fp8"
         raise ValueError(
-            f"{mode}: switching LoRAs (loras_dir, or lora_url with PUNKS_LORA_URL_CACHE_SIZE > 0) is not "
+            f"{mode}: switching LoRAs (loras_dir, or lora_weights with PUNKS_LORA_URL_CACHE_SIZE > 0) is not "
             f"supported with PUNKS_{mode.upper()} (the switcher rewrites fp16 weights in place); set "
             f"PUNKS_LORA_URL_CACHE_SIZE=0 and leave {settings.loras_path()} empty"
         )
@@ -44,12 +44,15 @@ class LoraRegistry:
         expected_rank: int,
         files: dict[str, Path] | None = None,
         switcher: LoraSwitcher | None = None,
+        scale: float = 1.0,
     ):
-        """`files`: the allow-list, name -> file; `switcher`: needed to serve any LoRA but the default one."""
+        """`files`: the allow-list, name -> file; `switcher`: needed to serve any LoRA but the default one, or the
+        default one at another scale than `scale`, the one it was fused at."""
         self.default = default
+        self.scale = scale
         self.expected_rank = expected_rank
         self.files = dict(files or {})
-        self.private: dict[str, Path] = {}  # add's (a caller's lora_url): never listed nor selectable by name
+        self.private: dict[str, Path] = {}  # add's (a caller's lora_weights): never listed nor selectable by name
         self.switcher = switcher
 
     @classmethod
@@ -57,23 +60,23 @@ class LoraRegistry:
         cls, pipe: StableDiffusionPipeline, settings: Settings, default: Path, files: dict[str, Path] | None = None
     ) -> "LoraRegistry":
         """Inspect and fuse `default` into `pipe`; `files`: the selectable LoRAs (name -> file), by default every
-        *.safetensors in settings.loras_path(). With selectable LoRAs, or lora_url's cache (LoRAs added at run
+        *.safetensors in settings.loras_path(). With selectable LoRAs, or lora_weights's cache (LoRAs added at run
         time, `add`), every file is checked against the model now and the base weights are kept for switching."""
         files = find_loras(settings.loras_path()) if files is None else files
         info = inspect_sd15_lora(default, settings.expected_lora_rank)
         if not files and not settings.lora_url_cache_size:
             fuse_lora(pipe, info, settings.lora_scale)
-            return cls(info, settings.expected_lora_rank)
+            return cls(info, settings.expected_lora_rank, scale=settings.lora_scale)
         check_switching_allowed(settings)
         selectable = check_loras(pipe, files, settings.expected_lora_rank)  # a wrong file fails now
         switcher = LoraSwitcher(pipe, settings.lora_scale, [info, *selectable.values()])
         log.info(
             "selectable LoRAs: %s (base copy of %.0f MB kept for switching)",
-            ", ".join(sorted(files)) or "none yet (lora_url)",
+            ", ".join(sorted(files)) or "none yet (lora_weights)",
             switcher.base_bytes / 1e6,
         )
         switcher.fuse(info.path)
-        return cls(info, settings.expected_lora_rank, files, switcher)
+        return cls(info, settings.expected_lora_rank, files, switcher, settings.lora_scale)
 
     @property
     def names(self) -> list[str]:
@@ -102,14 +105,33 @@ class LoraRegistry:
         allowed = ", ".join([self.default_name, *self.names])
         raise RequestError("lora", f"unknown LoRA {name[:80]!r}; allowed: {allowed}")
 
-    def use(self, name: str | None) -> float:
-        """Fuse the LoRA named `name`, private ones included (a no-op when it already is); returns the seconds it
-        took."""
-        path = self.file(name, private=True)
-        if path == self.active:
+    @property
+    def active_scale(self) -> float:
+        """The scale the fused LoRA was fused at."""
+        return self.switcher.active_scale if self.switcher is not None else self.scale
+
+    def check_scale(self, scale: float) -> None:
+        """RequestError naming lora_scale when this registry cannot fuse at `scale`: without a switcher (a compiled
+        or fp8 engine, or one with nothing to switch to) the LoRA stays fused at its start-up scale."""
+        if self.switcher is None and scale != self.scale:
+            raise RequestError(
+                "lora_scale",
+                f"this deployment fuses its LoRA once, at {self.scale:g} (PUNKS_LORA_SCALE); other scales need "
+                "PUNKS_LORA_URL_CACHE_SIZE > 0, which PUNKS_COMPILE and PUNKS_FP8 rule out",
+            )
+
+    def is_active(self, name: str | None, scale: float) -> bool:
+        """Whether the LoRA named `name` is fused now, at `scale`."""
+        return (self.file(name, private=True), scale) == (self.active, self.active_scale)
+
+    def use(self, name: str | None, scale: float | None = None) -> float:
+        """Fuse the LoRA named `name`, private ones included, at `scale` (default: the start-up one); a no-op when it
+        already is. Returns the seconds it took."""
+        scale = self.scale if scale is None else scale
+        if self.is_active(name, scale):
             return 0.0
-        assert self.switcher is not None  # without one, only the fused LoRA resolves (load, add)
-        return self.switcher.switch(path)
+        assert self.switcher is not None  # without one, only the fused LoRA at its scale resolves (load, add, check)
+        return self.switcher.switch(self.file(name, private=True), scale)
 
     def warnings(self, info: LoraInfo) -> list[str]:
         """What the guard warns about in a LoRA that it lets through (a rank other than the one that worked)."""

@@ -8,7 +8,7 @@ the model, fused, no wrappers left). Switching back therefore reproduces the fir
 
 Every selectable file is inspected once, at start-up (check_loras): a wrong file fails then, not on a request,
 and a switch uses that inspection instead of reading the file's header again. A LoRA added at run time (`add`,
-Cog's lora_url) is checked the same way before it is added.
+Cog's lora_weights) is checked the same way before it is added.
 
 Cost: a CPU copy of the targeted layers (~350M parameters, ~0.7 GB in fp16 for SD1.5) and per switch
 a host-to-device copy of them plus one fuse.
@@ -47,7 +47,8 @@ def check_loras(pipe: StableDiffusionPipeline, loras: dict[str, Path], expected_
 
 
 class LoraSwitcher:
-    """Keeps the base weights of the LoRA-targeted layers and re-fuses, on demand, one of the LoRAs it was given."""
+    """Keeps the base weights of the LoRA-targeted layers and re-fuses, on demand, one of the LoRAs it was given, at
+    the scale asked for (a request's lora_scale; `scale` when none is given)."""
 
     def __init__(self, pipe: StableDiffusionPipeline, scale: float, loras: Iterable[LoraInfo]):
         self.pipe = pipe
@@ -55,6 +56,7 @@ class LoraSwitcher:
         self.loras = {info.path: info for info in loras}
         self._base = {name: module.weight.detach().to("cpu", copy=True) for name, module in kohya_targets(pipe).items()}
         self.active: Path | None = None
+        self.active_scale = scale
 
     def add(self, info: LoraInfo) -> None:
         """Make a checked LoRA (check_loras) switchable. A new dict, not an update in place: a thread reading
@@ -70,14 +72,16 @@ class LoraSwitcher:
     def base_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._base.values())
 
-    def fuse(self, path: Path) -> LoraInfo:
-        """Fuse `path` onto the pristine base weights (the first fuse, at load, skips the restore)."""
+    def fuse(self, path: Path, scale: float | None = None) -> LoraInfo:
+        """Fuse `path` at `scale` (default: the switcher's) onto the pristine base weights (the first fuse, at load,
+        skips the restore)."""
         info = self.loras[path]
+        scale = self.scale if scale is None else scale
         if self.active is not None:
             self.restore()
         self.active = None  # if fusing fails, the weights are the base ones, not a known LoRA
-        fuse_lora(self.pipe, info, self.scale)
-        self.active = path
+        fuse_lora(self.pipe, info, scale)
+        self.active, self.active_scale = path, scale
         return info
 
     @torch.no_grad()
@@ -88,14 +92,15 @@ class LoraSwitcher:
         for name, module in targets.items():
             module.weight.copy_(self._base[name])
 
-    def switch(self, path: Path) -> float:
-        """Make `path` the fused LoRA; returns the seconds it took (0 when it already is)."""
-        if self.active == path:
+    def switch(self, path: Path, scale: float | None = None) -> float:
+        """Make `path` the fused LoRA, at `scale`; returns the seconds it took (0 when it already is)."""
+        scale = self.scale if scale is None else scale
+        if (self.active, self.active_scale) == (path, scale):
             return 0.0
         started = time.perf_counter()
-        self.fuse(path)
+        self.fuse(path, scale)
         if self.pipe.device.type == "cuda":
             torch.cuda.synchronize(self.pipe.device)
         seconds = time.perf_counter() - started
-        log.info("switched LoRA to %s in %.2fs", path.name, seconds)
+        log.info("switched LoRA to %s at scale %g in %.2fs", path.name, scale, seconds)
         return seconds

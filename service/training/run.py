@@ -2,7 +2,7 @@
 per epoch, rank every epoch with `lora evaluate` (fixed prompts and seeds, the snapper's verdict), and keep the
 best one. What lands in the output folder:
 
-    <name>.safetensors         the best epoch: what PUNKS_LORA and Cog's lora_url take
+    <name>.safetensors         the best epoch: what PUNKS_LORA and Cog's lora_weights take
     evaluation/                contact_sheet.png, ranking.md, ranking.json, sprites/ (lora evaluate's outputs)
     captions/<image>.txt       the captions trained on (written ones included)
     checkpoints/               <name>-<epoch>.safetensors and state.pt: a stopped run resumes from here

@@ -85,13 +85,19 @@ def parse_spec(spec: str) -> list[WeightFile]:
     return files
 
 
-def _download(file: WeightFile, target: Path, policy: DownloadPolicy, cancel: threading.Event | None) -> str:
+def _download(
+    file: WeightFile,
+    target: Path,
+    policy: DownloadPolicy,
+    cancel: threading.Event | None,
+    token: str | None = None,
+) -> str:
     """Stream the URL into target.part (resuming a pinned partial one) with progress logs; return its sha256."""
     part = target.with_name(target.name + ".part")
     target.parent.mkdir(parents=True, exist_ok=True)
     resumable = file.sha256 is not None
     offset = part.stat().st_size if resumable and part.is_file() else 0
-    headers = _hub_headers(file, policy) | ({"Range": f"bytes={offset}-"} if offset else {})
+    headers = _hub_headers(file, policy, token) | ({"Range": f"bytes={offset}-"} if offset else {})
     digest, done = hashlib.sha256(), 0  # hashed while streaming: no second pass over the file
     started = last_log = time.monotonic()
     total = 0
@@ -124,7 +130,7 @@ def _download(file: WeightFile, target: Path, policy: DownloadPolicy, cancel: th
     except DownloadStatusError as error:
         part.unlink(missing_ok=True)
         if offset and error.status == 416:  # the partial file is no prefix of this one: start over
-            return _download(file, target, policy, cancel)
+            return _download(file, target, policy, cancel, token)
         raise FetchError(f"{file.dest}: {error}") from None
     except DownloadError as error:
         if not resumable or isinstance(error, DownloadCancelled):
@@ -150,10 +156,15 @@ def _download(file: WeightFile, target: Path, policy: DownloadPolicy, cancel: th
     return actual
 
 
-def _hub_headers(file: WeightFile, policy: DownloadPolicy) -> dict[str, str]:
-    """The hub token (HF_TOKEN) for the operator's own hub files only: a caller's lora_url never gets it, or any
-    caller could read the private repos the token opens."""
-    if not file.source.is_hub or policy.public_hosts_only:
+def _hub_headers(file: WeightFile, policy: DownloadPolicy, token: str | None = None) -> dict[str, str]:
+    """The caller's own hub `token` for a hub file; else the hub token (HF_TOKEN) for the operator's own hub files
+    only: a caller's lora_weights never gets it, or any caller could read the private repos the token opens.
+    (stream() drops the header on a redirect to another host.)"""
+    if not file.source.is_hub:
+        return {}
+    if token is not None:
+        return {"Authorization": f"Bearer {token}"}
+    if policy.public_hosts_only:
         return {}
     from huggingface_hub.utils import build_hf_headers
 
@@ -161,10 +172,15 @@ def _hub_headers(file: WeightFile, policy: DownloadPolicy) -> dict[str, str]:
 
 
 def fetch_one(
-    file: WeightFile, weights_dir: Path, policy: DownloadPolicy, cancel: threading.Event | None = None
+    file: WeightFile,
+    weights_dir: Path,
+    policy: DownloadPolicy,
+    cancel: threading.Event | None = None,
+    token: str | None = None,
 ) -> Path:
     """The file in place (already there and verified, or downloaded under `policy`); FetchError names it, the
-    source and why. Setting `cancel` stops the download (between chunks)."""
+    source and why. Setting `cancel` stops the download (between chunks); `token`: the caller's own Hub token,
+    for a hub file."""
     target = weights_dir / file.dest
     if target.is_file():
         if file.sha256 is None:
@@ -175,7 +191,7 @@ def fetch_one(
             return target
         log.warning("%s: present but its checksum differs from the pinned one: downloading again", file.dest)
     log.info("%s: downloading from %s", file.dest, file.shown_url)
-    _download(file, target, policy, cancel)
+    _download(file, target, policy, cancel, token)
     return target
 
 

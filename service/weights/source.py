@@ -4,7 +4,12 @@ PUNKS_LORA_URL / PUNKS_REALESRGAN_URL, and each `dest=source` pair of PUNKS_WEIG
     https://host/path/file                      any http(s) URL (signed URLs too)
     hf://owner/repo[@revision]/path/in/repo     a file on the Hugging Face Hub
 
-either followed by an optional `#sha256=<64 hex digits>` that pins the file. Signed URLs carry secrets in the
+either followed by an optional `#sha256=<64 hex digits>` that pins the file. A caller's LoRA (Cog's lora_weights)
+may also be written the ways people paste one from the Hub (`Source.parse_pasted`):
+
+    https://huggingface.co/owner/repo/blob/<revision>/path/file   (or /resolve/, or without https://)
+    owner/repo/path/file                                          (shorthand of hf://owner/repo/path/file)
+ Signed URLs carry secrets in the
 query string, so messages, logs and the manifest only ever show `Source.shown`.
 """
 
@@ -51,6 +56,12 @@ class Source:
             )
         return cls(location, sha256)
 
+    @classmethod
+    def parse_pasted(cls, text: str, context: str | None = None) -> "Source":
+        """Source.parse, after rewriting the Hub's web URLs and the owner/repo/file shorthand to hf:// locations."""
+        location, hash_mark, fragment = text.strip().partition("#")
+        return cls.parse(_hub_location(location) + hash_mark + fragment, context)
+
     @property
     def is_hub(self) -> bool:
         return self.location.startswith(HUB_SCHEME)
@@ -72,6 +83,22 @@ class Source:
 
         hub = self.hub_file()
         return hf_hub_url(hub.repo, hub.path, revision=hub.revision)
+
+
+_HUB_WEB = re.compile(
+    r"(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/([^/?#]+)/([^/?#]+)/(?:blob|resolve)/([^/?#]+)/([^?#]+)(?:\?[^#]*)?"
+)
+_SHORTHAND = re.compile(r"([\w-]+)/([\w.-]+)/([^:?#]+)")
+
+
+def _hub_location(location: str) -> str:
+    """hf://owner/repo@revision/path for a Hub web URL (blob or resolve) or owner/repo/path; anything else as is."""
+    if match := _HUB_WEB.fullmatch(location):
+        owner, repo, revision, path = match.groups()
+        return f"{HUB_SCHEME}{owner}/{repo}@{urllib.parse.unquote(revision)}/{path}"
+    if "://" not in location and (match := _SHORTHAND.fullmatch(location)):
+        return f"{HUB_SCHEME}{location}"
+    return location
 
 
 def _hub_file(location: str, where: str) -> HubFile:

@@ -135,10 +135,10 @@ def test_switching_sampler_on_the_compiled_engine_does_not_recompile(weights, tm
 
     engine = Engine.load(settings_for(weights, compile=True, batch_buckets=(4,), compile_cache_dir=tmp_path))
     for sampler in SAMPLER_NAMES:  # first use of each: any recompile would show here already
-        engine.generate(GenerationRequest(PROMPT, seed=5, steps=4, sampler=sampler))
+        engine.generate(GenerationRequest(PROMPT, seed=5, num_inference_steps=4, sampler=sampler))
     compiled = counters["stats"]["unique_graphs"]
     for sampler in [*SAMPLER_NAMES, *reversed(SAMPLER_NAMES)]:
-        image = engine.generate(GenerationRequest(PROMPT, seed=5, steps=4, sampler=sampler)).images[0]
+        image = engine.generate(GenerationRequest(PROMPT, seed=5, num_inference_steps=4, sampler=sampler)).images[0]
         assert np.isfinite(pixels(image.raw)).all()
     assert counters["stats"]["unique_graphs"] == compiled
     assert counters["recompiles"] == {} or sum(counters["recompiles"].values()) == 0, dict(counters["recompiles"])

@@ -5,7 +5,7 @@
 
 const TOKEN_KEY = "punks.token";
 const GALLERY_KEY = "punks.gallery";
-const NUMBER_FIELDS = ["seed", "num_outputs", "steps", "guidance"];
+const NUMBER_FIELDS = ["seed", "num_outputs", "num_inference_steps", "guidance_scale"];
 const FIELDS = [
   ...["prompt", ...NUMBER_FIELDS, "sampler", "lora", "upscaler", "integer_scale"],
   ...["palette", "background", "image", "strength"],
@@ -241,8 +241,8 @@ function showResult(entry) {
   $("result").hidden = false;
   const t = entry.timings;
   $("result-meta").textContent =
-    `${entry.images.length} image${entry.images.length > 1 ? "s" : ""}, steps ${entry.steps}, ` +
-    `guidance ${entry.guidance}; total ${fixed(t.total_s)} s (queue ${fixed(t.queue_wait_s)}, ` +
+    `${entry.images.length} image${entry.images.length > 1 ? "s" : ""}, steps ${entry.num_inference_steps}, ` +
+    `guidance ${entry.guidance_scale}; total ${fixed(t.total_s)} s (queue ${fixed(t.queue_wait_s)}, ` +
     `diffusion ${fixed(t.pipeline_s)}, snap ${fixed(t.postprocess_s)}, encode ${fixed(t.encode_s)})`;
   const dropped = $("dropped");
   dropped.hidden = !entry.dropped_words;
