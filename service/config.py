@@ -245,7 +245,7 @@ class WeightsDownloadSettings(_Group):
     )
     realesrgan_url: str = Field(
         "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.1/RealESRGAN_x2plus.pth",
-        description="Where `weights download --realesrgan` gets the upscaler (same forms as lora_url).",
+        description="Where `weights download --realesrgan` gets the upscaler (same forms as PUNKS_LORA_URL).",
     )
     fetch_at_setup: bool = Field(
         False,
