@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -23,6 +24,7 @@ import torch
 import transformers
 from PIL import Image, ImageDraw
 
+from devtools.demo import DEMO_DIR, DEMO_LOG
 from service.config import Settings
 from train import sprites
 
@@ -318,6 +320,8 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "versions": {m.__name__: m.__version__ for m in (torch, diffusers, transformers)},
         "prompts": dict(PROMPTS),
+        "command": " ".join(["python -m train.demo_eval", *sys.argv[1:]]),
+        "model": [run["folder"] for run in json.loads((DEMO_DIR / DEMO_LOG).read_text())],  # its training runs
     }
     print(json.dumps(numbers, indent=1))
     if args.json:
