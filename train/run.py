@@ -4,6 +4,7 @@ crisp renderings (and, with time left, a rank-64 one), then a small evaluation.
 
     python -m train.run --out DIR --seconds 480            # on the GPU; everything lands in DIR as it goes
     python -m train.run --out DIR --resume DIR --seconds 300   # skips the phases whose files DIR already has
+    python -m train.run --out NEW --resume DIR --init DIR --only vae base lora32   # trains those on from DIR's
     python -m train.run --out /tmp/dry --tiny              # CPU dry run: a few steps of every phase
 
 Each phase gets a share of --seconds; its step count is fixed after timing its first steps (and logged), so a
