@@ -4,6 +4,7 @@ crisp renderings (and, with time left, a rank-64 one), then a small evaluation.
 
     python -m train.run --out DIR --seconds 480            # on the GPU; everything lands in DIR as it goes
     python -m train.run --out DIR --resume DIR --seconds 300   # skips the phases whose files DIR already has
+    python -m train.run --out NEW --resume DIR --init DIR --only vae base lora32   # trains those on from DIR's
     python -m train.run --out /tmp/dry --tiny              # CPU dry run: a few steps of every phase
 
 Each phase gets a share of --seconds; its step count is fixed after timing its first steps (and logged), so a
@@ -68,6 +69,8 @@ class Config:
     text_lr: float = 6e-3
     held_out: int = 512  # portraits whose captions measure the text phase's attribute accuracy
     lora_lr: float = 2e-3
+    lora_text_lr: float = 2e-4  # the LoRA's CLIP layers: low, so diffusion gradients keep the text phase's attributes
+    noise_offset: float = 0.1  # see diffusion_loss
     max_steps: int | None = None  # caps every phase (dry runs)
     eval_steps: int = 25
     eval_seeds: tuple[int, ...] = (0, 1, 2, 3)
@@ -123,10 +126,10 @@ def learning_rate(i: int, total: int, peak: float, warmup: int = 100) -> float:
 
 
 def apply_gradients(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, clip: list | None = None) -> float:
-    """One optimizer step of `loss` at learning rate `lr`, the gradient norm of `clip` (parameters) capped at 1
-    where given; returns the loss's value, for the phase's log."""
+    """One optimizer step of `loss` at learning rate `lr` (times a parameter group's "scale", where it has one),
+    the gradient norm of `clip` (parameters) capped at 1 where given; returns the loss's value, for the phase's log."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip is not None:
@@ -338,11 +341,16 @@ def vae_batch(
 
 
 def train_vae(
-    sprite_tensor: torch.Tensor, cfg: Config, budget: float, log: Log, device: str, replay
+    sprite_tensor: torch.Tensor, cfg: Config, budget: float, log: Log, device: str, replay, init: Path | None = None
 ) -> torch.nn.Module:
-    """Autoencoder on random crops of both renderings at both sizes: L1 + a little KL, as SD's VAE."""
+    """Autoencoder on random crops of both renderings at both sizes, from scratch or on from `init`: L1 + a little
+    KL, as SD's VAE, plus L1 of the 8x8-pixel means (one latent cell), which weighs a region's colour more: a VAE
+    trained on L1 alone decoded a red or green background as the same brown, so no UNet could draw them apart."""
     generator = seeded(1)
-    vae = model.vae().to(device).train()
+    vae = model.vae()
+    if init is not None:
+        load_into(vae, init)
+    vae = vae.to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     def step(i: int, total: int) -> float:
@@ -350,7 +358,8 @@ def train_vae(
         with autocast(device):
             posterior = vae.encode(images).latent_dist
             decoded = vae.decode(posterior.sample()).sample
-        loss = F.l1_loss(decoded.float(), images) + 1e-6 * posterior.kl().mean()
+        cells = F.l1_loss(F.avg_pool2d(decoded.float(), 8), F.avg_pool2d(images, 8))
+        loss = F.l1_loss(decoded.float(), images) + cells + 1e-6 * posterior.kl().mean()
         return apply_gradients(optimizer, loss, learning_rate(i, total, cfg.lr))
 
     timed_steps(budget, step, log, "vae", cfg.max_steps, replay)
@@ -411,10 +420,16 @@ def encode_latents(
     return {key: (value.float() * scaling).to(torch.bfloat16) for key, value in latents.items()}
 
 
-def diffusion_loss(unet, text_encoder, latents, captions, index, scheduler, generator, device) -> torch.Tensor:
-    """SD1.5's epsilon objective with min-SNR-5 weighting (converges faster in a short run)."""
+def diffusion_loss(
+    unet, text_encoder, latents, captions, index, scheduler, generator, device, noise_offset: float
+) -> torch.Tensor:
+    """SD1.5's epsilon objective with min-SNR-5 weighting (converges faster in a short run) and offset noise
+    (kohya's --noise_offset): SD's schedule leaves a trace of the image's mean colour at its last step, so a model
+    trained without it takes the picture's overall colour from the seed's noise, not from the prompt ("green
+    background" drawn blue); a random per-channel offset of the noise teaches it to set the mean colour itself."""
     clean = latents[index.to(latents.device)].float().to(device)
     noise = torch.randn_like(clean)  # the global generator, seeded per phase, on the device: no host copy
+    noise = noise + noise_offset * torch.randn(*clean.shape[:2], 1, 1, device=device)
     steps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), device=device)
     noisy = scheduler.add_noise(clean, noise, steps)
     ids, mask = batch_captions(captions, index, generator, device)
@@ -428,11 +443,15 @@ def diffusion_loss(unet, text_encoder, latents, captions, index, scheduler, gene
     return (weight * per_sample).mean()
 
 
-def train_base(latents, captions, text_encoder, cfg, budget, log, device, replay):
-    """The UNet from scratch; the pretrained text encoder stays frozen (as SD's CLIP), so it keeps naming the
-    attributes the text phase taught it and costs no backward pass."""
+def train_base(latents, captions, text_encoder, cfg, budget, log, device, replay, init: Path | None = None):
+    """The UNet from scratch, or on from `init` (an earlier run's unet.safetensors); the pretrained text encoder
+    stays frozen (as SD's CLIP), so it keeps naming the attributes the text phase taught it and costs no backward
+    pass."""
     generator = seeded(2)
-    unet = model.unet().to(device).train()
+    unet = model.unet()
+    if init is not None:
+        load_into(unet, init)
+    unet = unet.to(device).train()
     text_encoder.requires_grad_(False).eval()
     scheduler = DDPMScheduler.from_pretrained(SD15_CONFIG_DIR / "scheduler")
     parameters = list(unet.parameters())
@@ -442,7 +461,7 @@ def train_base(latents, captions, text_encoder, cfg, budget, log, device, replay
         size = cfg.sizes[i % len(cfg.sizes)]
         pool = latents[("smooth", size)]
         index = torch.randint(0, len(pool), (cfg.batch,), generator=generator)
-        loss = diffusion_loss(unet, text_encoder, pool, captions, index, scheduler, generator, device)
+        loss = diffusion_loss(unet, text_encoder, pool, captions, index, scheduler, generator, device, cfg.noise_offset)
         return apply_gradients(optimizer, loss, learning_rate(i, total, cfg.lr), parameters)
 
     timed_steps(budget, step, log, "base", cfg.max_steps, replay)
@@ -483,6 +502,14 @@ class KohyaLora(torch.nn.Module):
         for hook in self.hooks:
             hook.remove()
 
+    def load_kohya_tensors(self, path: Path) -> None:
+        """Start from an earlier run's LoRA file (same rank and targets)."""
+        tensors = load_file(str(path))
+        for name in self.names:
+            key = name.replace(".", "_")
+            self.down[key].weight.data.copy_(tensors[f"{name}.lora_down.weight"].float())
+            self.up[key].weight.data.copy_(tensors[f"{name}.lora_up.weight"].float())
+
     def kohya_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {}
         for name in self.names:
@@ -493,21 +520,33 @@ class KohyaLora(torch.nn.Module):
         return tensors
 
 
-def train_lora(unet, text_encoder, vae, latents, captions, rank, cfg, budget, log, device, replay):
+def train_lora(unet, text_encoder, vae, latents, captions, rank, cfg, budget, log, device, replay, init=None):
+    """The kohya LoRA on the crisp renderings, from zero or on from `init` (an earlier run's file of this rank);
+    its CLIP layers learn at cfg.lora_text_lr (kohya's --text_encoder_lr), its UNet layers at cfg.lora_lr."""
     name = f"lora{rank}"
     generator = seeded(3 + rank)
     pipe = model.pipeline(unet, vae, text_encoder)
     for part in (unet, text_encoder):
         part.requires_grad_(False)
-    lora = KohyaLora(kohya_targets(pipe), rank, LORA_ALPHA).to(device)
+    lora = KohyaLora(kohya_targets(pipe), rank, LORA_ALPHA)
+    if init is not None:
+        lora.load_kohya_tensors(init)
+    lora = lora.to(device)
     scheduler = DDPMScheduler.from_pretrained(SD15_CONFIG_DIR / "scheduler")
-    optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lora_lr, weight_decay=0.0)
+    text_keys = [n.replace(".", "_") for n in lora.names if n.startswith("lora_te_")]
+    text = [p for key in text_keys for p in (*lora.down[key].parameters(), *lora.up[key].parameters())]
+    text_ids = {id(p) for p in text}
+    groups = [
+        {"params": [p for p in lora.parameters() if id(p) not in text_ids]},
+        {"params": text, "scale": cfg.lora_text_lr / cfg.lora_lr},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lora_lr, weight_decay=0.0)
 
     def step(i: int, total: int) -> float:
         size = cfg.sizes[i % len(cfg.sizes)]
         pool = latents[("crisp", size)]
         index = torch.randint(0, len(pool), (cfg.batch,), generator=generator)
-        loss = diffusion_loss(unet, text_encoder, pool, captions, index, scheduler, generator, device)
+        loss = diffusion_loss(unet, text_encoder, pool, captions, index, scheduler, generator, device, cfg.noise_offset)
         return apply_gradients(optimizer, loss, learning_rate(i, total, cfg.lora_lr))
 
     steps = timed_steps(budget, step, log, name, cfg.max_steps, replay)
@@ -524,6 +563,9 @@ def lora_metadata(rank: int, steps: int, cfg: Config) -> dict[str, str]:
         ss_num_train_images=str(cfg.sprites),
         ss_batch_size_per_device=str(cfg.batch),
         ss_learning_rate=str(cfg.lora_lr),
+        ss_unet_lr=str(cfg.lora_lr),
+        ss_text_encoder_lr=str(cfg.lora_text_lr),
+        ss_noise_offset=str(cfg.noise_offset),
         ss_output_name=f"bespoke_punks_demo_dim{rank}",
         ss_resolution="(512, 512)",
         ss_training_comment="demo model: trained by train/run.py on generated portraits (crisp nearest renderings)",
@@ -589,6 +631,9 @@ def main() -> None:
     cli.add_argument("--out", type=Path, required=True)
     cli.add_argument("--resume", type=Path, help="a folder of an earlier run: its finished phases are reused")
     cli.add_argument("--seconds", type=float, default=480.0, help="wall-clock budget of the training phases")
+    cli.add_argument(
+        "--init", type=Path, help="a folder of an earlier run: the base phase and the LoRAs go on from its files"
+    )
     cli.add_argument("--steps-from", type=Path, help="log.json of a run whose step counts to replay")
     cli.add_argument("--tiny", action="store_true", help="CPU dry run: few sprites, 2 steps a phase")
     cli.add_argument("--seed", type=int, default=0)
@@ -652,6 +697,10 @@ def main() -> None:
         """Whether this run trains `phase`: asked for, or (without --only) not finished in --resume."""
         return phase in args.only if args.only else not (resume / file).is_file()
 
+    def initial(file: str) -> Path | None:
+        """The --init run's file to go on from, if it has one."""
+        return args.init / file if args.init and (args.init / file).is_file() else None
+
     def replayed(phase: str) -> int | None:
         return replay.get(phase, {}).get("steps")
 
@@ -674,7 +723,7 @@ def main() -> None:
 
     vae = model.vae().to(device)
     if trains("vae", "vae.safetensors"):
-        vae = train_vae(sprite_tensor, cfg, budget("vae"), log, device, replayed("vae"))
+        vae = train_vae(sprite_tensor, cfg, budget("vae"), log, device, replayed("vae"), initial("vae.safetensors"))
     else:
         metadata = load_into(vae, resume / "vae.safetensors")
         vae.register_to_config(scaling_factor=float(metadata["scaling_factor"]))
@@ -689,7 +738,8 @@ def main() -> None:
 
     unet = model.unet().to(device)
     if trains("base", "unet.safetensors"):
-        unet = train_base(latents, captions, text_encoder, cfg, budget("base"), log, device, replayed("base"))
+        init = initial("unet.safetensors")
+        unet = train_base(latents, captions, text_encoder, cfg, budget("base"), log, device, replayed("base"), init)
     else:
         load_into(unet, resume / "unet.safetensors")
         unet.eval()
@@ -702,8 +752,9 @@ def main() -> None:
         file = args.out / f"{phase}.safetensors"
         if not trains(phase, f"{phase}.safetensors"):
             continue
+        init = initial(f"{phase}.safetensors")
         lora, steps = train_lora(
-            unet, text_encoder, vae, latents, captions, rank, cfg, budget(phase), log, device, replayed(phase)
+            unet, text_encoder, vae, latents, captions, rank, cfg, budget(phase), log, device, replayed(phase), init
         )
         save_file(lora.kohya_tensors(), str(file), metadata=lora_metadata(rank, steps, cfg))
         if cfg.eval_steps:
