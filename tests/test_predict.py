@@ -413,6 +413,36 @@ def test_webp_and_integer_scale(server: CogServer):
     assert (cells == np.asarray(sprite.convert("RGB"))).all(), "WebP output must be lossless"
 
 
+def same_bytes_on_every_surface(
+    server: CogServer, smoke_env: dict[str, str], tmp_path: Path, inputs: dict, http: dict, cog: dict, cli: list[str]
+) -> tuple[bytes, dict]:
+    """`inputs` (with `seed` and return_sprites) through Cog (plus `cog`), the HTTP API (plus `http`) and the CLI
+    (`cli`, its flags beyond the prompt): the portrait and sprite must be the same bytes on all three. Returns Cog's
+    sprite and the HTTP API's image entry."""
+    files = server.images(**inputs, **cog)
+    stem = f"out-0-seed{inputs['seed']}"
+    cog_image, cog_sprite = files[f"{stem}.png"], files[f"{stem}-sprite.png"]
+
+    with subprocess_server(smoke_env) as url:
+        response = httpx.post(f"{url}/v1/generate", json=inputs | http, timeout=120)
+    assert response.status_code == 200, response.text
+    (http_image,) = response.json()["images"]
+
+    command = [sys.executable, "-m", "service", "generate", inputs["prompt"], *cli, "-o", str(tmp_path / "punk.png")]
+    done = subprocess.run(
+        command,
+        env=smoke_env | {"PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert cog_image == base64.b64decode(http_image["image"]) == (tmp_path / "punk.png").read_bytes()
+    assert cog_sprite == base64.b64decode(http_image["sprite"]) == (tmp_path / "punk.sprite.png").read_bytes()
+    return cog_sprite, http_image
+
+
 def test_same_request_gives_the_same_bytes_from_the_cli_the_http_api_and_cog(
     server: CogServer, smoke_env: dict[str, str], tmp_path: Path
 ):
@@ -424,41 +454,9 @@ def test_same_request_gives_the_same_bytes_from_the_cli_the_http_api_and_cog(
         "output_size": 480,
         "return_sprites": True,
     }
-    files = server.images(**inputs)
-    cog_image, cog_sprite = files["out-0-seed9.png"], files["out-0-seed9-sprite.png"]
-
-    with subprocess_server(smoke_env) as url:
-        response = httpx.post(f"{url}/v1/generate", json=inputs, timeout=120)
-    assert response.status_code == 200, response.text
-    (http_image,) = response.json()["images"]
-
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "generate",
-            inputs["prompt"],
-            "--seed",
-            "9",
-            "--num-inference-steps",
-            "2",
-            "--output-size",
-            "480",
-            "-o",
-            str(tmp_path / "punk.png"),
-        ],
-        env=smoke_env | {"PYTHONPATH": str(ROOT)},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert cli.returncode == 0, cli.stderr
-
-    assert Image.open(io.BytesIO(cog_image)).size == (480, 480)
-    assert cog_image == base64.b64decode(http_image["image"]) == (tmp_path / "punk.png").read_bytes()
-    assert cog_sprite == base64.b64decode(http_image["sprite"]) == (tmp_path / "punk.sprite.png").read_bytes()
+    cli = ["--seed", "9", "--num-inference-steps", "2", "--output-size", "480"]
+    same_bytes_on_every_surface(server, smoke_env, tmp_path, inputs, {}, {}, cli)
+    assert Image.open(tmp_path / "punk.png").size == (480, 480)
 
 
 def test_a_variation_with_controls_gives_the_same_bytes_from_the_cli_the_http_api_and_cog(
@@ -469,28 +467,18 @@ def test_a_variation_with_controls_gives_the_same_bytes_from_the_cli_the_http_ap
     Image.fromarray(sprites.render(sprites.random_punk(np.random.default_rng(3)))).save(start)
     encoded = base64.b64encode(start.read_bytes()).decode("ascii")
     inputs = {"prompt": "lad", "seed": 4, "num_inference_steps": 2, "return_sprites": True, "strength": 0.5}
-    controls = {"palette": "pico-8", "background": "transparent"}
-    files = server.images(**inputs, **controls, image=f"data:image/png;base64,{encoded}")
-    cog_image, cog_sprite = files["out-0-seed4.png"], files["out-0-seed4-sprite.png"]
-
-    with subprocess_server(smoke_env) as url:
-        response = httpx.post(f"{url}/v1/generate", json=inputs | controls | {"image": encoded}, timeout=120)
-    assert response.status_code == 200, response.text
-    (http_image,) = response.json()["images"]
-
-    arguments = ["--seed", "4", "--num-inference-steps", "2", "--strength", "0.5", "--image", str(start)]
-    arguments += ["--palette", "pico-8", "--background", "transparent", "-o", str(tmp_path / "punk.png")]
-    cli = subprocess.run(
-        [sys.executable, "-m", "service", "generate", "lad", *arguments],
-        env=smoke_env | {"PYTHONPATH": str(ROOT)},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    inputs |= {"palette": "pico-8", "background": "transparent"}
+    cli = ["--seed", "4", "--num-inference-steps", "2", "--strength", "0.5", "--image", str(start)]
+    cli += ["--palette", "pico-8", "--background", "transparent"]
+    cog_sprite, http_image = same_bytes_on_every_surface(
+        server,
+        smoke_env,
+        tmp_path,
+        inputs,
+        http={"image": encoded},
+        cog={"image": f"data:image/png;base64,{encoded}"},
+        cli=cli,
     )
-    assert cli.returncode == 0, cli.stderr
-    assert cog_image == base64.b64decode(http_image["image"]) == (tmp_path / "punk.png").read_bytes()
-    assert cog_sprite == base64.b64decode(http_image["sprite"]) == (tmp_path / "punk.sprite.png").read_bytes()
     alpha = np.asarray(Image.open(io.BytesIO(cog_sprite)).convert("RGBA"))[..., 3]
     assert int((alpha == 0).sum()) == http_image["background_cells"] > 0
 
