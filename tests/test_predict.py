@@ -36,7 +36,7 @@ from service import config, samplers
 from service.config import MAX_SEED, Settings
 from service.errors import WeightsError
 from service.samplers import SAMPLER_NAMES
-from service.weights.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec, redact
+from service.weights.fetch import FetchError, WeightFile, fetch_listed_weights, fetch_weights, parse_spec, redact
 from tests.hostile_hosts import ALLOWED_HOST, ALLOWED_NETWORKS_ENV, INTERNAL_HOST, canary, hostile_server
 from tests.live_server import subprocess_server
 from train import sprites
@@ -995,10 +995,14 @@ def test_http_error_is_named(http_files, tmp_path: Path):
     assert not list(tmp_path.iterdir())
 
 
-def test_nothing_to_fetch_without_the_variable(tmp_path: Path):
-    assert fetch_weights_from_env(tmp_path / "w", environ={}) == []
-    assert fetch_weights_from_env(tmp_path / "w", environ={"PUNKS_WEIGHTS_URLS": "  "}) == []
+def test_nothing_to_fetch_without_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("PUNKS_WEIGHTS_URLS", raising=False)
+    assert fetch_listed_weights(Settings().weights_urls, tmp_path / "w") == []
+    monkeypatch.setenv("PUNKS_WEIGHTS_URLS", "  ")
+    assert fetch_listed_weights(Settings().weights_urls, tmp_path / "w") == []
     assert not (tmp_path / "w").exists()
+    monkeypatch.setenv("PUNKS_WEIGHTS_URLS", "loras/a.safetensors=https://host/a.safetensors")
+    assert Settings().weights_urls == "loras/a.safetensors=https://host/a.safetensors"  # the variable Cog's setup reads
 
 
 # --- the runner in-process: setup downloads, run() writes the files -------------------------------
