@@ -252,7 +252,7 @@ class Runner(BaseRunner):
             done = await self.batcher.submit(request)
         result = done.result
         print(f"rendered in a batch of {done.batch_images} image(s) after {done.queue_wait_s:.2f}s in the queue")
-        for note in warnings(result, self.engine.is_smoke):
+        for note in warnings(result, self.engine.is_smoke, self.engine.weights.is_demo):
             print(f"warning: {note}")
         for index, image in enumerate(result.images):
             print(f"out-{index}: {describe(image)}")
