@@ -1076,6 +1076,30 @@ def test_setup_downloads_the_weights_then_run_writes_images_then_sprites(
     assert not any(Path(p).exists() for p in output) and Image.open(again[0]).size == (48, 48)
 
 
+def test_a_prediction_of_the_demo_model_says_so_in_its_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """Without weights (and the fallback allowed) the runner serves the demo model, and each prediction's log
+    says so, as the CLI does."""
+    import predict
+
+    runner_env(monkeypatch, tmp_path / "weights", "")
+    monkeypatch.setenv("PUNKS_ALLOW_SMOKE_MODEL", "true")
+    monkeypatch.setenv("PUNKS_FALLBACK_MODEL", "demo")
+    monkeypatch.setenv("PUNKS_WARMUP", "false")
+    runner = predict.Runner()
+    request = predict.GenerationRequest(prompt="a punk", seed=3, num_inference_steps=1)
+
+    async def setup_then_run():
+        await runner.setup()
+        return await runner._run(request, "", None)
+
+    output = asyncio.run(setup_then_run())
+    assert runner.engine.weights.is_demo and not runner.engine.is_smoke
+    assert [Path(p).name for p in output] == ["out-0-seed3.png"]
+    assert "warning: made with the demo model" in capsys.readouterr().out
+
+
 def test_setup_fails_on_a_bad_checksum_before_loading(http_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from predict import Runner
 
