@@ -7,8 +7,9 @@
 # /app/weights must hold what weights/README.md lists (SD1.5 + bespoke_punks.safetensors); without them the
 # engine fails to load and the log names the missing files (PUNKS_ALLOW_SMOKE_MODEL=false below): the process stays
 # up answering 503 on /readyz and /healthz, so the HEALTHCHECK below marks the container unhealthy.
-# Any PUNKS_* setting can be passed with -e, e.g. -e PUNKS_LORA_SCALE=0.8; PUNKS_WEIGHTS_URLS works here
-# too if the mount is writable (weights/README.md).
+# Any PUNKS_* setting can be passed with -e, e.g. -e PUNKS_LORA_SCALE=0.8. The server does not download weights;
+# to fill a writable mount from PUNKS_WEIGHTS_URLS, run `python -m service.weights.fetch` in it first
+# (weights/README.md).
 #
 # torch==2.13.0 (requirements/gpu.txt, generated from pyproject.toml by `make lock`) ships its own CUDA 13.0
 # libraries as wheels, so the CUDA "base" flavour is enough (the "runtime" flavour would add a second copy of

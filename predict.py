@@ -69,7 +69,7 @@ from service.images import read_image_file
 from service.lora.cache import CachedLora, LoraUrlCache
 from service.metrics import Metrics
 from service.sprite_controls import palette_from_text
-from service.weights.fetch import fetch_weights_from_env
+from service.weights.fetch import fetch_listed_weights
 from service.weights.pinned import fetch_missing_weights
 from service.weights.policy import DownloadPolicy
 
@@ -93,7 +93,8 @@ class Runner(BaseRunner):
         started = time.perf_counter()
         settings = Settings()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, fetch_weights_from_env, settings.weights_dir)  # no-op without the variable
+        # PUNKS_WEIGHTS_URLS: a no-op when it is empty
+        await loop.run_in_executor(None, fetch_listed_weights, settings.weights_urls, settings.weights_dir)
         if settings.fetch_at_setup:  # cog.yaml: what weights/ lacks, from the pinned SD1.5 source and PUNKS_LORA_URL
             await loop.run_in_executor(None, fetch_missing_weights, settings)
         log.info("setup: weights ready in %.1fs", time.perf_counter() - started)
@@ -251,7 +252,7 @@ class Runner(BaseRunner):
             done = await self.batcher.submit(request)
         result = done.result
         print(f"rendered in a batch of {done.batch_images} image(s) after {done.queue_wait_s:.2f}s in the queue")
-        for note in warnings(result, self.engine.is_smoke):
+        for note in warnings(result, self.engine.is_smoke, self.engine.weights.is_demo):
             print(f"warning: {note}")
         for index, image in enumerate(result.images):
             print(f"out-{index}: {describe(image)}")

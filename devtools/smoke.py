@@ -16,7 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from devtools.checkpoint import save_ldm_checkpoint
 from devtools.random_lora import kohya_metadata, random_kohya_lora
-from service.config import SD15_CONFIG_DIR, Settings
+from service.config import CLIP_VOCABULARY_SIZE, SD15_CONFIG_DIR, Settings
 
 SMOKE_FOLDER = "stable-diffusion-v1-5"
 SMOKE_SINGLE_FILE = "v1-5-smoke.safetensors"
@@ -52,7 +52,7 @@ def build_smoke_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         AutoencoderKL.load_config(SD15_CONFIG_DIR / "vae"), block_out_channels=(16, 16, 32, 32), norm_num_groups=8
     )
     text_config = CLIPTextConfig(
-        vocab_size=49408,
+        vocab_size=CLIP_VOCABULARY_SIZE,
         hidden_size=TEXT_WIDTH,
         intermediate_size=64,
         num_hidden_layers=2,

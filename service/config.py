@@ -257,6 +257,13 @@ class WeightsDownloadSettings(_Group):
         description="With fetch_at_setup: an https:// folder holding SD1.5's pinned files in the diffusers layout "
         "(model_index.json, unet/..., same sha256) to fetch instead of the Hugging Face Hub at the pinned revision.",
     )
+    weights_urls: str = Field(
+        "",
+        description="Cog's setup (and `python -m service.weights.fetch`): `dest=source` pairs, separated by commas "
+        "or spaces, fetched into weights_dir before anything else; dest relative to weights_dir, source as for "
+        "PUNKS_LORA_URL, e.g. 'bespoke_punks.safetensors=https://host/punks.safetensors#sha256=<hex>'. The HTTP "
+        "server does not read it.",
+    )
 
 
 class BatchingSettings(_Group):

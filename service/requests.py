@@ -16,8 +16,8 @@ from service.sprite_controls import KEEP, check_background, palette_colours
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Everything a user can ask for, under the same field names on every surface (CLI, HTTP, Cog).
-    None means the configured default (Settings)."""
+    """Everything a user can ask for, under the field names of the CLI, /v1/generate and Cog (Cog's `scheduler` is
+    `sampler`; the OpenAI and A1111 routes map their own names). None means the configured default (Settings)."""
 
     prompt: str
     seed: int | None = None  # None: random; image i uses seed + i

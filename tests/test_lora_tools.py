@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -353,7 +354,10 @@ def test_evaluate_two_checkpoints_writes_sheet_and_ranking(smoke_env, smoke_dir,
     rows = ranking["ranking"]
     assert [r["rank"] for r in rows] == [1, 2] and rows[0]["score"] >= rows[1]["score"]
     assert {r["name"] for r in rows} == {"bespoke_punks", "other"} and all(r["images"] == 2 for r in rows)
-    assert (out / "ranking.md").read_text().startswith("| rank | checkpoint |")
+    markdown = (out / "ranking.md").read_text()
+    assert markdown.startswith("| rank | checkpoint |")
+    named = re.findall(r"\bservice/[\w/]+\.py", markdown)  # where the score is explained: a file that exists
+    assert named and all((Path(__file__).parent.parent / path).is_file() for path in named)
     sheet = Image.open(out / "contact_sheet.png")
     columns = 2  # 2 prompts x 1 seed
     assert sheet.size == (tile_box(1, columns - 1)[2] + 6, tile_box(1, columns - 1)[3] + 6)

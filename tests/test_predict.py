@@ -36,7 +36,7 @@ from service import config, samplers
 from service.config import MAX_SEED, Settings
 from service.errors import WeightsError
 from service.samplers import SAMPLER_NAMES
-from service.weights.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec, redact
+from service.weights.fetch import FetchError, WeightFile, fetch_listed_weights, fetch_weights, parse_spec, redact
 from tests.hostile_hosts import ALLOWED_HOST, ALLOWED_NETWORKS_ENV, INTERNAL_HOST, canary, hostile_server
 from tests.live_server import subprocess_server
 from train import sprites
@@ -995,10 +995,14 @@ def test_http_error_is_named(http_files, tmp_path: Path):
     assert not list(tmp_path.iterdir())
 
 
-def test_nothing_to_fetch_without_the_variable(tmp_path: Path):
-    assert fetch_weights_from_env(tmp_path / "w", environ={}) == []
-    assert fetch_weights_from_env(tmp_path / "w", environ={"PUNKS_WEIGHTS_URLS": "  "}) == []
+def test_nothing_to_fetch_without_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("PUNKS_WEIGHTS_URLS", raising=False)
+    assert fetch_listed_weights(Settings().weights_urls, tmp_path / "w") == []
+    monkeypatch.setenv("PUNKS_WEIGHTS_URLS", "  ")
+    assert fetch_listed_weights(Settings().weights_urls, tmp_path / "w") == []
     assert not (tmp_path / "w").exists()
+    monkeypatch.setenv("PUNKS_WEIGHTS_URLS", "loras/a.safetensors=https://host/a.safetensors")
+    assert Settings().weights_urls == "loras/a.safetensors=https://host/a.safetensors"  # the variable Cog's setup reads
 
 
 # --- the runner in-process: setup downloads, run() writes the files -------------------------------
@@ -1070,6 +1074,30 @@ def test_setup_downloads_the_weights_then_run_writes_images_then_sprites(
     assert [Path(p).name for p in again] == ["out-0-seed5.png"]
     # with KEPT_OUTPUT_FOLDERS 1, the next prediction removed this one's files (sent by then)
     assert not any(Path(p).exists() for p in output) and Image.open(again[0]).size == (48, 48)
+
+
+def test_a_prediction_of_the_demo_model_says_so_in_its_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """Without weights (and the fallback allowed) the runner serves the demo model, and each prediction's log
+    says so, as the CLI does."""
+    import predict
+
+    runner_env(monkeypatch, tmp_path / "weights", "")
+    monkeypatch.setenv("PUNKS_ALLOW_SMOKE_MODEL", "true")
+    monkeypatch.setenv("PUNKS_FALLBACK_MODEL", "demo")
+    monkeypatch.setenv("PUNKS_WARMUP", "false")
+    runner = predict.Runner()
+    request = predict.GenerationRequest(prompt="a punk", seed=3, num_inference_steps=1)
+
+    async def setup_then_run():
+        await runner.setup()
+        return await runner._run(request, "", None)
+
+    output = asyncio.run(setup_then_run())
+    assert runner.engine.weights.is_demo and not runner.engine.is_smoke
+    assert [Path(p).name for p in output] == ["out-0-seed3.png"]
+    assert "warning: made with the demo model" in capsys.readouterr().out
 
 
 def test_setup_fails_on_a_bad_checksum_before_loading(http_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -23,7 +23,7 @@ from service.errors import WeightsError
 from service.loading import load_base_pipeline
 from service.weights.check import SINGLE_FILE_PREFIXES, check, check_base_model
 from service.weights.download import SD15_PATTERNS, download
-from service.weights.fetch import FetchError, WeightFile, fetch_weights, fetch_weights_from_env, parse_spec
+from service.weights.fetch import FetchError, WeightFile, fetch_listed_weights, fetch_weights, parse_spec
 from service.weights.manifest import read_manifest
 from service.weights.pinned import SD15_REVISION, SD15_SHA256, fetch_missing_weights, sd15_files
 from service.weights.resolve import folder_variant
@@ -344,10 +344,10 @@ def test_weights_urls_fetch_hub_entries_from_the_hub(hub_endpoint, served, tmp_p
     hub_bytes = b"owner/punks@v1:punks.safetensors"
     hub_path = hub_file(hub_endpoint, "owner/punks", "v1", "punks.safetensors", hub_bytes)
     spec = f"loras/punks.safetensors=hf://owner/punks@v1/punks.safetensors#sha256={sha256(hub_bytes)}"
-    assert fetch_weights_from_env(tmp_path, {"PUNKS_WEIGHTS_URLS": spec}) == [tmp_path / "loras/punks.safetensors"]
+    assert fetch_listed_weights(spec, tmp_path) == [tmp_path / "loras/punks.safetensors"]
     assert (tmp_path / "loras/punks.safetensors").read_bytes() == hub_bytes
     assert handler.seen == [(hub_path, None)]
-    fetch_weights_from_env(tmp_path, {"PUNKS_WEIGHTS_URLS": spec})  # there and verified: not downloaded again
+    fetch_listed_weights(spec, tmp_path)  # there and verified: not downloaded again
     assert len(handler.seen) == 1
 
 

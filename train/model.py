@@ -2,7 +2,6 @@
 all apply unchanged) at small widths, so that the shipped fp16 files stay under 25 MB and a CPU draws a punk in
 seconds. CLIP's 49,408-token embedding is most of the text encoder at this width."""
 
-import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -58,7 +57,3 @@ def pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-
-
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

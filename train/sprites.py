@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.prompts import PROMPT_PREFIX, PROMPT_SUFFIX, build_prompt
+from service.prompts import PROMPT_PREFIX, PROMPT_SUFFIX
 
 GRID = 24
 Colour = tuple[int, int, int]
@@ -311,14 +311,10 @@ def full_caption(punk: Punk, sprite: np.ndarray) -> str:
     return ", ".join(parts) + PROMPT_SUFFIX
 
 
-def short_caption(punk: Punk, rng: np.random.Generator) -> str:
-    """What a user might type ("lad with a red beanie, green background"), put into the service's template;
-    a random subset of the attributes, so a prompt that names only some of them still matches."""
-    return build_prompt(short_description(punk, rng)[0])
-
-
 def short_description(punk: Punk, rng: np.random.Generator) -> tuple[str, set[str]]:
-    """The words of short_caption (before the template) and the attributes (Punk fields) they name."""
+    """What a user might type ("lad with a red beanie, green background"), before the service's template: a random
+    subset of the attributes, so a prompt that names only some of them still matches; and the attributes (Punk
+    fields) it names."""
     things, named = [], {"subject"}
     if punk.headwear != "none" and rng.random() < 0.9:
         coloured = rng.random() < 0.6
@@ -362,19 +358,6 @@ def full_caption_names(punk: Punk) -> set[str]:
 def attribute_labels(punk: Punk, named: set[str]) -> list[int]:
     """Class index of each attribute in ATTRIBUTES' order, -1 where the caption does not name it."""
     return [values.index(getattr(punk, name)) if name in named else -1 for name, values in ATTRIBUTES.items()]
-
-
-def caption(punk: Punk, sprite: np.ndarray, rng: np.random.Generator) -> str:
-    return full_caption(punk, sprite) if rng.random() < 0.6 else short_caption(punk, rng)
-
-
-def dataset(count: int, seed: int) -> tuple[np.ndarray, list[str], list[Punk]]:
-    """`count` sprites (count, 24, 24, 3) uint8 with their captions and attributes, the same for a seed."""
-    rng = np.random.default_rng(seed)
-    punks = [random_punk(rng) for _ in range(count)]
-    sprites = np.stack([render(p) for p in punks])
-    captions = [caption(p, s, rng) for p, s in zip(punks, sprites, strict=True)]
-    return sprites, captions, punks
 
 
 assert list(ATTRIBUTES) == list(Punk.__dataclass_fields__)

@@ -61,7 +61,7 @@ async def loras(engine: ReadyEngine) -> dict[str, object]:
         200: PNG_RESPONSE,
         401: {"description": "Missing or wrong bearer token (when PUNKS_API_TOKEN is set)."},
         408: {"description": "Body not received within PUNKS_BODY_TIMEOUT_S (the connection is closed)."},
-        413: {"description": "Body larger than PUNKS_MAX_BODY_BYTES."},
+        413: {"description": "Body larger than PUNKS_MAX_IMAGE_BODY_BYTES (this route takes an image)."},
         429: {"description": "Queue full; retry after Retry-After seconds."},
         503: {"description": "Engine loading or broken, shutting down, or generation failed."},
         504: {"description": "Not answered within PUNKS_REQUEST_TIMEOUT_S."},

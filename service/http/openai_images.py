@@ -133,7 +133,14 @@ def error_response(error: Exception) -> Response | None:
 router = APIRouter(route_class=shaped_route(error_response), tags=["OpenAI Images API"])
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"description": f"OpenAI's error shape: {{'error': {{'message', 'type', 'param', 'code'}}}} ({what})"}
-    for status, what in [(400, "bad input"), (401, "bearer token"), (429, "queue full"), (503, "unavailable")]
+    for status, what in [
+        (400, "bad input"),
+        (401, "bearer token"),
+        (413, "body too large"),
+        (429, "queue full"),
+        (503, "unavailable"),
+        (504, "not answered in time"),
+    ]
 }
 
 

@@ -289,7 +289,7 @@ def write_outputs(
     paths = {"sheet": out / "contact_sheet.png", "markdown": out / "ranking.md", "json": out / "ranking.json"}
     contact_sheet(results, prompts, seeds).save(paths["sheet"])
     note = "\n\n**SMOKE MODEL: random weights, the ranking is meaningless.**" if smoke else ""
-    paths["markdown"].write_text(ranking_markdown(rows) + note + "\n\nScore: see service/evaluate.py.\n")
+    paths["markdown"].write_text(ranking_markdown(rows) + note + "\n\nScore: see service/lora/evaluate.py.\n")
     details = {
         "score": {
             "weights": WEIGHTS,

@@ -18,7 +18,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +50,6 @@ class EpochLog:
     loss: float  # mean over the epoch's steps
     seconds: float
     checkpoint: str
-
-
-@dataclass
-class TrainingLog:
-    epochs: list[EpochLog] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return {"epochs": [asdict(e) for e in self.epochs]}
 
 
 class KohyaLoraAdapters:

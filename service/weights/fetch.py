@@ -36,7 +36,7 @@ from service.weights.files import format_size, sha256_of
 from service.weights.policy import DownloadCancelled, DownloadError, DownloadPolicy, DownloadStatusError, stream
 from service.weights.source import Source, redact
 
-__all__ = ["FetchError", "WeightFile", "fetch_one", "fetch_weights", "fetch_weights_from_env", "parse_spec", "redact"]
+__all__ = ["FetchError", "WeightFile", "fetch_listed_weights", "fetch_one", "fetch_weights", "parse_spec", "redact"]
 log = logging.getLogger(__name__)
 
 ENV_VAR = "PUNKS_WEIGHTS_URLS"
@@ -229,9 +229,8 @@ def operator_policy() -> DownloadPolicy:
     return DownloadPolicy.for_settings(DownloadSettings()).for_operator()
 
 
-def fetch_weights_from_env(weights_dir: Path, environ: dict[str, str] | None = None) -> list[Path]:
-    """What setup() calls: a no-op when PUNKS_WEIGHTS_URLS is unset or empty."""
-    spec = (os.environ if environ is None else environ).get(ENV_VAR, "")
+def fetch_listed_weights(spec: str, weights_dir: Path) -> list[Path]:
+    """What Cog's setup calls with PUNKS_WEIGHTS_URLS (Settings.weights_urls): a no-op when it is empty."""
     return fetch_weights(parse_spec(spec), weights_dir) if spec.strip() else []
 
 
@@ -240,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:] if argv is None else argv
-    spec = " ".join(args) if args else os.environ.get(ENV_VAR, "")
+    settings = Settings()
+    spec = " ".join(args) if args else settings.weights_urls
     if not spec.strip():
         print(
             f"usage: python -m service.weights.fetch [dest=source[#sha256=hex] ...]  (or set {ENV_VAR})",
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        for path in fetch_weights(parse_spec(spec), Settings().weights_dir):
+        for path in fetch_weights(parse_spec(spec), settings.weights_dir):
             print(path)
     except (ValueError, FetchError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -9,8 +9,8 @@ may also be written the ways people paste one from the Hub (`Source.parse_pasted
 
     https://huggingface.co/owner/repo/blob/<revision>/path/file   (or /resolve/, or without https://)
     owner/repo/path/file                                          (shorthand of hf://owner/repo/path/file)
- Signed URLs carry secrets in the
-query string, so messages, logs and the manifest only ever show `Source.shown`.
+
+Signed URLs carry secrets in the query string, so messages, logs and the manifest only ever show `Source.shown`.
 """
 
 import re
