@@ -118,6 +118,10 @@ def test_off_by_default_and_malformed_urls_name_the_field(tmp_path: Path):
         ("ftp://host/a", "only http(s) and hf:// are supported"),
         ("https://h/a#sha256=12", "64 hex"),
         ("hf://owner/repo", "expected hf://owner/repo/path"),
+        ("hf://../../etc/passwd", "../.. is not a Hugging Face repository name"),
+        ("https://h:99999/a", "not a valid URL (its host, port or characters)"),
+        ("https://h/a\x00", "not a valid URL (its host, port or characters)"),
+        ("https://xn--/a", "not a valid URL (its host, port or characters)"),  # only the HTTP client's IDNA says so
     ]:
         with pytest.raises(RequestError, match=f"^lora_weights: .*{re.escape(message)}") as refused:
             cache.acquire(url)
