@@ -38,6 +38,10 @@ cancel), checked by the start-up LoRA guard (family, keys, shapes, finite values
 prediction with the guard's message), then fused for this prediction only (and later ones naming the same
 URL): it never becomes a name others can pick. Failure messages never name server paths.
 
+`image` is a Cog `Path` (as trainer.py's `input_images`), so that Replicate's form takes an upload: a URL sent
+there is fetched by coglet before run() starts, outside service/weights/policy.py (docs/deploy.md says what a
+self-hosted server needs).
+
 `lora_scale` re-fuses the LoRA at that strength from the kept base weights, as switching LoRAs does; predictions
 of one scale share a batch, other scales get their own pipeline call. A compiled or fp8 deployment cannot
 switch: it accepts only its PUNKS_LORA_SCALE and fails other scales naming lora_scale.

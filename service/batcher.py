@@ -240,10 +240,12 @@ class Batcher:
             self._running = []
             self._metrics.generation_failed()
             if len(batch) > 1:
-                # One bad request (or a batch too big for memory) must not fail its neighbours: retry each alone.
+                # One bad request (or a batch too big for memory) must not fail its neighbours: retry each alone,
+                # but not one whose caller gave up meanwhile (hung up, timed out): nobody would read it.
                 log.warning("batch of %d requests failed (%r); retrying each alone", len(batch), error)
                 for item in batch:
-                    await self._execute([item])
+                    if not item.future.done():
+                        await self._execute([item])
                 return
             self._fail(batch[0], error)
             return

@@ -45,6 +45,16 @@ def write_outputs(result: "GenerationResult", request: "GenerationRequest", outp
     return written
 
 
+def prepare_output(output: Path) -> None:
+    """Create the output's folder before the slow load, so that a path that cannot be written fails at once."""
+    if output.name in ("", ".", ".."):
+        raise ValueError(f"output: must name a file, e.g. out.png, got {str(output)!r}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"output: cannot create the folder {output.parent} ({error.strerror})") from None
+
+
 def generate(args: argparse.Namespace) -> int:
     from service.delivery import describe, warnings
     from service.engine import Engine, GenerationRequest  # torch: imported only by the commands that need it
@@ -69,6 +79,7 @@ def generate(args: argparse.Namespace) -> int:
         strength=args.strength,
     )
     request.check()  # before the slow load
+    prepare_output(args.output)
     engine = Engine.load(Settings(upscaler=args.upscaler) if args.upscaler else Settings())
     with tqdm(total=1, unit="step", desc="generating") as bar:
 
@@ -77,7 +88,6 @@ def generate(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         result = engine.generate(request, progress)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     for path in write_outputs(result, request, args.output):
         print(path)
     for image in result.images:
@@ -223,6 +233,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except WeightsError as error:
+    except (WeightsError, OSError) as error:  # OSError: a file that cannot be read or written (disk full, a folder)
         print(f"error: {error}", file=sys.stderr)
         return 1

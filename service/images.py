@@ -51,7 +51,12 @@ def read_image_file(path: Path, field: str = "image") -> Image.Image:
     """decode_image of a file (the CLI's --image, Cog's `image`), its size checked before it is read."""
     if not path.is_file() or path.stat().st_size > config.MAX_IMAGE_BYTES:
         raise RequestError(field, f"must be an image file of at most {config.MAX_IMAGE_BYTES} bytes")
-    return decode_image(path.read_bytes(), field)
+    try:
+        with path.open("rb") as file:
+            data = file.read(config.MAX_IMAGE_BYTES + 1)  # a file may grow after its size was read
+    except OSError as error:
+        raise RequestError(field, f"could not be read ({error.strerror or type(error).__name__})") from None
+    return decode_image(data, field)
 
 
 def _check_header(image: Image.Image, field: str) -> None:

@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -61,8 +62,8 @@ def canary(host: str = INTERNAL_HOST) -> Iterator[Canary]:
 
 
 class _Hostile(http.server.BaseHTTPRequestHandler):
-    """/redirect?to=URL: 302 to URL; /slow: 1 byte every `slow_every_s` of an endless body; /huge: a body of
-    `huge_bytes` zeros, counting what was sent."""
+    """/redirect?to=URL: 302 to URL (percent-decoded, so any character); /slow: 1 byte every `slow_every_s` of an
+    endless body; /huge: a body of `huge_bytes` zeros, counting what was sent."""
 
     slow_every_s = 20.0
     huge_bytes = 800 * 1024 * 1024
@@ -72,7 +73,7 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         if path == "/redirect":
             self.send_response(302)
-            self.send_header("Location", query.removeprefix("to="))
+            self.send_header("Location", urllib.parse.unquote(query.removeprefix("to=")))
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif path == "/slow":

@@ -100,6 +100,22 @@ def test_a_failing_batch_is_retried_one_by_one():
     assert run(scenario)[1:] == [["ok", "boom", "fine"], ["ok"], ["boom"], ["fine"]]
 
 
+def test_after_a_failed_batch_a_request_nobody_waits_for_any_more_is_not_rendered_again():
+    async def scenario(batcher, engine):
+        engine.gate.clear()
+        batch = [asyncio.ensure_future(batcher.submit(GenerationRequest(p))) for p in ("ok", "boom", "gone")]
+        while not engine.calls:
+            await asyncio.sleep(0.005)
+        batch[2].cancel(CLIENT_GONE)  # its client hangs up while its batch renders
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        ok, boom, gone = await asyncio.gather(*batch, return_exceptions=True)
+        assert ok.result == "result of ok" and isinstance(boom, GenerationFailed)
+        assert isinstance(gone, asyncio.CancelledError)
+
+    assert run(scenario) == [["ok", "boom", "gone"], ["ok"], ["boom"]]
+
+
 def test_full_queue_and_timeouts():
     async def scenario(batcher, engine):
         engine.gate.clear()

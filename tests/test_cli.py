@@ -115,3 +115,19 @@ def test_bad_controls_give_a_message_naming_the_field_and_exit_2(smoke_env, tmp_
         done = run_cli(["generate", "lad", *arguments], env, tmp_path)
         assert done.returncode == 2 and f"error: {message}" in done.stderr, (arguments, done.stderr)
         assert "this is no image" not in done.stderr
+
+
+def test_an_unreadable_image_or_unwritable_output_is_a_message_before_the_model_loads(smoke_env, tmp_path):
+    from pathlib import Path
+
+    env = smoke_env | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_bytes(b"")
+    for arguments, message in [
+        (["--image", "/proc/self/mem"], "error: image: could not be read (Input/output error)"),  # a file read fails
+        (["-o", str(not_a_folder / "out.png")], f"error: output: cannot create the folder {not_a_folder}"),
+        (["-o", ""], "error: output: must name a file"),
+    ]:
+        done = run_cli(["generate", "lad", *arguments], env, tmp_path)
+        assert done.returncode == 2 and message in done.stderr, (arguments, done.stderr)
+        assert "Traceback" not in done.stderr and "SMOKE" not in done.stderr  # refused before the model loads

@@ -97,6 +97,25 @@ def test_starlettes_http_exceptions_take_each_apis_shape(local: str):
     assert openai.status_code == 400 and "error" in openai.json()
 
 
+def test_unknown_paths_and_wrong_methods_take_each_apis_shape(local: str):
+    """404 and 405 come from the router, before any route: still each API's own shape (the openai client reads
+    `error.message`), with the Allow header of a 405."""
+    for method, path, status in [
+        ("GET", "/v1/images/generations", 405),
+        ("PUT", "/v1/images/variations", 405),
+        ("POST", "/v1/images/edits", 404),
+    ]:
+        response = httpx.request(method, f"{local}{path}")
+        assert response.status_code == status and set(response.json()["error"]) == {"message", "type", "param", "code"}
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.get(f"{local}/v1/images/generations").headers["allow"] == "POST"
+    for method, path, status in [("GET", "/sdapi/v1/txt2img", 405), ("POST", "/sdapi/v1/extra-single-image", 404)]:
+        response = httpx.request(method, f"{local}{path}")
+        assert response.status_code == status and response.json()["errors"].startswith(f"{status}: ")
+    native = httpx.get(f"{local}/v1/generate")  # FastAPI's shape, as every other failure of the native API
+    assert native.status_code == 405 and native.json() == {"detail": "Method Not Allowed"}
+
+
 def test_the_advertised_default_lora_is_accepted_everywhere(local: str):
     default = httpx.get(f"{local}/v1/loras").json()["default"]
     body = {"prompt": "a punk", "seed": 3, "lora": default}

@@ -4,7 +4,9 @@ registration (Engine.add_lora / remove_lora) on the smoke model. Through the rea
 import asyncio
 import functools
 import http.server
+import io
 import re
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +43,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list
     for name in "abc":
         write_lora(folder / f"{name}.safetensors", sd15_modules())
     write_lora(folder / "sdxl.safetensors", sdxl_modules())
+    write_hostile_tars(folder)
     requests: list[str] = []
     handler = type("Handler", (_Counting,), {"requests": requests})
     httpd = http.server.ThreadingHTTPServer((ALLOWED_HOST, 0), functools.partial(handler, directory=str(folder)))
@@ -48,6 +51,36 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list
     yield f"http://{ALLOWED_HOST}:{httpd.server_address[1]}", requests
     httpd.shutdown()
     httpd.server_close()
+
+
+EXPANDED_BYTES = 16 * 2**20  # what each hostile .tar's few kB would become on disk
+
+
+def write_hostile_tars(folder: Path) -> None:
+    """.tar files that are small to download and large once unpacked, or many-membered, or oddly named."""
+    zeros = folder / "zeros.bin"
+    with zeros.open("wb") as sparse_zeros:
+        sparse_zeros.truncate(EXPANDED_BYTES)
+    with tarfile.open(folder / "gzip.tar", "w:gz") as tar:
+        tar.add(zeros, arcname="lora.safetensors")
+    zeros.unlink()
+    with tarfile.open(folder / "sparse.tar", "w", format=tarfile.PAX_FORMAT) as tar:  # GNU sparse 1.0: one hole
+        member = tarfile.TarInfo("GNUSparseFile.0/lora.safetensors")
+        member.pax_headers = {
+            "GNU.sparse.major": "1",
+            "GNU.sparse.minor": "0",
+            "GNU.sparse.name": "lora.safetensors",
+            "GNU.sparse.realsize": str(EXPANDED_BYTES),
+        }
+        sparse_map = b"1\n0\n0\n".ljust(tarfile.BLOCKSIZE, b"\0")  # one data region: none at all
+        member.size = len(sparse_map)
+        tar.addfile(member, io.BytesIO(sparse_map))
+    with tarfile.open(folder / "many.tar", "w") as tar:
+        for index in range(1001):
+            tar.addfile(tarfile.TarInfo(f"{index}.txt"), io.BytesIO())
+    with tarfile.open(folder / "undecodable.tar", "w") as tar:  # names that are no UTF-8, as tarfile reads them
+        for name in ("\udcff.safetensors", "x" * 300 + ".safetensors"):
+            tar.addfile(tarfile.TarInfo(name), io.BytesIO())
 
 
 class FakeEngine:
@@ -85,6 +118,10 @@ def test_off_by_default_and_malformed_urls_name_the_field(tmp_path: Path):
         ("ftp://host/a", "only http(s) and hf:// are supported"),
         ("https://h/a#sha256=12", "64 hex"),
         ("hf://owner/repo", "expected hf://owner/repo/path"),
+        ("hf://../../etc/passwd", "../.. is not a Hugging Face repository name"),
+        ("https://h:99999/a", "not a valid URL (its host, port or characters)"),
+        ("https://h/a\x00", "not a valid URL (its host, port or characters)"),
+        ("https://xn--/a", "not a valid URL (its host, port or characters)"),  # only the HTTP client's IDNA says so
     ]:
         with pytest.raises(RequestError, match=f"^lora_weights: .*{re.escape(message)}") as refused:
             cache.acquire(url)
@@ -142,6 +179,28 @@ def test_a_refused_file_fails_with_the_guards_message_and_is_not_kept(served, tm
     assert requests[-2:] == ["/sdxl.safetensors"] * 2  # a refusal is not cached: tried again
     with pytest.raises(RequestError, match=r"^lora_weights: 127\.0\.0\.2: answered HTTP 404$"):
         cache.acquire(f"{base}/missing?sig=secret")
+
+
+def test_a_tar_that_would_unpack_to_more_than_was_downloaded_is_refused_and_nothing_is_kept(served, tmp_path: Path):
+    base, _ = served
+    cache, engine = make_cache(tmp_path, 2)
+    for name, reason in [
+        ("gzip.tar", "not a readable .tar file (a plain, uncompressed one)"),
+        ("sparse.tar", "the .safetensors in the .tar is a sparse file"),
+        ("many.tar", "the .tar holds more than 1000 members"),
+    ]:
+        with pytest.raises(RequestError, match=f"^lora_weights: {re.escape(f'{base}/{name}: {reason}')}"):
+            cache.acquire(f"{base}/{name}")
+    assert not list(tmp_path.iterdir()) and engine.loras == {} and len(cache) == 0
+
+
+def test_member_names_are_quoted_short_and_as_valid_text(served, tmp_path: Path):
+    base, _ = served
+    cache, _ = make_cache(tmp_path, 2)
+    with pytest.raises(RequestError, match="exactly one .safetensors file") as refused:
+        cache.acquire(f"{base}/undecodable.tar")
+    found = str(refused.value).partition("(found: ")[2]
+    assert found.encode("utf-8") and found.startswith("\\udcff.safetensors, ") and len(found) < 250
 
 
 def test_concurrent_requests_for_one_url_share_one_download(served, tmp_path: Path):

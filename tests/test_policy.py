@@ -4,11 +4,12 @@ and on redirects, FTP never reached, https only by default, deadlines, the rate 
 import ipaddress
 import threading
 import time
+import urllib.parse
 
 import pytest
 
 from service.weights.policy import DownloadCancelled, DownloadError, DownloadPolicy, address_kind, stream
-from tests.hostile_hosts import INTERNAL_HOST, TEST_POLICY, canary, hostile_server
+from tests.hostile_hosts import ALLOWED_HOST, INTERNAL_HOST, TEST_POLICY, canary, hostile_server
 
 
 def fetch(url: str, policy: DownloadPolicy = TEST_POLICY, cancel: threading.Event | None = None) -> bytes:
@@ -69,6 +70,23 @@ def test_https_only_by_default_and_never_down_to_http():
     policy = DownloadPolicy()
     with pytest.raises(DownloadError, match="redirect from https to http refused"):
         policy.check_url("http://example.com/x", previous="https://example.com/y")
+
+
+BROKEN_URLS = [
+    f"http://{ALLOWED_HOST}:99999/x",  # port out of range
+    "http://[::1/x",  # IPv6 address never closed
+    f"http://{ALLOWED_HOST}/x\x00",  # a control character
+    "http://" + "a" * 64 + ".example/x",  # a DNS label over 63 characters (IDNA refuses it)
+    "http://xn--/x",  # an empty punycode label
+]
+
+
+@pytest.mark.parametrize("url", BROKEN_URLS, ids=range(len(BROKEN_URLS)))
+def test_a_url_the_client_cannot_request_is_refused_as_such_first_or_on_a_redirect(url: str):
+    with pytest.raises(DownloadError, match=r"not a valid URL \(its host, port or characters\)$"):
+        fetch(url)
+    with hostile_server() as (base, _), pytest.raises(DownloadError, match=f"^{ALLOWED_HOST}: "):
+        fetch(f"{base}/redirect?to={urllib.parse.quote(url, safe=':/')}")  # the client's own refusal, or ours
 
 
 def test_a_slow_sender_is_cut_by_the_stall_timeout_and_a_dribbling_one_by_the_rate_floor():

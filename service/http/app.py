@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -86,8 +87,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         app.add_middleware(LoopbackHosts)
     app.add_middleware(RequestMetrics, metrics=service.metrics, routers=[app.router, *(r for r, _ in ROUTERS)])
     app.add_middleware(SecurityHeaders)
-    # Starlette types every handler as taking any Exception; it calls this one with RequestValidationError only.
+    # Starlette types every handler as taking any Exception; it calls these with their exception's type only.
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
 
     token = [Depends(authorizer(settings))]
     for router, needs_token in ROUTERS:
@@ -99,12 +101,23 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     return validation_response(error.errors())
 
 
+async def _http_error(request: Request, error: HTTPException) -> Response:
+    """What no route answered (404 for an unknown path, 405 for a wrong method) in the shape of its path's API."""
+    return _adapter_shaped(request.url.path, error) or await http_exception_handler(request, error)
+
+
 def _error(path: str, status: int, kind: str, message: str, headers: dict[str, str]) -> Response:
     """What a middleware answers by itself (413, 408) in the shape of the API that `path` belongs to."""
+    response = _adapter_shaped(path, HTTPException(status, message, headers))
+    return response or JSONResponse({"detail": [{"type": kind, "loc": ["body"], "msg": message}]}, status, headers)
+
+
+def _adapter_shaped(path: str, error: HTTPException) -> Response | None:
+    """`error` in the shape of the adapter API (OpenAI, A1111) that `path` belongs to; None for the native API."""
     for prefixes, shape in ADAPTER_SHAPES:
-        if path.startswith(prefixes) and (response := shape(HTTPException(status, message, headers))) is not None:
+        if path.startswith(prefixes) and (response := shape(error)) is not None:
             return response
-    return JSONResponse({"detail": [{"type": kind, "loc": ["body"], "msg": message}]}, status, headers)
+    return None
 
 
 app = create_app()

@@ -49,6 +49,7 @@ NAME_PREFIX = "url-"  # of the cache's files: only those are removed from the fo
 WAIT_POLL_S = 0.5  # how often a request waiting for another's download of its URL checks its own cancel
 
 TAR_SUFFIX = ".tar"
+MAX_TAR_MEMBERS = 1000  # a training's .tar holds a handful of files
 _Key = tuple[str, str | None, str | None]  # location, pinned sha256, hash of the caller's token
 
 Register = Callable[[str, Path], LoraInfo]  # Engine.add_lora, run on the GPU thread
@@ -206,20 +207,38 @@ class LoraUrlCache:
 def _take_safetensors_out(tar_path: Path, target: Path, shown: str) -> Path:
     """The one .safetensors member of a .tar (a Replicate training's output), written to `target`; the .tar is
     deleted either way. RequestError naming the URL when it holds none, several, or is no tar file. Only the
-    member's bytes are read (never extracted by its own name), so no path in the archive is ever written."""
+    member's bytes are read (never extracted by its own name), so no path in the archive is ever written.
+
+    Only a plain .tar with at most MAX_TAR_MEMBERS members is read, and its .safetensors must not be sparse: a
+    compressed or sparse member expands a download of a few kB into any size on disk, whereas a plain member's
+    bytes are in the download, which the policy's size cap bounds."""
     try:
-        with tarfile.open(tar_path) as archive:
-            members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(LORA_SUFFIX)]
+        with tarfile.open(tar_path, "r:") as archive:  # "r:": no decompression
+            members = []
+            for index, member in enumerate(archive):
+                if index == MAX_TAR_MEMBERS:
+                    raise RequestError(FIELD, f"{shown}: the .tar holds more than {MAX_TAR_MEMBERS} members")
+                if member.isfile() and member.name.endswith(LORA_SUFFIX):
+                    members.append(member)
             if len(members) != 1:
-                found = ", ".join(m.name for m in members[:5]) or "none"
+                found = ", ".join(_shown_name(m.name) for m in members[:5]) or "none"
                 raise RequestError(FIELD, f"{shown}: the .tar must hold exactly one .safetensors file (found: {found})")
+            if members[0].issparse():
+                raise RequestError(FIELD, f"{shown}: the .safetensors in the .tar is a sparse file; store it whole")
             source = archive.extractfile(members[0])
             assert source is not None  # a regular file
             with source, target.open("wb") as out:
                 while chunk := source.read(1 << 20):
                     out.write(chunk)
     except tarfile.TarError:
-        raise RequestError(FIELD, f"{shown}: not a readable .tar file") from None
+        target.unlink(missing_ok=True)
+        raise RequestError(FIELD, f"{shown}: not a readable .tar file (a plain, uncompressed one)") from None
     finally:
         tar_path.unlink(missing_ok=True)
     return target
+
+
+def _shown_name(name: str) -> str:
+    """A member's name as a message may quote it: at most 100 characters, and valid UTF-8 (tarfile reads the bytes
+    of a name that is not UTF-8 as lone surrogates)."""
+    return name[:100].encode("utf-8", "backslashreplace").decode("utf-8")

@@ -87,6 +87,12 @@ class DownloadPolicy:
 
     def check_url(self, url: str, previous: str | None = None) -> str:
         """The URL's host when its scheme is allowed (DownloadError otherwise); `previous`: the URL redirecting."""
+        if not is_requestable(url):
+            if previous is not None:
+                raise DownloadError(
+                    f"{_shown_host(previous)}: redirect to an invalid URL (its host, port or characters)"
+                )
+            raise DownloadError("the URL: not a valid URL (its host, port or characters)")
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname or ""
         if previous is not None and parts.scheme not in ("https", "http"):
@@ -106,6 +112,19 @@ class DownloadPolicy:
             return None
         kind = address_kind(address)
         return None if kind == "public" else kind
+
+
+def is_requestable(url: str) -> bool:
+    """Whether the HTTP client can request `url` at all. It cannot with a port out of range, a broken IPv6 address, a
+    control character or a host name IDNA refuses, and would raise an error of its own kind for each."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  # raises for a port out of range
+        (parts.hostname or "").encode("idna")
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL):  # UnicodeError (IDNA) is a ValueError
+        return False
+    return True
 
 
 def address_kind(address: IpAddress) -> str:
@@ -253,6 +272,8 @@ def stream(
                 raise DownloadError(f"{host}: no answer within {policy.connect_timeout_s:g} s") from None
             except httpx.TransportError:
                 raise DownloadError(f"{host}: could not connect") from None
+            except (httpx.InvalidURL, ValueError):  # what is_requestable cannot foresee: a host name IDNA refuses
+                raise DownloadError(f"{host}: not a valid URL (its host, port or characters)") from None
             try:
                 if response.has_redirect_location:
                     previous, current = current, urllib.parse.urljoin(current, response.headers["location"])

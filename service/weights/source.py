@@ -17,6 +17,10 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from service.weights.policy import is_requestable
+
 HUB_SCHEME = "hf://"
 URL_SCHEMES = ("http", "https")
 SOURCE_FORMS = "an https:// URL or hf://owner/repo/path"
@@ -50,6 +54,8 @@ class Source:
             sha256 = value.lower()
         if location.startswith(HUB_SCHEME):
             _hub_file(location, where)  # raises when incomplete
+        elif not is_requestable(location):
+            raise ValueError(f"{where}: not a valid URL (its host, port or characters)")
         elif urllib.parse.urlsplit(location).scheme not in URL_SCHEMES:
             raise ValueError(
                 f"{where}: expected {SOURCE_FORMS} (only http(s) and hf:// are supported), got {redact(location)!r}"
@@ -108,6 +114,10 @@ def _hub_file(location: str, where: str) -> HubFile:
         raise ValueError(f"{where}: expected hf://owner/repo/path/to/file (or owner/repo@revision/...)")
     owner, repo, path = parts
     repo, _, revision = repo.partition("@")
+    try:
+        validate_repo_id(f"{owner}/{repo}")
+    except HFValidationError:
+        raise ValueError(f"{where}: {owner}/{repo} is not a Hugging Face repository name") from None
     return HubFile(f"{owner}/{repo}", revision or None, path)
 
 
