@@ -791,6 +791,24 @@ def test_an_image_url_is_fetched_under_the_download_policy(server: CogServer):
         assert internal.hits == 0
 
 
+def test_a_cancelled_prediction_stops_its_image_download(server: CogServer):
+    """An image URL sending a byte a second: cancelling the prediction ends the download (within the stall
+    timeout), where it would otherwise go on until the policy's deadline."""
+    with hostile_server(slow_every_s=1.0) as (base, stats), ThreadPoolExecutor(1) as pool:
+        inputs = {"prompt": "a punk", "num_inference_steps": 1, "image": f"{base}/slow"}
+        pending = pool.submit(server.request, "PUT", "/predictions/slow-image", {"input": inputs})
+        deadline = time.monotonic() + 30
+        while not stats.dribbling:
+            assert time.monotonic() < deadline, "the image download never started"
+            time.sleep(0.1)
+        assert server.request("POST", "/predictions/slow-image/cancel")[0] == 200
+        assert pending.result(timeout=60)[1]["status"] == "canceled"
+        deadline = time.monotonic() + 15  # the stall timeout (5 s) bounds how long a cancelled download runs on
+        while stats.dribbling:
+            assert time.monotonic() < deadline, "the image download still runs after cancel"
+            time.sleep(0.2)
+
+
 def test_slow_lora_urls_hold_up_no_other_prediction_and_stop_when_cancelled(server: CogServer):
     """Six predictions whose lora_url sends a byte a second (under the stall timeout, no rate floor here): a plain
     prediction is still served at once, and cancelling them stops their downloads."""
