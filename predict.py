@@ -38,9 +38,10 @@ cancel), checked by the start-up LoRA guard (family, keys, shapes, finite values
 prediction with the guard's message), then fused for this prediction only (and later ones naming the same
 URL): it never becomes a name others can pick. Failure messages never name server paths.
 
-`image` is a Cog `Path` (as trainer.py's `input_images`), so that Replicate's form takes an upload: a URL sent
-there is fetched by coglet before run() starts, outside service/weights/policy.py (docs/deploy.md says what a
-self-hosted server needs).
+`image` is a string, as trainer.py's `input_images`: an https URL, fetched by run() under the same download policy
+as lora_weights but capped at the input image size (service/weights/inputs.py; a cancelled prediction stops it), or a
+data: URL, decoded under the same cap. A Cog `Path` input would have coglet fetch any URL itself, any host included,
+before run() starts. Replicate's clients upload a local file and send its URL, so they work unchanged.
 
 `lora_scale` re-fuses the LoRA at that strength from the kept base weights, as switching LoRAs does; predictions
 of one scale share a batch, other scales get their own pipeline call. A compiled or fp8 deployment cannot
@@ -65,15 +66,16 @@ from cog import BaseRunner, Input, Path, Secret
 from PIL import Image
 
 from service.batcher import Batcher
-from service.config import Settings
+from service.config import MAX_IMAGE_BYTES, Settings
 from service.delivery import describe, encode_images, warnings
 from service.engine import Engine, GenerationRequest
 from service.errors import RequestError
-from service.images import read_image_file
+from service.images import decode_image
 from service.lora.cache import CachedLora, LoraUrlCache
 from service.metrics import Metrics
 from service.sprite_controls import palette_from_text
 from service.weights.fetch import fetch_listed_weights
+from service.weights.inputs import fetch_input
 from service.weights.pinned import fetch_missing_weights
 from service.weights.policy import DownloadPolicy
 
@@ -113,6 +115,7 @@ class Runner(BaseRunner):
             DownloadPolicy.for_settings(settings),
             settings.download_workers,
         )
+        self.image_policy = dataclasses.replace(DownloadPolicy.for_settings(settings), max_bytes=MAX_IMAGE_BYTES)
         self._outputs = FsPath(tempfile.mkdtemp(prefix="punks-cog-"))
         self._folders: deque[FsPath] = deque()
         log.info("setup: done in %.1fs", time.perf_counter() - started)
@@ -198,9 +201,9 @@ class Runner(BaseRunner):
             default="keep",
             description="keep, transparent (a PNG whose border-connected background has alpha 0) or a '#rrggbb' colour to recolour it.",
         ),
-        image: Path | None = Input(
+        image: str | None = Input(
             default=None,
-            description="Make variations of this image: a 24x24 sprite (drawn in cells of 21-22 px, as in training) or any PNG, JPEG or WebP of at most 2048 px a side.",
+            description="Make variations of this image, given as an https:// URL or a data: URL: a 24x24 sprite (drawn in cells of 21-22 px, as in training) or any PNG, JPEG or WebP of at most 2048 px a side and 8 MiB. Fetched from public hosts only.",
         ),
         strength: float = Input(
             default=0.6,
@@ -228,8 +231,8 @@ class Runner(BaseRunner):
                 return_sprites=return_sprites,
                 palette=palette_from_text(palette) if palette.strip() else None,
                 background=background,
-                image=await asyncio.to_thread(_read_image, image) if image is not None else None,
-                strength=strength if image is not None else None,
+                image=await self._read_image(image) if image else None,
+                strength=strength if image else None,
             )
             token = hf_api_token.get_secret_value() if hf_api_token is not None else None
             return await self._run(request, lora_weights, token or None)
@@ -282,6 +285,11 @@ class Runner(BaseRunner):
         print(f"generated {len(result.images)} image(s), {result.steps} steps, in {time.perf_counter() - started:.1f}s")
         return outputs
 
+    async def _read_image(self, url: str) -> Image.Image:
+        """The `image` input fetched or decoded (service/weights/inputs.py), then decoded and checked
+        (service/images.py), off the event loop: RequestError naming `image` otherwise."""
+        return await asyncio.to_thread(decode_image, await fetch_input(url, "image", self.image_policy), "image")
+
     def _on_gpu_thread(self, call: Callable[..., T]) -> Callable[..., T]:
         """`call` run on the engine's GPU thread, between batches (Engine.add_lora says why); blocks the calling
         thread, so the LoRA cache calls it from its worker threads, never from the event loop."""
@@ -294,14 +302,6 @@ class Runner(BaseRunner):
         while len(self._folders) > KEPT_OUTPUT_FOLDERS:
             shutil.rmtree(self._folders.popleft(), ignore_errors=True)
         return folder
-
-
-def _read_image(path: FsPath | str) -> Image.Image:
-    """The `image` input, decoded and checked (service/images.py): RequestError naming `image` otherwise. coglet
-    hands on a value that is no URL as the string it was (its schema says format uri, but it does not check)."""
-    if not isinstance(path, FsPath):
-        raise RequestError("image", "must be the URL of an image file (https:// or a data: URL)")
-    return read_image_file(path)
 
 
 # Typed as run() declares its inputs; at run time a float can arrive where it says int (see the docstring).

@@ -195,13 +195,14 @@ class LoraUrlSettings(_Group):
 
 class DownloadSettings(_Group):
     """Download policy (service/weights/policy.py) of every URL the service fetches: these bound a caller's
-    `lora_weights`; the operator's own URLs (PUNKS_WEIGHTS_URLS, `weights download`) keep the timeouts and the rate
+    `lora_weights` and Cog's `image` and `input_images` (each of those two capped at its own size, not
+    download_max_bytes); the operator's own URLs (PUNKS_WEIGHTS_URLS, `weights download`) keep the timeouts and the rate
     floor but may use http, reach internal hosts and be up to 16 GiB."""
 
-    download_allow_http: bool = Field(False, description="Let `lora_weights` use plain http:// (https only when off).")
+    download_allow_http: bool = Field(False, description="Let a caller's URLs use plain http:// (https only when off).")
     download_allowed_networks: tuple[str, ...] = Field(
         (),
-        description="Networks (CIDR, as a JSON list: '[\"10.8.0.0/16\"]') a `lora_weights` may reach although they are "
+        description="Networks (CIDR, as a JSON list: '[\"10.8.0.0/16\"]') a caller's URL may reach although they are "
         "not public, e.g. an internal mirror. Loopback, private, link-local, CGNAT, multicast and reserved "
         "addresses are refused otherwise, on every redirect.",
     )
@@ -212,7 +213,7 @@ class DownloadSettings(_Group):
     download_stall_timeout_s: float = Field(
         10.0, gt=0, description="Longest wait for a download's next bytes; also how soon a cancelled one stops."
     )
-    download_deadline_s: float = Field(120.0, gt=0, description="Whole `lora_weights` download, redirects included.")
+    download_deadline_s: float = Field(120.0, gt=0, description="Whole download of a caller's URL, redirects included.")
     download_min_bytes_per_s: int = Field(
         64 * 1024, ge=0, description="Slowest average rate a download may keep once the stall timeout has passed."
     )

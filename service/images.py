@@ -48,7 +48,7 @@ def decode_image(data: bytes, field: str = "image") -> Image.Image:
 
 
 def read_image_file(path: Path, field: str = "image") -> Image.Image:
-    """decode_image of a file (the CLI's --image, Cog's `image`), its size checked before it is read."""
+    """decode_image of a file (the CLI's --image), its size checked before it is read."""
     if not path.is_file() or path.stat().st_size > config.MAX_IMAGE_BYTES:
         raise RequestError(field, f"must be an image file of at most {config.MAX_IMAGE_BYTES} bytes")
     try:
@@ -73,15 +73,20 @@ def decode_base64_image(text: object, field: str = "image") -> Image.Image:
     """decode_image of base64 text, with or without a data: URL prefix (A1111 clients send both)."""
     if not isinstance(text, str):
         raise RequestError(field, "must be a base64-encoded image file")
+    return decode_image(decode_base64(text, field, config.MAX_IMAGE_BYTES), field)
+
+
+def decode_base64(text: str, field: str, max_bytes: int) -> bytes:
+    """The bytes of base64 text, with or without a data: URL prefix, refused unread when they would pass
+    `max_bytes`: the one decoder of every surface's base64 and data: URL inputs (Cog's `input_images` too)."""
     if text.startswith("data:"):
         text = text.partition(",")[2]
-    if len(text) > config.MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise RequestError(field, f"at most {config.MAX_IMAGE_BYTES} bytes, got more")
+    if len(text) > max_bytes * 4 // 3 + 4:
+        raise RequestError(field, f"at most {max_bytes} bytes, got more")
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(field, "is not valid base64") from None
-    return decode_image(data, field)
 
 
 def initial_image(image: Image.Image, size: int, grid: int) -> Image.Image:

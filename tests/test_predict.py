@@ -37,6 +37,7 @@ from service.config import MAX_SEED, Settings
 from service.errors import WeightsError
 from service.samplers import SAMPLER_NAMES
 from service.weights.fetch import FetchError, WeightFile, fetch_listed_weights, fetch_weights, parse_spec, redact
+from service.weights.files import format_size
 from tests.hostile_hosts import ALLOWED_HOST, ALLOWED_NETWORKS_ENV, INTERNAL_HOST, canary, hostile_server
 from tests.live_server import subprocess_server
 from train import sprites
@@ -332,9 +333,14 @@ def test_input_bounds_are_the_shared_ones(schema: dict):
     assert schema["components"]["schemas"]["output_format"]["enum"] == ["png", "webp"]
     assert schema["components"]["schemas"]["scheduler"]["enum"] == list(SAMPLER_NAMES)  # service/samplers.py's
     assert bounds("strength") == (config.MIN_STRENGTH, config.MAX_STRENGTH)
-    assert props["strength"]["default"] == config.DEFAULT_STRENGTH and props["image"]["format"] == "uri"
+    assert props["strength"]["default"] == config.DEFAULT_STRENGTH
+    # a string run() fetches under the download policy: with format uri, coglet would fetch any URL itself
+    assert props["image"]["type"] == "string" and "format" not in props["image"]
     assert f"up to {config.MAX_PALETTE_COLORS} '#rrggbb'" in props["palette"]["description"]
-    assert f"at most {config.MAX_IMAGE_SIDE} px" in props["image"]["description"]
+    assert (
+        f"at most {config.MAX_IMAGE_SIDE} px a side and {config.MAX_IMAGE_BYTES // 2**20} MiB"
+        in props["image"]["description"]
+    )
     assert props["hf_api_token"]["x-cog-secret"] is True and props["hf_api_token"]["format"] == "password"
     assert "steps" not in props and "guidance" not in props and "lora_url" not in props  # renamed, no aliases
     assert all(prop.get("description") for prop in props.values())
@@ -460,9 +466,10 @@ def test_same_request_gives_the_same_bytes_from_the_cli_the_http_api_and_cog(
 
 
 def test_a_variation_with_controls_gives_the_same_bytes_from_the_cli_the_http_api_and_cog(
-    server: CogServer, smoke_env: dict[str, str], tmp_path: Path
+    server: CogServer, smoke_env: dict[str, str], tmp_path: Path, http_files
 ):
-    """Palette, transparent background and a variation of a sprite: the same PNGs (with alpha) on every surface."""
+    """Palette, transparent background and a variation of a sprite: the same PNGs (with alpha) on every surface,
+    and on Cog the same whether the image comes as a data: URL or from a URL (a signed one: its query is no file)."""
     start = tmp_path / "start.png"
     Image.fromarray(sprites.render(sprites.random_punk(np.random.default_rng(3)))).save(start)
     encoded = base64.b64encode(start.read_bytes()).decode("ascii")
@@ -481,6 +488,10 @@ def test_a_variation_with_controls_gives_the_same_bytes_from_the_cli_the_http_ap
     )
     alpha = np.asarray(Image.open(io.BytesIO(cog_sprite)).convert("RGBA"))[..., 3]
     assert int((alpha == 0).sum()) == http_image["background_cells"] > 0
+    base, folder, _ = http_files
+    shutil.copy(start, folder / "start.png")
+    fetched = server.images(**inputs, image=f"{base}/start.png?signature=s3cret")
+    assert fetched == server.images(**inputs, image=f"data:image/png;base64,{encoded}")
 
 
 @pytest.mark.parametrize(
@@ -490,7 +501,7 @@ def test_a_variation_with_controls_gives_the_same_bytes_from_the_cli_the_http_ap
         ({"palette": "#000000, #12"}, "palette: colour 2 is not a '#rrggbb' code"),
         ({"background": "clear"}, "background: must be 'keep', 'transparent' or a '#rrggbb' colour"),
         ({"image": "data:image/png;base64,bm90IGFuIGltYWdl"}, "image: is not a complete image file"),
-        ({"image": "not a url"}, "image: must be the URL of an image file"),
+        ({"image": "not a url"}, "image: must be an https:// URL or a data: URL of the file"),
     ],
 )
 def test_bad_controls_fail_the_prediction_naming_the_field(server: CogServer, inputs: dict, message: str):
@@ -750,6 +761,52 @@ def test_lora_url_never_reaches_internal_hosts(server: CogServer):
             assert status == 200 and body["status"] == "failed", body
             assert rule in body["error"] and str(internal.port) not in body["error"].replace(url, "")
         assert internal.hits == 0 and ftp.hits == 0
+
+
+def test_an_image_url_is_fetched_under_the_download_policy(server: CogServer):
+    """`image` as a URL goes where lora_weights may go, no further: loopback, link-local (a cloud's metadata
+    service) and a redirect to loopback are refused naming `image`, the internal host untouched; a body or a data:
+    URL over the input image cap is refused. No message repeats the URL's query (a signed URL's secret)."""
+    cap = format_size(config.MAX_IMAGE_BYTES)
+    loopback = f"image: {INTERNAL_HOST}: refused, not a public address (loopback)"
+    with canary() as internal, hostile_server() as (base, _):
+        cases = [
+            (f"http://{INTERNAL_HOST}:{internal.port}/punk.png?signature=s3cret", loopback),
+            (f"{base}/redirect?to=http://{INTERNAL_HOST}:{internal.port}/punk.png", loopback),
+            (
+                "http://169.254.169.254/latest/meta-data/punk.png",
+                "image: 169.254.169.254: refused, not a public address (link-local)",
+            ),
+            (f"{base}/huge?signature=s3cret", f"image: {ALLOWED_HOST}: 800.0 MiB is over the {cap} cap; not fetched"),
+            (f"{base}/huge-chunked", f"image: {ALLOWED_HOST}: larger than the {cap} cap; stopped"),  # no length
+            (
+                "data:image/png;base64," + "A" * (config.MAX_IMAGE_BYTES * 4 // 3 + 8),
+                f"image: at most {config.MAX_IMAGE_BYTES} bytes, got more",
+            ),
+        ]
+        for url, message in cases:
+            status, body = server.predict(prompt="a punk", num_inference_steps=1, image=url)
+            assert status == 200 and body["status"] == "failed", body
+            assert message in body["error"] and "s3cret" not in body["error"], body["error"]
+        assert internal.hits == 0
+
+
+def test_a_cancelled_prediction_stops_its_image_download(server: CogServer):
+    """An image URL sending a byte a second: cancelling the prediction ends the download (within the stall
+    timeout), where it would otherwise go on until the policy's deadline."""
+    with hostile_server(slow_every_s=1.0) as (base, stats), ThreadPoolExecutor(1) as pool:
+        inputs = {"prompt": "a punk", "num_inference_steps": 1, "image": f"{base}/slow"}
+        pending = pool.submit(server.request, "PUT", "/predictions/slow-image", {"input": inputs})
+        deadline = time.monotonic() + 30
+        while not stats.dribbling:
+            assert time.monotonic() < deadline, "the image download never started"
+            time.sleep(0.1)
+        assert server.request("POST", "/predictions/slow-image/cancel")[0] == 200
+        assert pending.result(timeout=60)[1]["status"] == "canceled"
+        deadline = time.monotonic() + 15  # the stall timeout (5 s) bounds how long a cancelled download runs on
+        while stats.dribbling:
+            assert time.monotonic() < deadline, "the image download still runs after cancel"
+            time.sleep(0.2)
 
 
 def test_slow_lora_urls_hold_up_no_other_prediction_and_stop_when_cancelled(server: CogServer):

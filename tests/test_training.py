@@ -23,6 +23,7 @@ from service.lora.inspect import check_sd15_lora, inspect_sd15_lora
 from service.pixelart import upscale
 from service.training.captions import write_caption
 from service.training.data import read_dataset
+from tests.hostile_hosts import INTERNAL_HOST, canary
 from tests.test_predict import ROOT, CogServer, decode_data_url
 from train import sprites
 
@@ -324,6 +325,17 @@ def test_cog_training_refuses_bad_data_naming_the_member(cog_trainer, tmp_path):
     assert "../evil.png: a member path outside the archive" in body["error"]
     status, body = cog_trainer.request("POST", "/trainings", {"input": {"input_images": "x", "rank": 0}})
     assert status == 422 and body["detail"][0]["loc"][-1] == "rank", body
+
+
+@needs_demo_model
+def test_cog_training_fetches_input_images_under_the_download_policy(cog_trainer):
+    """A URL to an internal host is refused naming input_images, before any connection is made to it."""
+    with canary() as internal:
+        url = f"https://{INTERNAL_HOST}:{internal.port}/punks.zip"
+        status, body = cog_trainer.request("POST", "/trainings", {"input": {"input_images": url}})
+        assert status == 200 and body["status"] == "failed", body
+        assert f"input_images: {INTERNAL_HOST}: refused, not a public address (loopback)" in body["error"], body
+        assert internal.hits == 0
 
 
 @needs_demo_model

@@ -1,6 +1,7 @@
 """The one download policy: what a URL download may reach, for how long and how much. Every file the service
-fetches goes through `stream` (service/weights/fetch.py): a caller's `lora_weights` with the strict policy, the
-operator's own URLs (`weights download`, PUNKS_WEIGHTS_URLS) with the looser host rule of `for_operator`.
+fetches goes through `stream`: a caller's `lora_weights` (service/weights/fetch.py) and Cog's `image` and
+`input_images` (service/weights/inputs.py) with the strict policy, the operator's own URLs (`weights download`,
+PUNKS_WEIGHTS_URLS) with the looser host rule of `for_operator`.
 
 - Schemes: https only (http when PUNKS_DOWNLOAD_ALLOW_HTTP is on, or for the operator); redirects are followed
   by hand, at most MAX_REDIRECTS, never from https down to http and never to any other scheme.
@@ -65,7 +66,7 @@ class DownloadPolicy:
 
     @classmethod
     def for_settings(cls, settings: DownloadSettings) -> "DownloadPolicy":
-        """The strict policy of run-time downloads (a caller's lora_weights), from the PUNKS_DOWNLOAD_* settings."""
+        """The strict policy of run-time downloads (a caller's URLs), from the PUNKS_DOWNLOAD_* settings."""
         return cls(
             allow_http=settings.download_allow_http,
             allowed_networks=tuple(
